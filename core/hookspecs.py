@@ -1,0 +1,44 @@
+"""The hooks a plugin may implement. Built-in backends use exactly these, like third parties."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import pluggy
+
+PROJECT = "isthmus"
+
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+Register = Callable[[Any], None]
+
+
+@hookspec
+def register_backends(register: Register) -> None:
+    """Register backends: call ``register(BackendSpec(...))`` once per backend."""
+
+
+@hookspec
+def register_kernels(register: Register) -> None:
+    """Override kernel ops per backend: call ``register(KernelRoute(backend, op, impl))``."""
+
+
+@hookspec
+def register_models(register: Register) -> None:
+    """Register models: call ``register(ModelSpec(...))`` once per model."""
+
+
+@hookspec
+def register_datasets(register: Register) -> None:
+    """Register datasets: call ``register(DatasetSpec(...))`` once per dataset."""
+
+
+@hookspec
+def register_exporters(register: Register) -> None:
+    """Register exporters: call ``register(ExporterSpec(...))`` once per export format."""
+
+
+@hookspec
+def register_config_dirs() -> Any:
+    """Return a directory (or a list of them) holding ``<group>/<option>.yaml`` config files."""
