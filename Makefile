@@ -1,5 +1,5 @@
 # Two entry points that work on a fresh machine with only Python 3.11: `make demo` and `make test`.
-PYTHON ?= python3.11
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
@@ -11,7 +11,7 @@ venv: $(STAMP)
 
 $(STAMP): pyproject.toml constraints.txt examples/isthmus-backend-example/pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(PIP) install -c constraints.txt -e '.[torch,onnx,dev]'
+	$(PIP) install -c constraints.txt -e '.[torch,onnx,plots,dev]'
 	$(PIP) install -c constraints.txt -e examples/isthmus-backend-example
 	touch $(STAMP)
 

@@ -25,5 +25,7 @@ def attention(q, k, v, mask=None, causal=False, scale=None):
             scores = scores.masked_fill(~mask, float("-inf"))
         else:
             scores = scores + mask
-    weights = torch.softmax(scores.float(), dim=-1).to(q.dtype)
-    return torch.matmul(weights, v)
+    # A row that may attend no key is all -inf: softmax would give NaN, the contract says zeros.
+    dead = torch.isneginf(scores).all(dim=-1, keepdim=True)
+    weights = torch.softmax(scores.masked_fill(dead, 0.0).float(), dim=-1).to(q.dtype)
+    return torch.matmul(weights.masked_fill(dead, 0.0), v)

@@ -1,0 +1,109 @@
+"""The torch engine: tensors on one ``torch.device`` of any type (cpu, cuda, npu, ...)."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import numpy as np
+import torch
+
+TORCH_DTYPES: dict[str, torch.dtype] = {
+    "float64": torch.float64,
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "int64": torch.int64,
+    "int32": torch.int32,
+    "bool": torch.bool,
+}
+_NAMES = {dtype: name for name, dtype in TORCH_DTYPES.items()}
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype for an :data:`isthmus.kernels.DTYPES` name."""
+    try:
+        return TORCH_DTYPES[name]
+    except KeyError:
+        raise ValueError(f"unknown dtype {name!r}; valid: {', '.join(TORCH_DTYPES)}") from None
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """The :data:`isthmus.kernels.DTYPES` name of a torch dtype (torch's own name otherwise)."""
+    return _NAMES.get(dtype, str(dtype).removeprefix("torch."))
+
+
+class TorchEngine:
+    """:class:`isthmus.backend.Engine` over torch on ``device`` (``"cpu"``, ``"cuda:0"``, ``"npu"``).
+
+    ``generator`` feeds ``dropout``. It lives on the device when torch can make one there and on the
+    host otherwise (random masks are then drawn on the host and copied over).
+    """
+
+    name = "torch"
+
+    def __init__(self, device: str = "cpu", seed: int = 0) -> None:
+        self.torch_device = torch.device(device)
+        self.device = str(self.torch_device)
+        try:
+            self.generator = torch.Generator(device=self.torch_device)
+        except (RuntimeError, TypeError):
+            self.generator = torch.Generator(device="cpu")
+        self.generator.manual_seed(seed)
+
+    def seed(self, n: int) -> None:
+        """Reset the dropout generator to a reproducible state."""
+        self.generator.manual_seed(n)
+
+    def asarray(self, array: np.ndarray, dtype: str | None = None) -> torch.Tensor:
+        """Copy ``array`` onto the device, keeping its numpy dtype unless ``dtype`` is given."""
+        if isinstance(array, torch.Tensor):
+            tensor = array.detach().clone()
+        else:
+            array = np.asarray(array)
+            if array.dtype.name == "bfloat16":  # ml_dtypes arrays (ONNX test data)
+                tensor = torch.from_numpy(array.view(np.uint16).copy()).view(torch.bfloat16)
+            else:
+                tensor = torch.from_numpy(np.array(array, copy=True))
+        if dtype is not None:
+            tensor = tensor.to(torch_dtype(dtype))
+        return tensor.to(self.torch_device)
+
+    def to_numpy(self, tensor: torch.Tensor) -> np.ndarray:
+        """Copy ``tensor`` to host memory; bfloat16 comes back as float32."""
+        tensor = tensor.detach()
+        if tensor.dtype == torch.bfloat16:
+            tensor = tensor.float()
+        return tensor.to("cpu", copy=True).numpy()
+
+    def versions(self) -> dict[str, str]:
+        """torch and numpy versions, and torch_npu's when loaded."""
+        found = {"torch": torch.__version__, "numpy": np.__version__}
+        npu = sys.modules.get("torch_npu")
+        if npu is not None:
+            found["torch_npu"] = getattr(npu, "__version__", "unknown")
+        return found
+
+    def runtime_info(self) -> dict[str, Any]:
+        """Threads, device type, name and count as torch sees them."""
+        kind = self.torch_device.type
+        info: dict[str, Any] = {
+            "device": self.device,
+            "device_type": kind,
+            "threads": torch.get_num_threads(),
+            "interop_threads": torch.get_num_interop_threads(),
+        }
+        module = getattr(torch, kind, None) if kind != "cpu" else None
+        if module is None:
+            info["device_count"] = 1
+            return info
+        try:
+            info["device_count"] = module.device_count()
+            if hasattr(module, "get_device_name"):
+                info["device_name"] = module.get_device_name(self.torch_device.index or 0)
+        except Exception as error:  # a driver fault must not break `isthmus doctor`
+            info["error"] = f"{type(error).__name__}: {error}"
+        return info
+
+    def __repr__(self) -> str:
+        return f"TorchEngine(device={self.device!r})"
