@@ -35,6 +35,16 @@ class ReferenceEngine:
         """A host copy of ``tensor``."""
         return np.array(tensor, copy=True)
 
+    def no_grad(self):
+        """The reference records no graph: a do-nothing context, for code shared with engines."""
+        import contextlib
+
+        return contextlib.nullcontext()
+
+    def parameters(self, arrays, dtype: str = "float32") -> dict[str, np.ndarray]:
+        """Float64 copies (the reference computes in float64 whatever the storage dtype)."""
+        return {name: self.asarray(array) for name, array in arrays.items()}
+
     def versions(self) -> dict[str, str]:
         """The numpy version."""
         return {"numpy": np.__version__}

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import base64
+import contextlib
 import sys
-from typing import Any
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import torch
@@ -75,6 +77,45 @@ class TorchEngine:
         if tensor.dtype == torch.bfloat16:
             tensor = tensor.float()
         return tensor.to("cpu", copy=True).numpy()
+
+    # ------------------------------------------------------------------ training support
+    def parameters(self, arrays: Mapping[str, np.ndarray], dtype: str = "float32") -> dict[str, torch.Tensor]:
+        """Leaf tensors on the device that collect gradients, one per named numpy array."""
+        return {
+            name: self.asarray(array, dtype).requires_grad_(True) for name, array in arrays.items()
+        }
+
+    def value_and_grad(
+        self, fn: Callable[[dict[str, torch.Tensor]], tuple[torch.Tensor, Any]], params: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, Any, dict[str, torch.Tensor]]:
+        """``fn(params) -> (loss, aux)``; returns the detached loss, aux and d loss / d params.
+
+        A parameter the loss does not reach gets a zero gradient, so optimizer lists stay aligned.
+        """
+        leaves = list(params.values())
+        loss, aux = fn(params)
+        grads = torch.autograd.grad(loss, leaves, allow_unused=True)
+        return (
+            loss.detach(),
+            aux,
+            {
+                name: torch.zeros_like(leaf) if grad is None else grad
+                for (name, leaf), grad in zip(params.items(), grads)
+            },
+        )
+
+    def no_grad(self) -> contextlib.AbstractContextManager:
+        """A context in which ops record no graph (evaluation, optimizer updates)."""
+        return torch.no_grad()
+
+    def rng_state(self) -> dict[str, Any]:
+        """The dropout generator's state as JSON-able data, for checkpoints."""
+        return {"torch_generator": base64.b64encode(self.generator.get_state().numpy().tobytes()).decode()}
+
+    def set_rng_state(self, state: Mapping[str, Any]) -> None:
+        """Restore what :meth:`rng_state` returned."""
+        raw = np.frombuffer(base64.b64decode(state["torch_generator"]), dtype=np.uint8).copy()
+        self.generator.set_state(torch.from_numpy(raw))
 
     def versions(self) -> dict[str, str]:
         """torch and numpy versions, and torch_npu's when loaded."""
