@@ -196,6 +196,10 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--check", action="store_true", help="run the conformance suite against the reference")
     s.add_argument("--json", action="store_true")
     s.set_defaults(run=cmd_kernels)
+
+    from isthmus.cli_run import add_commands
+
+    add_commands(sub)
     return p
 
 

@@ -42,3 +42,29 @@ def register_exporters(register: Register) -> None:
 @hookspec
 def register_config_dirs() -> Any:
     """Return a directory (or a list of them) holding ``<group>/<option>.yaml`` config files."""
+
+
+# -- trainer events: loggers and callbacks are plugins too ------------------------------------
+@hookspec
+def on_train_start(trainer: Any) -> None:
+    """Training is about to run its first step (after any resume)."""
+
+
+@hookspec
+def on_step_end(trainer: Any, step: int, metrics: dict) -> None:
+    """An optimizer step finished; ``metrics`` holds loss, lr, grad norm and throughput."""
+
+
+@hookspec
+def on_eval_end(trainer: Any, step: int, metrics: dict) -> None:
+    """An evaluation finished; ``metrics`` holds eval loss, token accuracy and exact match."""
+
+
+@hookspec
+def on_checkpoint(trainer: Any, step: int, path: Any) -> None:
+    """A checkpoint was written completely to ``path``."""
+
+
+@hookspec
+def on_train_end(trainer: Any, result: Any) -> None:
+    """Training finished (or stopped on a NaN policy); ``result`` summarises the run."""

@@ -46,7 +46,7 @@ def test_public_names():
         "BOS", "CAPTIONS_FILE", "COLOURS", "DATA_DEFAULTS", "EOS", "IGNORE_INDEX", "PAD", "RELATIONS", "SHAPES",
         "SPECIAL_TOKENS", "UNK", "WORDS", "Batch", "BatchIterator", "Caption", "CaptionDataset", "DataError",
         "FolderData", "Scene", "Shape", "Tokenizer", "canonical", "caption_matches", "generate_scenes",
-        "load_folder", "load_image", "make_dataset", "parse_caption", "relation_between", "render_scenes",
+        "load_folder", "load_image", "make_dataset", "normalise_pixels", "parse_caption", "relation_between", "render_scenes",
         "split_indices", "split_words",
     ])
     assert issubclass(DataError, IsthmusError)
@@ -151,7 +151,7 @@ def test_identical_images_have_identical_captions(scenes):
 
 def test_no_two_shapes_in_a_scene_share_colour_and_shape_and_mention_order_is_fixed():
     for scene in generate_scenes(2000, seed=1):
-        ranks = [list(COLOURS).index(s.colour) * 3 + SHAPES.index(s.kind) for s in scene.shapes]
+        ranks = [list(COLOURS).index(s.colour) * len(SHAPES) + SHAPES.index(s.kind) for s in scene.shapes]
         assert ranks == sorted(set(ranks))
 
 
@@ -166,7 +166,7 @@ def test_every_relation_and_shape_count_occurs(scenes):
 
 def test_vocabulary_is_closed(scenes):
     train, evaluation, tokenizer = scenes
-    assert tokenizer.vocab_size == 4 + len(WORDS) == 19
+    assert tokenizer.vocab_size == 4 + len(WORDS) == 20
     assert tokenizer.id_to_token[:4] == ("<pad>", "<bos>", "<eos>", "<unk>")
     for dataset in (train, evaluation):
         assert {w for c in dataset.captions for w in c.split()} <= set(WORDS)

@@ -11,6 +11,7 @@ from isthmus.data.batches import (
     BatchIterator,
     CaptionDataset,
     make_dataset,
+    normalise_pixels,
 )
 from isthmus.data.errors import DataError
 from isthmus.data.folder import CAPTIONS_FILE, FolderData, load_folder, load_image, split_indices
@@ -59,6 +60,7 @@ __all__ = [
     "load_folder",
     "load_image",
     "make_dataset",
+    "normalise_pixels",
     "parse_caption",
     "relation_between",
     "render_scenes",

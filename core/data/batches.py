@@ -25,6 +25,11 @@ IGNORE_INDEX = -100
 Batch = dict[str, np.ndarray]
 
 
+def normalise_pixels(images: np.ndarray) -> np.ndarray:
+    """uint8 pixels (any layout) to the model's float32 input range [-1, 1]."""
+    return images.astype(np.float32) * np.float32(2.0 / 255.0) - np.float32(1.0)
+
+
 class CaptionDataset:
     """Images with one caption each, ready to batch.
 
@@ -85,7 +90,7 @@ class CaptionDataset:
         """The samples at ``indices`` as numpy arrays (see the class docstring)."""
         index = np.asarray(indices, dtype=np.int64)
         return {
-            "images": self.images[index].astype(np.float32) * np.float32(2.0 / 255.0) - np.float32(1.0),
+            "images": normalise_pixels(self.images[index]),
             "tokens": self.tokens[index],
             "targets": self.targets[index],
             "lengths": self.lengths[index],

@@ -7,10 +7,11 @@ Caption grammar (every caption is a function of the image; see ``Scene.caption``
     relation := "left of" | "right of" | "above" | "below"
 
 Objects are mentioned in a fixed order, by colour (red, green, blue, yellow, white, purple) and
-then by shape (circle, square, triangle); no two shapes of a scene share both colour and shape, so
-the order is total. Each relation links the two objects around it: "a red circle left of a blue
-square above a green triangle" says the red circle is left of the blue square, and the blue square
-is above the green triangle. Examples: "a yellow triangle", "a red square below a white circle".
+then by shape (circle, square, triangle, cross); no two shapes of a scene share both colour and
+shape, so the order is total. Each relation links the two objects around it: "a red circle left
+of a blue square above a green triangle" says the red circle is left of the blue square, and the
+blue square is above the green triangle. Examples: "a yellow triangle", "a red square below a
+white circle", "a green cross".
 
 Positions are fractions of the image side with y growing downward; ``size`` is the half-width of
 the shape's bounding square. Shapes never overlap. Two shapes linked by a relation are separated
@@ -37,7 +38,7 @@ COLOURS: Mapping[str, tuple[int, int, int]] = {
     "white": (240, 240, 240),
     "purple": (160, 70, 200),
 }
-SHAPES = ("circle", "square", "triangle")
+SHAPES = ("circle", "square", "triangle", "cross")
 RELATIONS = ("left of", "right of", "above", "below")
 INVERSE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
 # The closed vocabulary in a fixed order: the scene tokenizer's ids follow it.
@@ -53,6 +54,7 @@ MIN_SIZE, MAX_SIZE = 0.10, 0.17
 GAP = 0.06  # clear space between any two shapes, along the axis that separates them
 BORDER = 0.03  # clear space between a shape and the image edge
 OFF_AXIS = 0.5  # a relation allows an offset across its axis of at most half the offset along it
+CROSS_ARM = 0.4  # half-width of a cross's arms, as a fraction of its half-width
 SPREAD = 0.35  # how much farther apart than the minimum two related shapes may be placed
 
 
@@ -322,7 +324,11 @@ def render_arrays(arrays: SceneArrays, image_size: int = 32) -> np.ndarray:
             square = (dx <= r) & (np.abs(dy) <= r)
             # Apex up at (x, y - r), base along y + r: the half-width grows from 0 to r.
             triangle = (np.abs(dy) <= r) & (2.0 * dx <= dy + r)
-            mask = np.where(kind == 0, circle, np.where(kind == 1, square, triangle)) & (rank >= 0)
+            # A plus sign filling the same bounding square; arms of width 0.8 r stay at least two
+            # pixels wide at the smallest size, so the cross never thins into a dotted line.
+            arm = CROSS_ARM * r
+            cross = square & ((dx <= arm) | (np.abs(dy) <= arm))
+            mask = np.select([kind == 0, kind == 1, kind == 2], [circle, square, triangle], cross) & (rank >= 0)
             label = (rank // len(SHAPES) + 1).astype(np.uint8)
             np.copyto(labels[lo:hi], label, where=mask, casting="unsafe")
     return _BACKGROUND_AND_PALETTE[labels]
