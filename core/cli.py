@@ -30,6 +30,9 @@ def compose_config(overrides: Sequence[str]):
 
     reg = registry()
     known = {"backend.name": ["auto", *reg.names("backend")]}
+    for section, kind in (("model", "model"), ("data", "dataset")):
+        if reg.names(kind):
+            known[f"{section}.name"] = reg.names(kind)
     return compose(list(overrides), config_dirs=reg.config_dirs, known=known)
 
 

@@ -255,3 +255,30 @@ def test_public_names():
         + ["Mlp", "NanPolicy", "Norm", "Precision", "Schedule"]
     )
     assert all(hasattr(isthmus.config, name) for name in isthmus.config.__all__)
+
+
+# --- the corpus through the command line ----------------------------------------------------------
+@pytest.mark.parametrize("entry", CORPUS, ids=[entry["id"] for entry in CORPUS])
+def test_bad_config_through_the_cli_exits_2_with_one_line(entry, tmp_path, monkeypatch, capsys):
+    # The corpus files reach the CLI the way a plugin's would: through register_config_dirs.
+    from isthmus import cli, plugin_manager
+    from isthmus.hookspecs import hookimpl
+
+    extra = write_files(tmp_path, entry.get("files", {}))
+
+    class CorpusDirs:
+        @staticmethod
+        @hookimpl
+        def register_config_dirs():
+            return extra
+
+    manager, registry = plugin_manager.load_plugins(autoload=False, extra=[("corpus", CorpusDirs)])
+    monkeypatch.setattr(plugin_manager, "_registry", registry)
+    monkeypatch.setattr(plugin_manager, "_manager", manager)
+    code = cli.main(["config", "show", *entry["overrides"]])
+    captured = capsys.readouterr()
+    assert code == 2
+    assert captured.out == ""
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("isthmus: error: "), captured.err
+    assert "Traceback" not in captured.err
