@@ -270,6 +270,12 @@ def run_case(kernels: Any, engine: Any, reference_kernels: Any, reference_engine
     if case.dtypes is not None and dtype not in case.dtypes:
         result.skipped_reason = case.skip_reason or f"case applies to {', '.join(case.dtypes)} only"
         return result
+    # An engine may declare dtypes its device has no kernels for ({dtype: reason}); its backend's
+    # capability manifest leaves them out too, so no config can ask for them.
+    gap = getattr(engine, "unsupported_dtypes", {}).get(dtype)
+    if gap:
+        result.skipped_reason = f"engine {getattr(engine, 'name', '?')} lacks {dtype}: {gap}"
+        return result
     rng = case_rng(case, seed)
     try:
         if case.check is not None:

@@ -1,4 +1,4 @@
-"""Built-in plugin: the ``cpu`` backend (engine torch; MindSpore's CPU build joins in a later release)."""
+"""Built-in plugin: the ``cpu`` backend, through torch (the default) or MindSpore's CPU build."""
 
 from __future__ import annotations
 
@@ -13,6 +13,10 @@ def probe() -> ProbeResult:
 
 
 def factory(request: BackendRequest) -> BackendParts:
+    if request.engine == "mindspore":
+        from isthmus.backends.mindspore.cpu import build_cpu as build_mindspore_cpu
+
+        return build_mindspore_cpu(request)
     from isthmus.backends.torch.cpu import build_cpu
 
     return build_cpu(request)
@@ -23,13 +27,16 @@ def register_backends(register):
     register(
         BackendSpec(
             name="cpu",
-            engines=("torch",),
+            engines=("torch", "mindspore"),
             default_engine="torch",
             priority=10,
             probe=probe,
             factory=factory,
-            engine_modules={"torch": ("torch",)},
-            install_hints={"torch": "pip install 'isthmus[torch]' -c constraints.txt"},
-            description="Host CPU through torch",
+            engine_modules={"torch": ("torch",), "mindspore": ("mindspore",)},
+            install_hints={
+                "torch": "pip install 'isthmus[torch]' -c constraints.txt",
+                "mindspore": "pip install 'isthmus[mindspore]' -c constraints.txt",
+            },
+            description="Host CPU through torch or MindSpore",
         )
     )
