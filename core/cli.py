@@ -98,13 +98,23 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     reg = registry()
     print(f"python {platform.python_version()} on {platform.platform()}, {os.cpu_count()} cores")
     print("packages: " + ", ".join(f"{k} {v}" for k, v in package_versions().items()))
-    env_keys = ("OMP_NUM_THREADS", "CUDA_VISIBLE_DEVICES", "ASCEND_RT_VISIBLE_DEVICES", "ASCEND_HOME_PATH", "ASCEND_TOOLKIT_HOME")
+    env_keys = ("OMP_NUM_THREADS", "TORCH_DEVICE_BACKEND_AUTOLOAD", "CUDA_VISIBLE_DEVICES", "ASCEND_RT_VISIBLE_DEVICES", "ASCEND_HOME_PATH", "ASCEND_TOOLKIT_HOME")
     print("environment: " + ", ".join(f"{k}={os.environ.get(k, '(unset)')}" for k in env_keys))
     for name, error in reg.errors().items():
         print(f"plugin {name} failed to load: {error}")
     print()
     cmd_backends(argparse.Namespace(json=False))
     print()
+    from isthmus.selection import probe, status
+
+    for spec in reg.backends():
+        row = status(reg, spec)
+        missing = probe(spec).details.get("missing", []) if row.installed and not row.usable else []
+        if missing:
+            print(f"{spec.name}: what is missing, and how to fix it")
+            for item in missing:
+                print(f"  - {item['what']}\n    fix: {item['fix']}")
+            print()
     b = cfg.backend
     selection = select(reg, b.name, b.engine, b.strict)
     print(f"selection for backend={b.name}" + (" (strict)" if b.strict else "") + ":")
@@ -201,8 +211,10 @@ def parser() -> argparse.ArgumentParser:
     s.set_defaults(run=cmd_kernels)
 
     from isthmus.cli_run import add_commands
+    from isthmus.selftest_cli import add_commands as add_selftest_commands
 
     add_commands(sub)
+    add_selftest_commands(sub)
     return p
 
 

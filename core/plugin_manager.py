@@ -18,7 +18,12 @@ from isthmus.routing import KernelRoute
 from isthmus.specs import BackendSpec, DatasetSpec, ExporterSpec, ModelSpec
 
 ENTRY_POINT_GROUP = "isthmus"
-BUILTIN_PLUGINS = ("isthmus.plugins.cpu", "isthmus.plugins.reference", "isthmus.plugins.models")
+BUILTIN_PLUGINS = (
+    "isthmus.plugins.cpu",
+    "isthmus.plugins.ascend",
+    "isthmus.plugins.reference",
+    "isthmus.plugins.models",
+)
 DISABLE_AUTOLOAD_ENV = "ISTHMUS_DISABLE_PLUGIN_AUTOLOAD"
 TRACE_ENV = "ISTHMUS_TRACE_PLUGINS"
 

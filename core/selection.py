@@ -85,6 +85,8 @@ def status(registry: Registry, spec: BackendSpec) -> BackendStatus:
     else:
         result = probe(spec)
         usable, reason, fix, devices = result.usable, result.reason, result.fix, result.devices
+        if not usable and result.details.get("hardware_present"):
+            devices = max(devices, 1)
     return BackendStatus(
         name=spec.name,
         engines=spec.engines,
@@ -137,8 +139,10 @@ def select(registry: Registry, name: str = "auto", engine: str | None = None, st
 
     ``auto`` takes the usable auto-eligible backend of highest priority and records why each other
     one was passed over. With ``strict``, ``auto`` refuses to pass over a backend whose engine is
-    installed but whose device is not usable (no silent fallback to a slower backend), and a named
-    backend never falls back to another engine.
+    installed and whose probe saw hardware that is not usable (a broken driver, a missing runtime:
+    no silent fallback to a slower backend), and a named backend never falls back to another
+    engine. A backend with no hardware present is passed over even when strict, so a CPU machine
+    that merely has MindSpore installed is not refused because MindSpore could also drive Ascend.
     """
     trace: list[str] = []
     if name != "auto":
@@ -159,7 +163,7 @@ def select(registry: Registry, name: str = "auto", engine: str | None = None, st
             trace.append(f"{spec.name}: passed over (not eligible for auto; name it to use it)")
             continue
         if not row.usable:
-            if strict and row.installed:
+            if strict and row.installed and row.devices > 0:
                 raise BackendUnavailableError(
                     f"backend 'auto' with strict: '{spec.name}' is installed but not usable ({row.reason}); "
                     f"fix: {row.fix}, or name a backend explicitly"

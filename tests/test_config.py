@@ -87,7 +87,7 @@ def test_defaults_compose_to_a_read_only_structured_run_config():
 
 def test_group_options_lists_the_shipped_files():
     options = group_options()
-    assert options["backend"] == ["auto", "cpu", "reference"]
+    assert options["backend"] == ["ascend", "auto", "cpu", "reference"]
     assert options["model"] == ["tiny-captioner"]
     assert options["data"] == ["scenes"]
     assert options["train"] == ["default", "quick"]
@@ -95,7 +95,7 @@ def test_group_options_lists_the_shipped_files():
 
 @pytest.mark.parametrize("group, option", [(g, o) for g, opts in group_options().items() for o in opts])
 def test_every_shipped_option_composes(group, option):
-    cfg = compose([f"{group}={option}"], known={"backend.name": ["cpu", "reference"]})
+    cfg = compose([f"{group}={option}"], known={"backend.name": ["ascend", "cpu", "reference"]})
     assert cfg[group] is not None
 
 
@@ -153,7 +153,7 @@ def test_known_accepts_registered_names_and_auto():
 
 def test_extra_dir_adds_an_option(tmp_path):
     extra = write_files(tmp_path, {"backend/example.yaml": "name: example\noptions: {lanes: 4}\n"})
-    assert group_options([extra])["backend"] == ["auto", "cpu", "example", "reference"]
+    assert group_options([extra])["backend"] == ["ascend", "auto", "cpu", "example", "reference"]
     cfg = compose(["backend=example"], config_dirs=[extra], known=KNOWN)
     assert cfg.backend.name == "example" and cfg.backend.options.lanes == 4
     assert cfg.backend.strict is False  # schema defaults fill what the file leaves out

@@ -18,10 +18,13 @@ def fresh_caches():
     clear_caches()
 
 
-def fake(name, priority, usable=True, engines=("numpy",), default=None, calls=None, probe=None, auto=True):
+def fake(name, priority, usable=True, engines=("numpy",), default=None, calls=None, probe=None, auto=True, seen=False):
     def default_probe():
         if calls is not None:
             calls.append(name)
+        if seen and not usable:
+            return ProbeResult(usable=False, reason="fake accelerator found but its driver fails to load",
+                               fix="install the fake driver", devices=1)
         return ProbeResult(usable=usable, reason="fake accelerator" if usable else "no fake accelerator found",
                            fix="install the fake driver", devices=int(usable))
 
@@ -72,10 +75,18 @@ def test_auto_never_takes_a_manual_only_backend():
     assert any("manual: passed over (not eligible for auto" in line for line in chosen.trace)
 
 
-def test_strict_auto_refuses_to_fall_past_an_installed_but_unusable_backend():
-    registry = registry_with(fake("npu-like", 100, usable=False))
-    with pytest.raises(BackendUnavailableError, match="npu-like.*no fake accelerator found.*install the fake driver"):
+def test_strict_auto_refuses_to_fall_past_hardware_that_is_present_but_unusable():
+    registry = registry_with(fake("npu-like", 150, usable=False, seen=True))
+    with pytest.raises(BackendUnavailableError, match="npu-like.*driver fails to load.*install the fake driver"):
         select(registry, "auto", strict=True)
+    assert select(registry, "auto").spec.name == "cpu"  # without strict it falls back, and says why
+
+
+def test_strict_auto_passes_over_a_backend_with_no_hardware_present():
+    registry = registry_with(fake("npu-like", 150, usable=False))
+    chosen = select(registry, "auto", strict=True)
+    assert chosen.spec.name == "cpu"
+    assert any("npu-like: passed over (no fake accelerator found)" in line for line in chosen.trace)
 
 
 def test_named_backend_that_is_not_usable_fails_with_cause_and_fix():

@@ -1,0 +1,350 @@
+"""The ascend backend without Ascend hardware: detection against FAKE CANN install trees and a FAKE
+``npu-smi`` (recorded outputs), the autoload guard against a FAKE torch_npu package, the SoC table,
+the options, and what this machine (no Ascend) reports through the CLI.
+
+Every fake here stands in for Ascend silicon or its vendor software and is named as such.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from isthmus.backends.ascend import soc
+from isthmus.backends.ascend.detect import detect, visible_mapping
+from isthmus.backends.ascend.guard import guard_torch_import, refuse_cuda_torch, torch_cuda_version_on_disk
+from isthmus.backends.ascend.npu_smi import parse_npu_smi
+from isthmus.backends.ascend.options import PRECISION_MODES, parse_options
+from isthmus.config import ConfigError, compose
+from isthmus.errors import BackendUnavailableError
+
+RECORDINGS = Path(__file__).parent / "data" / "npu_smi"
+
+
+def run(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, **(env or {})})
+
+
+# ------------------------------------------------------------------------------ fakes
+def fake_cann(root: Path, sourced: bool, devices: int = 2, recording: str | None = "a2_910b4-1.txt",
+              smi_exit: int = 0) -> tuple[dict, dict]:
+    """A FAKE Ascend machine under ``root``: CANN toolkit tree, driver tree, /dev nodes and an
+    npu-smi script printing a recorded output. Returns ``(env, detect keyword arguments)``."""
+    toolkit = root / "Ascend/ascend-toolkit/latest"
+    for lib in ("libascendcl.so", "libhccl.so", "libge_runner.so"):
+        (toolkit / "lib64").mkdir(parents=True, exist_ok=True)
+        (toolkit / "lib64" / lib).touch()
+    (toolkit / "x86_64-linux").mkdir()
+    info = toolkit / "x86_64-linux/ascend_toolkit_install.info"
+    info.write_text("package_name=Ascend-cann-toolkit\nversion=8.0.RC3\n")
+    (root / "Ascend/ascend-toolkit/set_env.sh").write_text("export ASCEND_HOME_PATH=...\n")
+    driver = root / "Ascend/driver"
+    (driver / "lib64/driver").mkdir(parents=True)
+    (driver / "lib64/driver/libascend_hal.so").touch()
+    (driver / "version.info").write_text("Version=24.1.rc2\n")
+    dev = root / "dev"
+    dev.mkdir()
+    for i in range(devices):
+        (dev / f"davinci{i}").touch()
+    if devices:
+        (dev / "davinci_manager").touch()
+    bin_dir = root / "bin"
+    bin_dir.mkdir()
+    if recording is not None:
+        script = bin_dir / "npu-smi"  # FAKE npu-smi: prints a recorded device table
+        script.write_text(f"#!/bin/sh\ncat '{RECORDINGS / recording}'\n"
+                          + ("" if not smi_exit else "echo 'dcmi module initialize failed. ret is -8005' >&2\n")
+                          + f"exit {smi_exit}\n")
+        script.chmod(0o755)
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin"}
+    if sourced:
+        env.update(ASCEND_HOME_PATH=str(toolkit), ASCEND_TOOLKIT_HOME=str(toolkit),
+                   LD_LIBRARY_PATH=f"{toolkit}/lib64:{driver}/lib64/driver")
+    kwargs = {"roots": (toolkit,), "driver_root": driver, "dev_dir": dev, "ld_conf": root / "no-ld.so.conf"}
+    return env, kwargs
+
+
+def shorts(found) -> list[str]:
+    return [m.short for m in found.missing]
+
+
+# ------------------------------------------------------------------------------ detection
+def test_a_machine_without_ascend_lists_every_missing_layer(tmp_path):
+    (tmp_path / "dev").mkdir()
+    found = detect(env={"PATH": "/usr/bin"}, roots=(tmp_path / "none",), driver_root=tmp_path / "driver",
+                   dev_dir=tmp_path / "dev", ld_conf=tmp_path / "none.conf")
+    assert not found.usable and found.device_count == 0
+    assert shorts(found) == ["no /dev/davinci* device nodes", "NPU driver not found", "CANN toolkit not found"]
+    reason, fix = found.summary()
+    assert reason.startswith("no Ascend device: ") and "\n" not in reason + fix
+    assert all(m.fix for m in found.missing)
+
+
+def test_installed_but_set_env_not_sourced_says_which_file_to_source(tmp_path):
+    env, kwargs = fake_cann(tmp_path, sourced=False)
+    found = detect(env=env, **kwargs)
+    assert shorts(found) == ["NPU driver library not on the library path",
+                             "CANN environment not set (set_env.sh not sourced)"]
+    sourcing = found.missing[1]
+    assert f"source {tmp_path}/Ascend/ascend-toolkit/set_env.sh" in sourcing.fix
+    assert "ASCEND_HOME_PATH is unset" in sourcing.what
+    assert found.libraries["libascendcl.so"].endswith("(not on the library path)")
+    assert found.toolkit_version == "8.0.RC3"
+
+
+def test_a_complete_fake_a2_machine_is_usable(tmp_path):
+    env, kwargs = fake_cann(tmp_path, sourced=True)
+    found = detect(env=env, **kwargs)
+    assert found.missing == [] and found.usable
+    assert found.device_count == 2 and found.soc == "910B4-1" and found.driver_version == "24.1.rc2"
+    assert found.summary() == ("2 NPU(s), SoC 910B4-1", "")
+    assert soc.lookup(found.soc).name == "Ascend910B4_1"
+
+
+def test_visible_devices_count_and_map_logical_to_physical(tmp_path):
+    env, kwargs = fake_cann(tmp_path, sourced=True)
+    assert detect(env={**env, "ASCEND_RT_VISIBLE_DEVICES": "1"}, **kwargs).device_count == 1
+    hidden = detect(env={**env, "ASCEND_RT_VISIBLE_DEVICES": "5"}, **kwargs)
+    assert not hidden.usable and "ASCEND_RT_VISIBLE_DEVICES hides every device" in shorts(hidden)
+    assert "bad ASCEND_RT_VISIBLE_DEVICES" in shorts(detect(env={**env, "ASCEND_RT_VISIBLE_DEVICES": "a,b"}, **kwargs))
+    assert visible_mapping(1, [4, 6]) == 6 and visible_mapping(0, None) == 0
+    with pytest.raises(IndexError, match="exposes 2 device"):
+        visible_mapping(2, [4, 6])
+
+
+def test_a_failing_npu_smi_points_at_the_driver(tmp_path):
+    env, kwargs = fake_cann(tmp_path, sourced=True, smi_exit=1)
+    found = detect(env=env, **kwargs)
+    assert shorts(found) == ["npu-smi info failed"]
+    assert "dcmi module initialize failed" in found.missing[0].what and "lsmod" in found.missing[0].fix
+
+
+def test_device_nodes_without_npu_smi_leave_the_soc_unknown(tmp_path):
+    env, kwargs = fake_cann(tmp_path, sourced=True, recording=None)
+    found = detect(env=env, **kwargs)
+    assert found.usable and found.soc is None and found.device_count == 2
+    assert any("npu-smi is not on PATH" in note for note in found.notes)
+    assert not soc.lookup(found.soc).bf16
+
+
+@pytest.mark.parametrize("recording, chips, name, canonical", [
+    ("a2_910b4-1.txt", 2, "910B4-1", "Ascend910B4_1"),
+    ("a3_ascend910.txt", 4, "Ascend910", "Ascend910_93"),
+    ("duo_310p3.txt", 2, "310P3", "Ascend310P3"),
+])
+def test_recorded_npu_smi_tables_parse(recording, chips, name, canonical):
+    info = parse_npu_smi((RECORDINGS / recording).read_text())
+    assert len(info.chips) == chips and {c.name for c in info.chips} == {name}
+    assert all(c.health == "OK" for c in info.chips) and info.version
+    assert soc.canonical(name) == canonical
+
+
+# ------------------------------------------------------------------------------ SoC table
+def test_soc_table_bf16_training_and_no_float64():
+    assert not soc.lookup("910A").bf16 and soc.lookup("Ascend910A").training
+    assert soc.lookup("910B3").bf16 and soc.lookup("910B3").fused == soc.FUSED_ROUTES
+    assert soc.lookup("Ascend910_9392").bf16 and "adamw_update" not in soc.lookup("Ascend910_9392").fused
+    assert not soc.lookup("310P3").bf16 and not soc.lookup("310P3").training
+    unknown = soc.lookup("910Z9")
+    assert not unknown.known and not unknown.bf16 and not unknown.fused and "not in isthmus' table" in unknown.note
+    assert all("float64" not in row.dtypes for row in [*soc.SOCS.values(), unknown, soc.lookup(None)])
+
+
+# ------------------------------------------------------------------------------ options
+def test_the_shipped_config_composes_and_validates():
+    cfg = compose(["backend=ascend"], known={"backend.name": ["auto", "ascend", "cpu"]})
+    options = parse_options(dict(cfg.backend.options))
+    assert cfg.backend.name == "ascend"
+    assert (options.allow_hf32_matmul, options.allow_hf32_conv, options.precision_mode, options.jit_level) == (
+        False, False, "must_keep_origin_dtype", "O0")
+
+
+def test_an_unknown_precision_mode_lists_the_valid_ones():
+    with pytest.raises(ConfigError) as err:
+        parse_options({"precision_mode": "allow_fp32_to_f16", "jit_level": "O2", "allow_hf32": "yes", "fast": 1})
+    text = str(err.value)
+    assert "backend.options.precision_mode: 'allow_fp32_to_f16'" in text and "did you mean 'allow_fp32_to_fp16'" in text
+    assert all(mode in text for mode in PRECISION_MODES)
+    assert "backend.options.jit_level: 'O2' is not one of O0, O1" in text
+    assert "backend.options.allow_hf32: expected true or false" in text
+    assert "backend.options.fast: unknown ascend option" in text and "\n" not in text
+    split = parse_options({"allow_hf32": {"matmul": True}})
+    assert split.allow_hf32_matmul and not split.allow_hf32_conv
+
+
+# ------------------------------------------------------------------------------ the guard
+FAKE_TORCH_NPU = '''\
+"""FAKE torch_npu standing in for the real package on a machine without CANN: like torch_npu 2.13
+it switches autoload off, imports torch, and fails to load its extension."""
+import os
+ORG_AUTOLOAD = os.getenv("TORCH_DEVICE_BACKEND_AUTOLOAD", "1")
+os.environ["TORCH_DEVICE_BACKEND_AUTOLOAD"] = "0"
+import torch
+raise ImportError("libhccl.so: cannot open shared object file: No such file or directory. Please check "
+                  "that the cann package is installed. Please run 'source set_env.sh' in the CANN "
+                  "installation path.")
+def _autoload():
+    os.environ["TORCH_DEVICE_BACKEND_AUTOLOAD"] = ORG_AUTOLOAD
+'''
+
+
+@pytest.fixture
+def fake_torch_npu_site(tmp_path) -> dict:
+    """A site dir holding a FAKE torch_npu, registered for torch's autoload like the real wheel."""
+    site = tmp_path / "site"
+    (site / "torch_npu").mkdir(parents=True)
+    (site / "torch_npu/__init__.py").write_text(FAKE_TORCH_NPU)
+    meta = site / "torch_npu-2.13.0.dist-info"
+    meta.mkdir()
+    (meta / "METADATA").write_text("Metadata-Version: 2.1\nName: torch_npu\nVersion: 2.13.0\n")
+    (meta / "entry_points.txt").write_text("[torch.backends]\ntorch_npu = torch_npu:_autoload\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("TORCH_DEVICE_BACKEND_AUTOLOAD", "ASCEND_HOME_PATH")}
+    env["PYTHONPATH"] = os.pathsep.join([str(site), *filter(None, [os.environ.get("PYTHONPATH")])])
+    env["LD_LIBRARY_PATH"] = ""
+    return env
+
+
+def run_clean(code: str, env: dict) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_the_fake_torch_npu_breaks_plain_import_torch(fake_torch_npu_site):
+    # The hazard itself, so the next tests prove something.
+    result = run_clean("import torch", fake_torch_npu_site)
+    assert result.returncode != 0 and "Failed to load the backend extension: torch_npu" in result.stderr
+
+
+def test_the_guard_switches_autoload_off_and_import_torch_works(fake_torch_npu_site):
+    code = ("from isthmus.backends.ascend.guard import guard_torch_import; d = guard_torch_import();"
+            "import os, torch;"
+            "print(d.action, os.environ['TORCH_DEVICE_BACKEND_AUTOLOAD'], torch.ones(2).sum().item())")
+    result = run_clean(code, fake_torch_npu_site)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["disabled", "0", "2.0"]
+
+
+def test_our_torch_engine_imports_through_the_guard(fake_torch_npu_site):
+    result = run_clean("import isthmus.backends.torch.engine as e; print(e.TorchEngine('cpu'))", fake_torch_npu_site)
+    assert result.returncode == 0, (
+        "isthmus.backends.torch must call isthmus.backends.ascend.guard.guard_torch_import() before "
+        "importing torch:\n" + result.stderr[-800:])
+
+
+def test_the_guard_respects_a_value_the_user_set(fake_torch_npu_site):
+    env = {**fake_torch_npu_site, "TORCH_DEVICE_BACKEND_AUTOLOAD": "1"}
+    result = run_clean("from isthmus.backends.ascend.guard import guard_torch_import;"
+                       "print(guard_torch_import().action); import torch", env)
+    assert result.stdout.split()[0] == "user_set" and result.returncode != 0
+
+
+def test_the_guard_does_nothing_without_torch_npu_or_after_torch():
+    env: dict = {}
+    assert guard_torch_import(env).action in ("no_torch_npu", "too_late") and env == {}
+
+
+def test_torch_npu_is_refused_beside_a_cuda_build_of_torch(monkeypatch, tmp_path):
+    import torch
+
+    monkeypatch.setattr(torch.version, "cuda", "12.8")
+    with pytest.raises(BackendUnavailableError) as err:
+        refuse_cuda_torch(torch)
+    message = str(err.value)
+    assert "is a CUDA build (CUDA 12.8)" in message and "torch_npu cannot load beside" in message
+    assert "engine=mindspore" in message and "download.pytorch.org/whl/cpu" in message
+    version = tmp_path / "version.py"
+    version.write_text("from typing import Optional\n__version__ = '2.13.0+cu128'\ncuda: Optional[str] = '12.8'\n")
+    assert torch_cuda_version_on_disk(version) == "12.8"
+    assert torch_cuda_version_on_disk() is None  # this machine's torch is the CPU build
+
+
+# ------------------------------------------------------------------------------ engines here
+def test_the_torch_engine_without_torch_npu_fails_in_one_line():
+    from isthmus.backends.ascend.torch import build_torch
+    from isthmus.specs import BackendRequest
+
+    with pytest.raises(BackendUnavailableError) as err:
+        build_torch(BackendRequest(engine="torch"))
+    assert "importing torch_npu failed: ModuleNotFoundError" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_real_mindspore_without_cann_is_summarised_in_one_line():
+    # Real MindSpore 2.10, real failure: its RuntimeError is some twenty lines long.
+    result = run("-c", "from isthmus.backends.ascend.mindspore import set_ascend_device\n"
+                       "try:\n    set_ascend_device(0)\nexcept Exception as e:\n    print(type(e).__name__, '|', e)")
+    assert result.returncode == 0, result.stderr
+    line = result.stdout.strip().splitlines()[-1]
+    assert line.startswith("BackendUnavailableError | backend 'ascend' engine 'mindspore': ")
+    assert "libge_runner.so" in line and "set_env.sh" in line
+
+
+# ------------------------------------------------------------------------------ this machine
+def test_backends_lists_ascend_installed_or_not_and_not_usable():
+    result = run("-m", "isthmus.cli", "backends", "--json")
+    assert result.returncode == 0, result.stderr
+    rows = {row["name"]: row for row in json.loads(result.stdout)}
+    assert "ascend" in rows, "plugins/ascend.py is not loaded: add it to BUILTIN_PLUGINS in core/plugin_manager.py"
+    ascend = rows["ascend"]
+    assert ascend["usable"] is False and ascend["priority"] > rows["cpu"]["priority"]
+    assert ascend["engines"] == ["mindspore", "torch"] and ascend["default_engine"] == "mindspore"
+    if ascend["installed"]:  # an engine is installed: the probe ran and says why not
+        assert ascend["reason"].startswith("no Ascend device") and ascend["fix"]
+    else:
+        assert "no engine installed" in ascend["reason"]
+
+
+def test_doctor_explains_what_is_missing():
+    result = run("-m", "isthmus.cli", "doctor", "backend=cpu")
+    assert result.returncode == 0, result.stderr
+    rows = [line for line in result.stdout.splitlines() if line.startswith("ascend ")]
+    assert rows, "ascend is missing from doctor's table: add plugins/ascend.py to BUILTIN_PLUGINS"
+    assert "no Ascend device" in rows[0] and "-- fix: " in rows[0]
+    assert "ascend: what is missing, and how to fix it" in result.stdout, (
+        "core/cli.py cmd_doctor should print each unusable backend's details['missing'] (see the report)")
+    assert "CANN toolkit not found" in result.stdout
+    assert "source /usr/local/Ascend/ascend-toolkit/set_env.sh" in result.stdout
+
+
+def test_auto_passes_over_ascend_with_the_reason():
+    from isthmus.plugin_manager import load_plugins
+    from isthmus.plugins import ascend as plugin
+    from isthmus.selection import select
+
+    _, registry = load_plugins(autoload=False, extra=[("ascend-test", plugin)])
+    selection = select(registry, "auto")
+    assert selection.spec.name != "ascend"
+    assert any(line.startswith("ascend: passed over (no Ascend device") for line in selection.trace)
+
+
+def test_the_plugin_registers_its_routes_for_the_torch_engine_only():
+    from isthmus.plugin_manager import load_plugins
+    from isthmus.plugins import ascend as plugin
+
+    _, registry = load_plugins(autoload=False, extra=[("ascend-test", plugin)])
+    routes = [r for r in registry.kernel_routes if r.backend == "ascend"]
+    assert sorted(r.op for r in routes) == ["adamw_update", "attention", "rms_norm", "rotary_embedding"]
+    assert {r.engine for r in routes} == {"torch"} and not any(r.available() for r in routes)
+
+
+def test_the_mindspore_ascend_apis_we_call_exist_in_the_installed_mindspore():
+    # Read from the real MindSpore 2.10 (its Ascend entry points are pure Python up to the device).
+    import inspect
+    import re
+
+    from isthmus.backends.ascend.options import JIT_LEVELS
+    from isthmus.backends.mindspore import engine
+
+    ms = engine.ms
+    source = inspect.getsource(ms.device_context.ascend.op_precision.precision_mode)
+    listed = source[source.index("supported_modes = ["):]
+    assert set(re.findall(r'"(\w+)"', listed[:listed.index("]")])) == set(PRECISION_MODES)
+    for name in ("matmul_allow_hf32", "conv_allow_hf32"):
+        assert list(inspect.signature(getattr(ms.device_context.ascend.op_precision, name)).parameters) == ["value"]
+    assert list(inspect.signature(ms.set_device).parameters) == ["device_target", "device_id"]
+    assert callable(ms.device_context.ascend.device_count)
+    assert f'check_string(jit_level, {list(JIT_LEVELS)!r}'.replace("'", '"') in inspect.getsource(ms.jit)
