@@ -172,7 +172,7 @@ class DataConfig(DataBase):
 
     name: str = "scenes"
     path: str | None = None  # None: generate scenes in code
-    num_train: int = field(default=2048, metadata=bounds(ge=1))
+    num_train: int = field(default=20000, metadata=bounds(ge=1))
     num_eval: int = field(default=256, metadata=bounds(ge=1))
     seed: int = field(default=0, metadata=bounds(ge=0))
     image_size: int = field(default=32, metadata=bounds(ge=1))
@@ -183,22 +183,22 @@ class DataConfig(DataBase):
 class TrainConfig:
     """The training loop: optimizer, schedule, precision and cadences (in optimizer steps)."""
 
-    steps: int = field(default=2000, metadata=bounds(ge=1))
-    batch_size: int = field(default=32, metadata=bounds(ge=1))
+    steps: int = field(default=4000, metadata=bounds(ge=1))
+    batch_size: int = field(default=64, metadata=bounds(ge=1))
     grad_accum: int = field(default=1, metadata=bounds(ge=1))
-    lr: float = field(default=1e-3, metadata=bounds(gt=0))
+    lr: float = field(default=3e-3, metadata=bounds(gt=0))
     weight_decay: float = field(default=0.01, metadata=bounds(ge=0))
     betas: tuple[float, float] = field(default=(0.9, 0.999), metadata=bounds(ge=0, lt=1))
     eps: float = field(default=1e-8, metadata=bounds(gt=0))
-    warmup_steps: int = field(default=100, metadata=bounds(ge=0))
+    warmup_steps: int = field(default=200, metadata=bounds(ge=0))
     schedule: Schedule = Schedule.cosine
     clip_norm: float | None = field(default=1.0, metadata=bounds(gt=0))  # None: no clipping
     precision: Precision = Precision.fp32
-    eval_every: int = field(default=200, metadata=bounds(ge=0))  # 0: only after the last step
-    checkpoint_every: int = field(default=500, metadata=bounds(ge=0))  # 0: only after the last step
+    eval_every: int = field(default=1000, metadata=bounds(ge=0))  # 0: only after the last step
+    checkpoint_every: int = field(default=1000, metadata=bounds(ge=0))  # 0: only after the last step
     keep_last: int = field(default=3, metadata=bounds(ge=1))
     nan_policy: NanPolicy = NanPolicy.skip
-    log_every: int = field(default=10, metadata=bounds(ge=1))
+    log_every: int = field(default=20, metadata=bounds(ge=1))
 
     def check(self) -> list[tuple[str, str]]:
         """Rules that involve two fields."""

@@ -21,6 +21,7 @@ ENTRY_POINT_GROUP = "isthmus"
 BUILTIN_PLUGINS = (
     "isthmus.plugins.cpu",
     "isthmus.plugins.ascend",
+    "isthmus.plugins.cuda",
     "isthmus.plugins.reference",
     "isthmus.plugins.models",
 )

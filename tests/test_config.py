@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from importlib import resources
+
 import dataclasses
 from pathlib import Path
 
@@ -17,6 +19,9 @@ from isthmus.config_schema import ModelBase, ModelConfig, Precision, RunConfig
 
 CORPUS = yaml.safe_load((Path(__file__).parent / "bad_configs.yaml").read_text(encoding="utf-8"))
 KNOWN = {"backend.name": ["cpu", "reference", "example"], "model.name": ["tiny-captioner", "tiny-t2i"]}
+
+# The shipped default, read from its file so retuning the main job does not break these tests.
+DEFAULT_STEPS = yaml.safe_load(resources.files("isthmus.configs").joinpath("train/default.yaml").read_text())["steps"]
 
 
 def write_files(root: Path, files: dict[str, str]) -> Path:
@@ -73,7 +78,7 @@ def test_defaults_compose_to_a_read_only_structured_run_config():
     assert OmegaConf.get_type(cfg) is RunConfig
     assert OmegaConf.get_type(cfg.model) is ModelConfig
     assert cfg.backend.name == "auto" and cfg.model.name == "tiny-captioner" and cfg.data.name == "scenes"
-    assert cfg.train.steps == 2000 and cfg.train.betas == (0.9, 0.999)
+    assert cfg.train.steps == DEFAULT_STEPS and cfg.train.betas == (0.9, 0.999)
     assert cfg.train.precision == "fp32" and cfg.train.precision is Precision.fp32
     assert cfg.name == "tiny-captioner" and cfg.output_dir == "runs/tiny-captioner"
     assert cfg.data.image_size == cfg.model.image_size == 32
@@ -87,7 +92,7 @@ def test_defaults_compose_to_a_read_only_structured_run_config():
 
 def test_group_options_lists_the_shipped_files():
     options = group_options()
-    assert options["backend"] == ["ascend", "auto", "cpu", "reference"]
+    assert options["backend"] == ["ascend", "auto", "cpu", "cuda", "reference"]
     assert options["model"] == ["tiny-captioner"]
     assert options["data"] == ["scenes"]
     assert options["train"] == ["default", "quick"]
@@ -95,7 +100,7 @@ def test_group_options_lists_the_shipped_files():
 
 @pytest.mark.parametrize("group, option", [(g, o) for g, opts in group_options().items() for o in opts])
 def test_every_shipped_option_composes(group, option):
-    cfg = compose([f"{group}={option}"], known={"backend.name": ["ascend", "cpu", "reference"]})
+    cfg = compose([f"{group}={option}"], known={"backend.name": ["ascend", "cpu", "cuda", "reference"]})
     assert cfg[group] is not None
 
 
@@ -136,7 +141,7 @@ def test_group_choices_apply_before_key_overrides_wherever_they_stand():
 
 def test_the_same_key_twice_takes_the_last():
     assert compose(["train.steps=500", "train.steps=900"]).train.steps == 900
-    assert compose(["train=quick", "train=default"]).train.steps == 2000
+    assert compose(["train=quick", "train=default"]).train.steps == DEFAULT_STEPS
 
 
 def test_known_lists_each_valid_name_once():
@@ -153,7 +158,7 @@ def test_known_accepts_registered_names_and_auto():
 
 def test_extra_dir_adds_an_option(tmp_path):
     extra = write_files(tmp_path, {"backend/example.yaml": "name: example\noptions: {lanes: 4}\n"})
-    assert group_options([extra])["backend"] == ["ascend", "auto", "cpu", "example", "reference"]
+    assert group_options([extra])["backend"] == ["ascend", "auto", "cpu", "cuda", "example", "reference"]
     cfg = compose(["backend=example"], config_dirs=[extra], known=KNOWN)
     assert cfg.backend.name == "example" and cfg.backend.options.lanes == 4
     assert cfg.backend.strict is False  # schema defaults fill what the file leaves out
@@ -232,7 +237,7 @@ def test_yaml_round_trip():
 
 
 def test_from_yaml_validates(tmp_path):
-    text = to_yaml(compose()).replace("steps: 2000", "steps: -3")
+    text = to_yaml(compose()).replace(f"steps: {DEFAULT_STEPS}", "steps: -3")
     with pytest.raises(ConfigError, match=r"train\.steps: must be >= 1, got -3 \(in ckpt\.yaml\)"):
         from_yaml(text, source="ckpt.yaml")
 
