@@ -15,9 +15,14 @@ $(STAMP): pyproject.toml constraints.txt examples/isthmus-backend-example/pyproj
 	$(PIP) install -c constraints.txt -e examples/isthmus-backend-example
 	touch $(STAMP)
 
+DEMO_RUN := runs/demo
+
+# The main job: train tiny-captioner on the best available backend, evaluate it on held-out
+# scenes, export it to ONNX and check the same weights on every usable backend.
 demo: $(STAMP)
-	$(BIN)/isthmus doctor
-	$(BIN)/isthmus kernels --backend auto --check
+	$(BIN)/isthmus train output_dir=$(DEMO_RUN) --overwrite
+	$(BIN)/isthmus export --checkpoint $(DEMO_RUN) --output $(DEMO_RUN)/model.onnx
+	$(BIN)/isthmus portability --checkpoint $(DEMO_RUN) --backends cpu,cpu:mindspore,onnxruntime,reference --out $(DEMO_RUN)/portability
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
@@ -30,6 +35,8 @@ test-all: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/coldstart.py
+	$(BIN)/python bench/overhead.py
+	$(BIN)/python bench/mfu.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -213,8 +213,11 @@ def parser() -> argparse.ArgumentParser:
     from isthmus.cli_run import add_commands
     from isthmus.selftest_cli import add_commands as add_selftest_commands
 
+    from isthmus.cli_export import add_commands as add_export_commands
+
     add_commands(sub)
     add_selftest_commands(sub)
+    add_export_commands(sub)
     return p
 
 

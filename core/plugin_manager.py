@@ -24,6 +24,7 @@ BUILTIN_PLUGINS = (
     "isthmus.plugins.cuda",
     "isthmus.plugins.reference",
     "isthmus.plugins.models",
+    "isthmus.plugins.onnx",
 )
 DISABLE_AUTOLOAD_ENV = "ISTHMUS_DISABLE_PLUGIN_AUTOLOAD"
 TRACE_ENV = "ISTHMUS_TRACE_PLUGINS"

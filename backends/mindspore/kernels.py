@@ -371,9 +371,16 @@ class MindSporeKernels:
         return ops.softmax(x, axis)
 
     def log_softmax(self, x, axis=-1):
-        if x.dtype == ms.float64:  # the CPU LogSoftmax kernel computes float64 in float32
-            return x - self.logsumexp(x, axis, keepdims=True)
-        return ops.log_softmax(x, axis)
+        # Composed as (x - max) - log(sum(exp(x - max))): the subtraction happens before the
+        # logarithm, so a confident row keeps ~1e-8 precision near 0 (x - logsumexp(x) cancels two
+        # numbers of the logits' magnitude, and the CPU LogSoftmax kernel is no better in float32
+        # and computes float64 in float32).
+        if x.size == 0:
+            return x
+        peak = ops.stop_gradient(ops.amax(x, axis=axis, keepdims=True))
+        peak = ops.where(ops.isfinite(peak), peak, ops.zeros_like(peak))
+        shifted = x - peak
+        return shifted - ops.log(ops.sum(ops.exp(shifted), dim=axis, keepdim=True))
 
     def layer_norm(self, x, weight=None, bias=None, eps=1e-5, axis=-1):
         dims = tuple(range(axis % x.ndim, x.ndim))
