@@ -27,6 +27,7 @@ import numpy as np
 from isthmus.backends.mindspore import nn, optim
 from isthmus.backends.mindspore.engine import MindSporeEngine, dtype_name, ms, ms_dtype, ops, scalar
 from isthmus.kernels import OPS
+from isthmus.kernel_args import axes as _dims, pair as _pair, reduced_shape as _reduced_shape
 
 _FLOATS = (ms.float64, ms.float32, ms.float16, ms.bfloat16)
 # Float dtypes with a Conv2D kernel on every MindSpore device target.
@@ -45,25 +46,6 @@ def _is_int(value: Any) -> bool:
     if _is_tensor(value):
         return value.dtype in (ms.int64, ms.int32)
     return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
-
-
-def _dims(axis: Any, ndim: int) -> tuple[int, ...]:
-    if axis is None:
-        return tuple(range(ndim))
-    if isinstance(axis, (int, np.integer)):
-        return (int(axis) % ndim,) if ndim else ()
-    return tuple(int(a) % ndim for a in axis)
-
-
-def _pair(value: int | Sequence[int]) -> tuple[int, int]:
-    if isinstance(value, (int, np.integer)):
-        return int(value), int(value)
-    first, second = value
-    return int(first), int(second)
-
-
-def _reduced_shape(shape: Sequence[int], dims: tuple[int, ...], keepdims: bool) -> tuple[int, ...]:
-    return tuple(1 if i in dims else n for i, n in enumerate(shape) if keepdims or i not in dims)
 
 
 def _is_number(value: Any) -> bool:

@@ -17,13 +17,7 @@ import numpy as np
 from isthmus.backends.onnx import emit_shape
 from isthmus.backends.onnx.emit import Emitter
 from isthmus.backends.onnx.graph import ExportError, Value, broadcast, is_static
-
-
-def _pair(value: int | Sequence[int]) -> tuple[int, int]:
-    if isinstance(value, (int, np.integer)):
-        return int(value), int(value)
-    first, second = value
-    return int(first), int(second)
+from isthmus.kernel_args import pair as _pair
 
 
 # ---------------------------------------------------------------------------- linear algebra

@@ -14,6 +14,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from isthmus.kernels import FLOAT_DTYPES, OPS
+from isthmus.kernel_args import pair as _pair
 
 _erf = np.frompyfunc(math.erf, 1, 1)
 
@@ -387,13 +388,6 @@ class ReferenceKernels:
     def global_norm(self, tensors):
         total = sum((float(np.sum(np.square(np.asarray(t, dtype=np.float64)))) for t in tensors), 0.0)
         return np.asarray(math.sqrt(total), dtype=np.float64)
-
-
-def _pair(value: int | Sequence[int]) -> tuple[int, int]:
-    if isinstance(value, (int, np.integer)):
-        return int(value), int(value)
-    first, second = value
-    return int(first), int(second)
 
 
 def kernel_table(engine: Any) -> dict[str, Any]:

@@ -16,31 +16,13 @@ import torch.nn.functional as F
 from isthmus.backends.torch import optim
 from isthmus.backends.torch.engine import TorchEngine, dtype_name, torch_dtype
 from isthmus.kernels import OPS
+from isthmus.kernel_args import axes as _dims, pair as _pair, reduced_shape as _reduced_shape
 
 
 def _is_int(value: Any) -> bool:
     if isinstance(value, torch.Tensor):
         return not (value.is_floating_point() or value.is_complex())
     return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
-
-
-def _dims(axis: Any, ndim: int) -> tuple[int, ...]:
-    if axis is None:
-        return tuple(range(ndim))
-    if isinstance(axis, (int, np.integer)):
-        return (int(axis) % ndim,) if ndim else ()
-    return tuple(int(a) % ndim for a in axis)
-
-
-def _pair(value: int | Sequence[int]) -> tuple[int, int]:
-    if isinstance(value, (int, np.integer)):
-        return int(value), int(value)
-    first, second = value
-    return int(first), int(second)
-
-
-def _reduced_shape(shape: torch.Size, dims: tuple[int, ...], keepdims: bool) -> tuple[int, ...]:
-    return tuple(1 if i in dims else n for i, n in enumerate(shape) if keepdims or i not in dims)
 
 
 class TorchKernels:
