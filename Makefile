@@ -26,6 +26,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
+	cd examples/isthmus-backend-example && ../../$(BIN)/python -m pytest -q --isthmus-backend=example-cpu --isthmus-quick
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow

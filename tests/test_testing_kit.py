@@ -1,0 +1,166 @@
+"""The backend conformance kit (``isthmus.testing``) as a third party runs it: pytest in a subprocess.
+
+The kit is loaded with ``-p isthmus.testing`` and plugin autoload off, so these tests do not depend
+on the ``pytest11`` entry point being installed (with it, ``-p`` would register the module twice).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "isthmus-backend-example"
+INI = "[pytest]\naddopts = --import-mode=importlib -p no:cacheprovider\n"
+
+BROKEN_CONFTEST = '''
+from isthmus.backend import Capabilities
+from isthmus.hookspecs import hookimpl
+from isthmus.routing import KernelRoute
+from isthmus.specs import BackendParts, BackendSpec, ProbeResult
+
+
+def factory(request):
+    from isthmus.backends.torch.engine import TorchEngine
+    from isthmus.backends.torch.kernels import kernel_table
+
+    engine = TorchEngine("cpu")
+    return BackendParts(engine, kernel_table(engine), Capabilities(dtypes=frozenset({"float32"})))
+
+
+def wrong_softmax(x, axis=-1):
+    import torch
+    return torch.softmax(x, dim=axis) + 1e-3
+
+
+def wrong_gelu(x, approximate="none"):
+    import torch
+    return torch.nn.functional.gelu(x, approximate="tanh")
+
+
+class Broken:
+    @hookimpl
+    def register_backends(self, register):
+        register(BackendSpec(name="broken-cpu", engines=("torch",), default_engine="torch", priority=1,
+                             probe=lambda: ProbeResult(usable=True, devices=1), factory=factory,
+                             engine_modules={"torch": ("torch",)}))
+
+    @hookimpl
+    def register_kernels(self, register):
+        register(KernelRoute(backend="broken-cpu", op="softmax", impl=wrong_softmax, engine="torch"))
+        register(KernelRoute(backend="broken-cpu", op="gelu", impl=wrong_gelu, engine="torch"))
+
+
+def pytest_isthmus_plugins(config):
+    return [("broken", Broken())]
+'''
+
+
+def kit(cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1", "GLOG_v": "3"}
+    env.pop("PYTEST_ADDOPTS", None)
+    return subprocess.run([sys.executable, "-m", "pytest", "-p", "isthmus.testing", "-q", "-rfEsx", *args],
+                          cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def counts(out: str) -> dict[str, int]:
+    last = out.strip().splitlines()[-1]
+    return {word: int(n) for n, word in re.findall(r"(\d+) (passed|failed|skipped|xfailed|xpassed|errors?)", last)}
+
+
+def quick_expectation() -> int:
+    """Quick mode: the first conformance case of each op (float32), the first ONNX case of each
+    operator, and the two integration tests."""
+    from isthmus import onnx_oracle
+    from isthmus.conformance import all_cases
+
+    ops = {c.op for c in all_cases()}
+    return len(ops) + len({m.case.op_type for m in onnx_oracle.plan_all()[0]}) + 2
+
+
+@pytest.fixture
+def broken_dir(tmp_path: Path) -> Path:
+    (tmp_path / "pytest.ini").write_text(INI)
+    (tmp_path / "conftest.py").write_text(BROKEN_CONFTEST)
+    return tmp_path
+
+
+def test_without_the_option_the_kit_adds_nothing(tmp_path):
+    (tmp_path / "pytest.ini").write_text(INI)
+    (tmp_path / "test_one.py").write_text("def test_one():\n    pass\n")
+    proc = kit(tmp_path, "--collect-only")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "1 test collected" in proc.stdout and "isthmus-kit" not in proc.stdout
+
+
+def test_quick_kit_passes_on_the_example_backend():
+    pytest.importorskip("isthmus_backend_example", reason="pip install -e examples/isthmus-backend-example")
+    proc = kit(EXAMPLE, "--isthmus-backend=example-cpu", "--isthmus-quick")
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    got = counts(proc.stdout)
+    assert got.get("failed", 0) == 0 and got["passed"] + got.get("skipped", 0) == 2 + quick_expectation()
+    assert "no exclusions" in proc.stdout  # the example's exclusions file is an empty list
+
+
+@pytest.mark.slow
+def test_full_kit_passes_on_the_example_backend():
+    pytest.importorskip("isthmus_backend_example", reason="pip install -e examples/isthmus-backend-example")
+    proc = kit(EXAMPLE, "--isthmus-backend=example-cpu")
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    got = counts(proc.stdout)
+    assert got.get("failed", 0) == 0 and got["passed"] > 1000
+
+
+def test_a_wrong_kernel_fails_and_an_exclusion_excuses_it(broken_dir):
+    (broken_dir / "excl.yaml").write_text(textwrap.dedent("""\
+        exclude:
+          - op: gelu
+            reason: tanh approximation only, exact erf form planned
+    """))
+    proc = kit(broken_dir, "--isthmus-backend=broken-cpu", "--isthmus-quick",
+               "--isthmus-exclusions=excl.yaml", "-k", "softmax or gelu or Softmax or Gelu")
+    out = proc.stdout
+    assert proc.returncode == 1, out + proc.stderr
+    failed = set(re.findall(r"^FAILED (\S+)", out, re.M))
+    assert failed and all("softmax" in name for name in failed), failed
+    assert any("test_kernel_conformance[softmax-" in name for name in failed)
+    assert any("test_onnx_oracle[test_softmax" in name for name in failed)
+    xfailed = re.findall(r"^XFAIL (\S+)", out, re.M)
+    assert any("gelu" in name for name in xfailed) and not any("softmax" in n for n in xfailed)
+    assert "excluded (gelu): tanh approximation only" in out
+    assert "gelu: tanh approximation only, exact erf form planned (excused 1 failing, 1 passing anyway)" in out
+
+
+def test_an_unknown_op_in_the_exclusions_file_is_a_usage_error(broken_dir):
+    (broken_dir / "isthmus-exclusions.yaml").write_text(
+        "exclude:\n  - op: sofmax\n    reason: typo\n")
+    proc = kit(broken_dir, "--isthmus-backend=broken-cpu")
+    assert proc.returncode == 4, proc.stdout + proc.stderr
+    assert "unknown op 'sofmax' (did you mean 'softmax'?)" in proc.stderr
+
+
+def test_an_unknown_backend_is_a_usage_error_that_lists_the_known_ones(tmp_path):
+    (tmp_path / "pytest.ini").write_text(INI)
+    proc = kit(tmp_path, "--isthmus-backend=nope")
+    assert proc.returncode != 0
+    text = proc.stdout + proc.stderr
+    assert "--isthmus-backend=nope" in text and "cpu" in text
+
+
+def test_exclusions_parse():
+    from isthmus.testing_exclusions import ExclusionsError, parse
+
+    excl = parse({"exclude": [{"op": "attention", "reason": "gqa later", "cases": ["attention-gqa"]},
+                              {"op": "training", "reason": "no autodiff yet", "skip": True}]})
+    assert excl.match(["attention"], ["attention-gqa"]).reason == "gqa later"
+    assert excl.match(["attention"], ["attention-basic"]) is None
+    assert excl.match(["training"]).skip
+    with pytest.raises(ExclusionsError, match=r"exclude\[0\]: op 'gelu' needs a 'reason'"):
+        parse({"exclude": [{"op": "gelu"}]})
+    with pytest.raises(ExclusionsError, match="expected a mapping with one key 'exclude'"):
+        parse(["gelu"])
