@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PIP := $(BIN)/python -m pip --disable-pip-version-check -q
 
-.PHONY: demo test test-slow test-all bench clean venv
+.PHONY: demo test test-slow test-all bench kill-resume clean venv
 
 venv: $(STAMP)
 
@@ -26,7 +26,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
-	cd examples/isthmus-backend-example && ../../$(BIN)/python -m pytest -q --isthmus-backend=example-cpu --isthmus-quick
+	cd examples/isthmus-backend-example && ../../$(BIN)/python -m pytest -q --isthmus-backend=example --isthmus-quick
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow
@@ -38,6 +38,9 @@ bench: $(STAMP)
 	$(BIN)/python bench/coldstart.py
 	$(BIN)/python bench/overhead.py
 	$(BIN)/python bench/mfu.py
+
+kill-resume: $(STAMP)
+	$(BIN)/python bench/kill_resume.py --trials 20
 
 clean:
 	rm -rf $(VENV) build *.egg-info

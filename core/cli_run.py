@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -43,6 +44,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from isthmus.atomic import write_text_atomic
     from isthmus.cli import compose_config, registry
     from isthmus.config import to_yaml
+    from isthmus import parallel
     from isthmus.plugin_manager import get_manager
     from isthmus.run import prepare, run_dir
     from isthmus.trainer import Trainer
@@ -50,16 +52,32 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = compose_config(args.overrides)
     directory = run_dir(cfg)
     resume_from = Path(args.resume) if args.resume not in (None, "") else (directory if args.resume == "" else None)
-    prepare_output(directory, resume_from is not None and resume_from == directory, args.overwrite)
+    launch = parallel.launch_env() if str(cfg.distributed) == "ddp" else None
+    writer = launch is None or launch.rank == 0  # data parallel: rank 0 alone touches the run dir
+    if launch is not None:  # each process its own device: the local rank among the visible ones
+        cfg = compose_config([*args.overrides, f"backend.device_index={parallel.device_index(launch.local_rank)}"])
+    if writer:
+        prepare_output(directory, resume_from is not None and resume_from == directory, args.overwrite)
     run = prepare(cfg, registry())
-    directory.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(directory / "config.yaml", to_yaml(cfg))
+    comm = parallel.start(cfg, run.backend)
+    if writer:
+        directory.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(directory / "config.yaml", to_yaml(cfg))
+    else:
+        sys.stdout = open(os.devnull, "w")  # the other ranks' summaries would repeat rank 0's
+    if comm is not None:
+        print(f"data parallel: {comm.world_size} processes, {run.backend.capabilities.comm_backend}, "
+              f"global batch {cfg.train.batch_size} ({int(cfg.train.batch_size) // comm.world_size} per process)")
     print(f"training {run.model.name} on {run.backend.name}/{run.backend.engine_name} ({run.backend.device}), "
           f"{cfg.train.steps} steps, precision {cfg.train.precision}; run dir {directory}")
     for line in run.selection.trace:
         print(f"  backend: {line}")
     progress = not args.no_progress and sys.stderr.isatty()
-    result = Trainer(run, directory, manager=get_manager(), progress=progress, resume=resume_from).fit()
+    try:
+        result = Trainer(run, directory, manager=get_manager(), progress=progress, resume=resume_from, comm=comm).fit()
+    finally:
+        if comm is not None:
+            comm.close()
     ev = result.evaluation
     print(
         f"done: {result.steps} steps in {result.wall_s:.1f} s ({result.steps_per_s:.2f} steps/s), "

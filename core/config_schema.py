@@ -107,6 +107,13 @@ class NanPolicy(StrEnum):
     stop = "stop"
 
 
+class Distributed(StrEnum):
+    """How a run spreads over processes: ``ddp`` is data parallel under torchrun (or msrun)."""
+
+    none = "none"
+    ddp = "ddp"
+
+
 @dataclass
 class BackendConfig:
     """Which backend runs the model, and how."""
@@ -219,6 +226,8 @@ class RunConfig:
     seed: int = field(default=0, metadata=bounds(ge=0))
     name: str = "run"
     output_dir: str = "runs/latest"
+    distributed: Distributed = Distributed.none  # ddp: one process per device, started by torchrun
+    distributed_timeout_s: float = field(default=60.0, metadata=bounds(gt=0))  # a collective waiting longer fails the run
 
     def check(self) -> list[tuple[str, str]]:
         """Rules across sections; keys are dotted from the root."""

@@ -35,7 +35,14 @@ def clip_by_global_norm(k: Any, grads: Mapping[str, Any], max_norm: float | None
     if not max_norm:
         return dict(grads), norm
     scale = k.minimum(k.div(max_norm, k.add(norm, 1e-6)), 1.0)
-    return {name: k.mul(g, k.cast(scale, k.dtype(g))) for name, g in grads.items()}, norm
+    scales: dict[str, Any] = {}  # the scale cast once per gradient dtype, not once per tensor
+    clipped = {}
+    for name, g in grads.items():
+        dtype = k.dtype(g)
+        if dtype not in scales:
+            scales[dtype] = k.cast(scale, dtype)
+        clipped[name] = k.mul(g, scales[dtype])
+    return clipped, norm
 
 
 @dataclass

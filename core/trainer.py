@@ -7,6 +7,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -16,6 +17,7 @@ from isthmus.errors import IsthmusError
 from isthmus.evaluate import evaluate, to_device
 from isthmus.nn import initialise, manifest
 from isthmus.optim import AdamW, clip_by_global_norm, learning_rate
+from isthmus.parallel import NullLog, QuietProgress, RankSlice, token_count
 from isthmus.precision import Policy
 from isthmus.run import Run, plain
 from isthmus.runlog import MetricsLog, Progress, plot_loss
@@ -45,7 +47,8 @@ class TrainResult:
 class Trainer:
     """Trains ``run.model`` on ``run.backend``; ``resume`` is a checkpoint path or run dir."""
 
-    def __init__(self, run: Run, run_dir: Path, manager: Any = None, progress: bool = False, resume: Path | None = None) -> None:
+    def __init__(self, run: Run, run_dir: Path, manager: Any = None, progress: bool = False, resume: Path | None = None,
+                 comm: Any = None) -> None:
         self.run = run
         self.cfg = run.config
         self.run_dir = run_dir
@@ -53,9 +56,15 @@ class Trainer:
         self.show_progress = progress
         self.resume = resume
         self.policy = Policy(str(self.cfg.train.precision))
+        # The train section as plain values for the per-step path: an OmegaConf attribute read
+        # costs ~20 us and the loop reads about a dozen per step.
+        self.train_cfg = SimpleNamespace(**plain(self.cfg.train))
         self.specs = run.model.param_specs()
         self.step = 0
         self.skipped = 0
+        # Data parallel (isthmus.parallel.Comm or None): only rank 0 writes checkpoints, logs and progress.
+        self.comm = comm
+        self.writer = comm is None or comm.rank == 0
 
     # -- events --------------------------------------------------------------------------
     def emit(self, event: str, **kwargs: Any) -> None:
@@ -92,7 +101,9 @@ class Trainer:
         self.step = loaded.state.step
         self.skipped = int(loaded.state.extra.get("skipped_steps", 0))
 
-    def save(self) -> Path:
+    def save(self) -> Path | None:
+        if not self.writer:
+            return None
         engine = self.run.backend.engine
         optimizer_scalars = self.optimizer.scalars()
         if self.policy.loss_scale is not None:
@@ -120,13 +131,16 @@ class Trainer:
     # -- one step ------------------------------------------------------------------------
     def train_step(self, lr: float) -> tuple[float, float, str]:
         """Returns (loss, grad norm, skip reason or '')."""
-        backend, t = self.run.backend, self.cfg.train
+        backend, t = self.run.backend, self.train_cfg
         k, engine, policy = backend.kernels, backend.engine, self.policy
         scale = policy.scale
         total = None
         losses = []
+        weight = 0.0
         for _ in range(int(t.grad_accum)):
-            batch = policy.cast_batch(k, to_device(backend, next(self.data)))
+            raw = next(self.data)
+            weight += token_count(raw) if self.comm is not None else 0.0
+            batch = policy.cast_batch(k, to_device(backend, raw))
 
             def objective(params: dict[str, Any]) -> tuple[Any, Any]:
                 loss, metrics = self.run.model.loss(k, policy.cast_params(k, params), batch, training=True)
@@ -138,8 +152,10 @@ class Trainer:
         factor = 1.0 / (int(t.grad_accum) * scale)
         if factor != 1.0:
             total = {n: k.mul(g, factor) for n, g in total.items()}
-        grads, norm = clip_by_global_norm(k, total, t.clip_norm)
         loss_value = float(np.mean([float(engine.to_numpy(l)) for l in losses]))
+        if self.comm is not None:  # data parallel: token-weighted mean of loss and gradients over ranks
+            total, loss_value = self.comm.weighted_mean(k, total, loss_value, weight)
+        grads, norm = clip_by_global_norm(k, total, t.clip_norm)
         norm_value = float(engine.to_numpy(norm))
         if policy.loss_scale is not None:
             policy.loss_scale.update(math.isfinite(norm_value))
@@ -153,11 +169,15 @@ class Trainer:
 
     # -- the loop ------------------------------------------------------------------------
     def fit(self) -> TrainResult:
-        t = self.cfg.train
+        t = self.train_cfg
         self.start_state()
         start_step = self.step
-        metrics_log = MetricsLog(self.run_dir / "metrics.jsonl", truncate_after_step=start_step if self.resume else None)
-        progress = Progress(int(t.steps), start_step, self.show_progress)
+        if self.comm is not None:  # data parallel: this rank's slice of each global batch; own dropout stream
+            self.data = RankSlice(self.data, self.comm.rank, self.comm.world_size)
+            if self.comm.rank:
+                self.run.backend.engine.seed(int(self.cfg.seed) + 1_000_003 * self.comm.rank + start_step)
+        metrics_log = MetricsLog(self.run_dir / "metrics.jsonl", truncate_after_step=start_step if self.resume else None) if self.writer else NullLog()
+        progress = Progress(int(t.steps), start_step, self.show_progress) if self.writer else QuietProgress()
         self.emit("on_train_start")
         tokens_per_sample = self.run.train_data.max_len
         started = window_start = time.perf_counter()
@@ -206,7 +226,8 @@ class Trainer:
             raise TrainingStopped(stopped + f"; last checkpoint: {checkpoint or 'none written'}")
         evaluation = self.eval_and_log(metrics_log, progress, None)
         metrics_log.close()
-        plot_loss(self.run_dir / "metrics.jsonl", self.run_dir / "loss.png", f"{self.run.model.name} on {self.run.backend.name}/{self.run.backend.engine_name}")
+        if self.writer:
+            plot_loss(self.run_dir / "metrics.jsonl", self.run_dir / "loss.png", f"{self.run.model.name} on {self.run.backend.name}/{self.run.backend.engine_name}")
         result = TrainResult(self.run_dir, self.step, last_loss, self.skipped, wall, (self.step - start_step) / max(wall, 1e-9), evaluation, checkpoint)
         self.emit("on_train_end", result=result)
         return result

@@ -47,7 +47,7 @@ def test_backends_table_reports_installed_usable_and_priority():
     assert result.returncode == 0, result.stderr
     rows = {row["name"]: row for row in json.loads(result.stdout)}
     assert rows["cpu"]["usable"] is True and rows["cpu"]["installed"][0] == "torch"
-    assert rows["cpu"]["priority"] > rows["example-cpu"]["priority"]
+    assert rows["cpu"]["priority"] > rows["example"]["priority"]
     assert rows["reference"]["auto"] is False
     text = run("-m", "isthmus.cli", "backends").stdout
     assert text.splitlines()[0].split() == ["backend", "engines", "installed", "usable", "priority", "reason"]

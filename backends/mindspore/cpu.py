@@ -21,7 +21,7 @@ CPU_CAPABILITIES = Capabilities(
     dtypes=frozenset({"float64", "float32", "float16"}),
     fused_kernels=frozenset(),
     compile=False,  # mindspore.jit on CPU is not wired into the trainer: PyNative only
-    comm_backend=None,  # MindSpore's collectives are HCCL (Ascend) and NCCL (GPU), not CPU
+    comm_backend="mccl",  # mindspore.communication on CPU under msrun (checked: AllReduce works)
     max_devices=1,
 )
 

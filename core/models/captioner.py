@@ -165,7 +165,11 @@ class TinyCaptioner:
         prefix, length = k.shape(image_tokens)[1], k.shape(tokens)[1]
         total = prefix + length
         x = k.concat([image_tokens, layers.embedding(k, text.sub("embed"), tokens)], axis=1)
-        rope = layers.rotary_tables(k, total, c.d_model // c.n_heads, dtype=k.dtype(image_tokens))
+        dtype = k.dtype(image_tokens)
+        # Angles in at least float32: half-precision positions and angles lose the phase quickly.
+        wide = "float64" if dtype == "float64" else "float32"
+        cos, sin = layers.rotary_tables(k, total, c.d_model // c.n_heads, dtype=wide)
+        rope = (k.cast(cos, dtype), k.cast(sin, dtype))
         mask = prefix_lm_mask(k, prefix, total)
         for i in range(c.n_layers_text):
             x = layers.block(k, text.sub(f"blocks.{i}"), x, self.text_block, rope=rope, mask=mask,

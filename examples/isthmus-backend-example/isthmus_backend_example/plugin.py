@@ -9,7 +9,7 @@ from isthmus.hookspecs import hookimpl
 from isthmus.routing import KernelRoute
 from isthmus.specs import BackendParts, BackendRequest, BackendSpec, ProbeResult
 
-NAME = "example-cpu"
+NAME = "example"
 
 
 def probe() -> ProbeResult:

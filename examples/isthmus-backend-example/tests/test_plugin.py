@@ -7,13 +7,13 @@ from isthmus.selection import build, select
 
 def test_the_backend_is_registered_and_routes_attention():
     _, registry = load_plugins()
-    backend = build(registry, select(registry, "example-cpu"))
-    assert backend.name == "example-cpu" and backend.engine_name == "torch"
+    backend = build(registry, select(registry, "example"))
+    assert backend.name == "example" and backend.engine_name == "torch"
     assert backend.kernels.attention.__module__ == "isthmus_backend_example.attention"
 
 
 def test_backend_example_cpu_is_a_config_option():
     _, registry = load_plugins()
-    cfg = compose(["backend=example-cpu"], config_dirs=registry.config_dirs,
+    cfg = compose(["backend=example"], config_dirs=registry.config_dirs,
                   known={"backend.name": ["auto", *registry.names("backend")]})
-    assert cfg.backend.name == "example-cpu"
+    assert cfg.backend.name == "example"
