@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from isthmus.atomic import write_text_atomic
-from isthmus.portability import TOLERANCES, PortabilityReport, TargetResult
+from isthmus.portability import GRADIENT_TOLERANCES, TOLERANCES, PortabilityReport, TargetResult
 
 
 def _ratio(value: float | None) -> str:
@@ -89,7 +89,9 @@ def method_lines(report: PortabilityReport) -> list[str]:
     lines = ["Each cell shows the largest |backend - reference| and that error as a multiple of its "
              "tolerance (above 1 is a breach). Tolerance per element: atol x max|reference| + rtol x "
              "|reference|, by the dtype the backend computes in: "
-             + ", ".join(f"{d} {t.rtol:g}" for d, t in TOLERANCES.items()) + "."]
+             + ", ".join(f"{d} {t.rtol:g}" for d, t in TOLERANCES.items()) + "; gradients, which pass "
+             "through every op's backward as well: "
+             + ", ".join(f"{d} {t.rtol:g}" for d, t in GRADIENT_TOLERANCES.items()) + "."]
     lines.append("Forward logits and the loss are compared with the NumPy float64 reference.")
     if report.gradient_source:
         lines.append(f"Gradients are compared with float64 gradients from {report.gradient_source}"
