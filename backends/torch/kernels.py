@@ -246,6 +246,8 @@ class TorchKernels:
             rotated = torch.stack([real, imag], dim=-1).flatten(-2)
         else:
             rotated = torch.cat([real, imag], dim=-1)
+        if 2 * r == x.shape[-1]:  # the usual case: the whole head rotates, no tail to append
+            return rotated
         return torch.cat([rotated, x[..., 2 * r :]], dim=-1)
 
     def attention(self, q, k, v, mask=None, causal=False, scale=None):
@@ -272,6 +274,10 @@ class TorchKernels:
                 bias = bias.masked_fill(~tril, -math.inf)
             dead = torch.isneginf(bias).all(dim=-1, keepdim=True)
             safe = bias.masked_fill(dead, 0.0)
+        # On the host, asking whether any row is dead is cheap and usually saves the fix-up (a
+        # prefix-LM or causal mask has none); on a device it would cost a synchronisation.
+        if q.device.type == "cpu" and not bool(dead.any()):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=safe, scale=scale)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=safe, scale=scale)
         return out.masked_fill(dead, 0.0)
 
