@@ -113,7 +113,10 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         if missing:
             print(f"{spec.name}: what is missing, and how to fix it")
             for item in missing:
-                print(f"  - {item['what']}\n    fix: {item['fix']}")
+                if isinstance(item, dict):
+                    print(f"  - {item.get('what', item)}\n    fix: {item.get('fix', '')}")
+                else:
+                    print(f"  - {item}")
             print()
     b = cfg.backend
     selection = select(reg, b.name, b.engine, b.strict)

@@ -96,8 +96,9 @@ class OnnxFormat:
         example = tuple(torch.from_numpy(np.array(a)) for a in request.example.values())
         dynamic = None
         if request.dynamic_batch:
-            if any(len(a) < 2 for a in request.example.values()):
-                raise ExportError("--dynamic-batch with the torch exporter needs an example batch of 2 or more "
+            if any(np.ndim(a) == 0 or len(a) < 2 for a in request.example.values()):
+                raise ExportError(f"--dynamic-batch with the torch exporter needs an example batch of 2 or more, got "
+                                  f"{ {n: np.shape(a) for n, a in request.example.items()} } "
                                   "(torch.export specialises a size-1 dim)")
             batch = torch.export.Dim("batch")
             dynamic = (tuple({0: batch} for _ in names),)  # one entry: forward takes *inputs

@@ -275,8 +275,9 @@ class TorchKernels:
             dead = torch.isneginf(bias).all(dim=-1, keepdim=True)
             safe = bias.masked_fill(dead, 0.0)
         # On the host, asking whether any row is dead is cheap and usually saves the fix-up (a
-        # prefix-LM or causal mask has none); on a device it would cost a synchronisation.
-        if q.device.type == "cpu" and not bool(dead.any()):
+        # prefix-LM or causal mask has none); on a device it would cost a synchronisation, and
+        # under torch.export / torch.compile it would be a data-dependent branch.
+        if q.device.type == "cpu" and not torch.compiler.is_compiling() and not bool(dead.any()):
             return F.scaled_dot_product_attention(q, k, v, attn_mask=safe, scale=scale)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=safe, scale=scale)
         return out.masked_fill(dead, 0.0)
