@@ -25,29 +25,9 @@ TINY = [
     "train.steps=3", "train.eval_every=0", "train.checkpoint_every=0",
 ]
 
-# The command line, with the onnx plugin and the export commands added when this checkout has not
-# wired them into the built-in plugin list and the CLI yet (a no-op once they are).
-CLI = textwrap.dedent("""
-    import sys
-    import isthmus.plugin_manager as pm
-    if "isthmus.plugins.onnx" not in pm.BUILTIN_PLUGINS:
-        pm.BUILTIN_PLUGINS = (*pm.BUILTIN_PLUGINS, "isthmus.plugins.onnx")
-    import isthmus.cli as cli
-    wired = cli.parser
-    def parser():
-        p = wired()
-        sub = next(a for a in p._actions if a.dest == "command")
-        if "export" not in sub.choices:
-            from isthmus.cli_export import add_commands
-            add_commands(sub)
-        return p
-    cli.parser = parser
-    sys.exit(cli.main(sys.argv[1:]))
-""")
-
 
 def isthmus(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", CLI, *args], capture_output=True, text=True, timeout=timeout)
+    return subprocess.run([sys.executable, "-m", "isthmus.cli", *args], capture_output=True, text=True, timeout=timeout)
 
 
 def onnx_registry():

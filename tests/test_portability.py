@@ -7,7 +7,6 @@ import json
 import re
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -25,26 +24,6 @@ TINY = [
     "train.steps=3", "train.eval_every=0", "train.checkpoint_every=0",
 ]
 BACKENDS = "cpu,cpu:mindspore,onnxruntime,reference,ascend,cuda"
-
-# The command line, with the onnx plugin and the portability command added when this checkout has
-# not wired them into the built-in plugin list and the CLI yet (a no-op once they are).
-CLI = textwrap.dedent("""
-    import sys
-    import isthmus.plugin_manager as pm
-    if "isthmus.plugins.onnx" not in pm.BUILTIN_PLUGINS:
-        pm.BUILTIN_PLUGINS = (*pm.BUILTIN_PLUGINS, "isthmus.plugins.onnx")
-    import isthmus.cli as cli
-    wired = cli.parser
-    def parser():
-        p = wired()
-        sub = next(a for a in p._actions if a.dest == "command")
-        if "portability" not in sub.choices:
-            from isthmus.cli_export import add_commands
-            add_commands(sub)
-        return p
-    cli.parser = parser
-    sys.exit(cli.main(sys.argv[1:]))
-""")
 
 
 def registry_with(*extra, autoload: bool | None = False):
@@ -73,7 +52,7 @@ def passing(trained, tmp_path_factory):
     pytest.importorskip("mindspore")
     pytest.importorskip("onnxruntime")
     out = tmp_path_factory.mktemp("report")
-    result = subprocess.run([sys.executable, "-c", CLI, "portability", "--checkpoint", str(trained), "--backends",
+    result = subprocess.run([sys.executable, "-m", "isthmus.cli", "portability", "--checkpoint", str(trained), "--backends",
                              BACKENDS, "--out", str(out), "--train-steps", "2"],
                             capture_output=True, text=True, timeout=600)
     return result, out
