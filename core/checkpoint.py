@@ -27,7 +27,7 @@ import safetensors.numpy
 from isthmus import __version__, atomic
 from isthmus.errors import IsthmusError
 
-__all__ = ["CheckpointError", "CheckpointState", "Loaded", "save_checkpoint", "load_checkpoint",
+__all__ = ["CheckpointError", "check_fit", "CheckpointState", "Loaded", "save_checkpoint", "load_checkpoint",
            "latest_checkpoint", "list_checkpoints", "FORMAT_VERSION"]
 
 FORMAT = "isthmus-checkpoint"
@@ -257,6 +257,15 @@ def load_checkpoint(path: str | os.PathLike,
     return Loaded(params=_read_tensors(ckpt, MODEL_FILE, files[MODEL_FILE]),
                   optimizer_tensors=_read_tensors(ckpt, OPTIMIZER_FILE, files[OPTIMIZER_FILE]),
                   state=state, path=ckpt)
+
+
+def check_fit(loaded: Loaded, expect: Mapping[str, tuple[tuple[int, ...], Any]], model_name: str | None = None) -> None:
+    """The checks ``load_checkpoint`` makes with ``expect`` and ``model_name``, on a checkpoint
+    already in memory: for callers that learn the model only from the checkpoint's own config."""
+    if model_name is not None and loaded.state.model_name != model_name:
+        raise CheckpointError(f"checkpoint {loaded.path} is for model {loaded.state.model_name!r}, not {model_name!r}")
+    found = {name: {"shape": list(a.shape), "dtype": a.dtype.name} for name, a in loaded.params.items()}
+    _check_fit(f"checkpoint {loaded.path} does not fit the model", found, expect)
 
 
 def _resolve(path: Path) -> Path:

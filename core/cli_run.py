@@ -98,7 +98,7 @@ def checkpoint_run(path: str, overrides: Sequence[str], for_training: bool = Fal
     import yaml
     from omegaconf import OmegaConf
 
-    from isthmus.checkpoint import load_checkpoint
+    from isthmus.checkpoint import check_fit, load_checkpoint
     from isthmus.cli import compose_config, registry
     from isthmus.config import ConfigError, from_yaml
     from isthmus.data import Tokenizer
@@ -113,8 +113,8 @@ def checkpoint_run(path: str, overrides: Sequence[str], for_training: bool = Fal
                           f"the model and data come from {loaded.path}")
     cfg = OmegaConf.merge(saved, {"backend": compose_config(overrides).backend}) if overrides else saved
     run = prepare(cfg, registry(), tokenizer=Tokenizer.from_dict(loaded.state.extra["tokenizer"]), for_training=for_training)
-    # The model is known only now: check the file against its parameter manifest.
-    loaded = load_checkpoint(loaded.path, expect=manifest(run.model.param_specs()), model_name=run.model.name)
+    # The model is known only now: check what was loaded against its parameter manifest.
+    check_fit(loaded, manifest(run.model.param_specs()), run.model.name)
     engine = run.backend.engine
     params = {n: engine.asarray(a) for n, a in loaded.params.items()}
     return run, params, loaded

@@ -27,3 +27,13 @@ def pair(value: int | Sequence[int]) -> tuple[int, int]:
 def reduced_shape(shape: Sequence[int], dims: tuple[int, ...], keepdims: bool) -> tuple[int, ...]:
     """The shape a reduction over ``dims`` leaves, with or without the reduced dims kept as 1."""
     return tuple(1 if i in dims else n for i, n in enumerate(shape) if keepdims or i not in dims)
+
+
+def adamw_lists(step: int, params: Any, grads: Any, exp_avgs: Any, exp_avg_sqs: Any) -> tuple[list, list, list, list]:
+    """The four ``adamw_update`` sequences as lists, after checking ``step`` and their lengths."""
+    if step < 1:
+        raise ValueError(f"adamw step counts from 1, got {step}")
+    lists = list(params), list(grads), list(exp_avgs), list(exp_avg_sqs)
+    if len({len(items) for items in lists}) > 1:
+        raise ValueError("adamw_update needs one grad, exp_avg and exp_avg_sq per parameter")
+    return lists

@@ -38,7 +38,6 @@ CAUSAL_MASK_SIZE = 2048  # sparse_mode 2/3 take this compressed triangle whateve
 
 _enabled: set[str] = set()
 _causal_masks: dict[str, Any] = {}
-_reference: Any = None
 taken: Counter[str] = Counter()
 """Calls served by the fused operator, per op."""
 fallbacks: Counter[tuple[str, str]] = Counter()
@@ -64,13 +63,9 @@ def availability(op: str) -> Callable[[], bool]:
 def reference_kernels() -> Any:
     """The generic torch kernels. Their ``attention``, ``rms_norm``, ``rotary_embedding`` and
     ``adamw_update`` work on whatever device their inputs are on, so one instance serves all."""
-    global _reference
-    if _reference is None:
-        from isthmus.backends.torch.engine import TorchEngine
-        from isthmus.backends.torch.kernels import TorchKernels
+    from isthmus.backends.torch.kernels import generic_kernels
 
-        _reference = TorchKernels(TorchEngine("cpu"))
-    return _reference
+    return generic_kernels()
 
 
 def _fallback(op: str, why: str) -> Any:

@@ -31,7 +31,6 @@ FLASH_MAX_HEAD_DIM = 256
 
 _enabled: set[str] = set()
 _settings: dict[str, Any] = {"capability": None, "device_types": ("cuda",)}
-_reference: Any = None
 taken: Counter[str] = Counter()
 """Calls served by a fused kernel, per ``op`` (attention: per ``attention/<sdpa backend>``)."""
 fallbacks: Counter[tuple[str, str]] = Counter()
@@ -62,13 +61,9 @@ def availability(op: str) -> Callable[[], bool]:
 
 def reference_kernels() -> Any:
     """The generic torch kernels; their ops work on whatever device their inputs are on."""
-    global _reference
-    if _reference is None:
-        from isthmus.backends.torch.engine import TorchEngine
-        from isthmus.backends.torch.kernels import TorchKernels
+    from isthmus.backends.torch.kernels import generic_kernels
 
-        _reference = TorchKernels(TorchEngine("cpu"))
-    return _reference
+    return generic_kernels()
 
 
 def _fallback(op: str, why: str) -> Any:

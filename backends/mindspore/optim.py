@@ -12,6 +12,7 @@ from typing import Sequence
 
 # MindSpore comes through the engine module, which quiets its logging before it loads.
 from isthmus.backends.mindspore.engine import ms, ops, scalar
+from isthmus.kernel_args import adamw_lists
 
 
 def adamw_update(params: Sequence[ms.Tensor], grads: Sequence[ms.Tensor],
@@ -19,12 +20,7 @@ def adamw_update(params: Sequence[ms.Tensor], grads: Sequence[ms.Tensor],
                  lr: float, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8,
                  weight_decay: float = 0.01) -> tuple[list[ms.Tensor], list[ms.Tensor], list[ms.Tensor]]:
     """One AdamW step (see :meth:`isthmus.kernels.Kernels.adamw_update`); returns new lists."""
-    if step < 1:
-        raise ValueError(f"adamw step counts from 1, got {step}")
-    params, grads, exp_avgs, exp_avg_sqs = (list(params), list(grads), list(exp_avgs),
-                                            list(exp_avg_sqs))
-    if not len(params) == len(grads) == len(exp_avgs) == len(exp_avg_sqs):
-        raise ValueError("adamw_update needs one grad, exp_avg and exp_avg_sq per parameter")
+    params, grads, exp_avgs, exp_avg_sqs = adamw_lists(step, params, grads, exp_avgs, exp_avg_sqs)
     # Scalars are computed in Python (float64) and rounded once to each tensor's dtype.
     step_size = lr / (1.0 - beta1**step)
     bias_correction2_sqrt = math.sqrt(1.0 - beta2**step)

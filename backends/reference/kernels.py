@@ -14,7 +14,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from isthmus.kernels import FLOAT_DTYPES, OPS
-from isthmus.kernel_args import pair as _pair
+from isthmus.kernel_args import axes as _axes, pair as _pair
 
 _erf = np.frompyfunc(math.erf, 1, 1)
 
@@ -71,14 +71,6 @@ def cast(x: np.ndarray, dtype: str) -> np.ndarray:
         # int32 keeps its wrap-around on overflow, even though it is stored as int64.
         return values.astype(np.int32).astype(np.int64) if dtype == "int32" else values
     raise ValueError(f"unknown dtype {dtype!r}")
-
-
-def _axes(axis: Any, ndim: int) -> tuple[int, ...]:
-    if axis is None:
-        return tuple(range(ndim))
-    if isinstance(axis, (int, np.integer)):
-        return (int(axis) % ndim,) if ndim else ()
-    return tuple(int(a) % ndim for a in axis)
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:

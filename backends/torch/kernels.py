@@ -315,3 +315,15 @@ def kernel_table(engine: TorchEngine) -> dict[str, Any]:
     """Every op in :data:`isthmus.kernels.OPS`, bound to ``engine``."""
     kernels = TorchKernels(engine)
     return {op: getattr(kernels, op) for op in OPS}
+
+
+_generic: TorchKernels | None = None
+
+
+def generic_kernels() -> TorchKernels:
+    """One shared set of the generic torch kernels, the fallback of device-specific routes. Its
+    fallback ops work on whatever device their inputs are on, so one instance serves every device."""
+    global _generic
+    if _generic is None:
+        _generic = TorchKernels(TorchEngine("cpu"))
+    return _generic

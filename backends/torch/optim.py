@@ -11,6 +11,7 @@ import math
 from typing import Sequence
 
 import torch
+from isthmus.kernel_args import adamw_lists
 
 _FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -52,12 +53,7 @@ def adamw_update(params, grads, exp_avgs, exp_avg_sqs, step: int, lr: float, bet
                  path: str | None = None):
     """One in-place AdamW step (see :meth:`isthmus.kernels.Kernels.adamw_update`); ``path`` forces
     an implementation, for tests. Returns the same lists."""
-    if step < 1:
-        raise ValueError(f"adamw step counts from 1, got {step}")
-    params, grads, exp_avgs, exp_avg_sqs = (list(params), list(grads), list(exp_avgs),
-                                            list(exp_avg_sqs))
-    if not len(params) == len(grads) == len(exp_avgs) == len(exp_avg_sqs):
-        raise ValueError("adamw_update needs one grad, exp_avg and exp_avg_sq per parameter")
+    params, grads, exp_avgs, exp_avg_sqs = adamw_lists(step, params, grads, exp_avgs, exp_avg_sqs)
     path = path or adamw_path(params, grads, exp_avgs, exp_avg_sqs)
     run = {"fused": _fused, "foreach": _foreach, "loop": _loop}[path]
     with torch.no_grad():
