@@ -55,61 +55,18 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+from common import base_parser, make_run  # noqa: E402
+
 LOSS_TOL = 1e-5
 GRAD_TOL = 1e-4
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    from isthmus.config import compose
-
-    default_batch = int(compose(["backend=cpu"]).train.batch_size)
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--rounds", type=int, default=5, help="counted rounds (after one warm-up round)")
-    p.add_argument("--steps", type=int, default=100, help="steps per run")
-    p.add_argument("--batch-size", type=int, default=default_batch, help="default: configs/train/default.yaml")
-    p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads for both sides")
-    p.add_argument("--precision", choices=["fp32"], default="fp32", help="the baseline is written for fp32")
-    p.add_argument("--warmup-steps", type=int, default=None,
-                   help="lr warmup steps (default: steps // 10, so each run sees warmup and cosine)")
-    p.add_argument("--num-train", type=int, default=None, help="data.num_train (default: the config's)")
-    p.add_argument("--no-deterministic", action="store_true",
-                   help="backend.deterministic=false (default: the cpu backend's true, which turns on "
-                        "torch.use_deterministic_algorithms for the whole process, so for both sides)")
-    p.add_argument("--out", type=Path, default=HERE / "results" / "overhead.json")
-    return p.parse_args(argv)
+    return base_parser(__doc__.split("\n")[0], rounds=5, steps=100, out=HERE / "results" / "overhead.json").parse_args(argv)
 
 
 # ---------------------------------------------------------------------------------------------
 # setup
-
-
-def make_run(args: argparse.Namespace, out_dir: Path):
-    from isthmus.config import compose
-    from isthmus.plugin_manager import load_plugins
-    from isthmus.run import prepare
-
-    manager, registry = load_plugins(autoload=False)
-    warmup = args.warmup_steps if args.warmup_steps is not None else max(1, args.steps // 10)
-    overrides = [
-        "backend=cpu",
-        f"backend.threads={args.threads}",
-        f"train.batch_size={args.batch_size}",
-        f"train.steps={args.steps}",
-        f"train.warmup_steps={warmup}",
-        f"train.precision={args.precision}",
-        "train.eval_every=0",
-        "train.checkpoint_every=0",
-        "train.grad_accum=1",
-        f"backend.deterministic={'false' if args.no_deterministic else 'true'}",
-        f"output_dir={out_dir}",
-    ]
-    if args.num_train is not None:
-        overrides.append(f"data.num_train={args.num_train}")
-    cfg = compose(overrides, known={"backend.name": ["auto", *registry.names("backend")]})
-    run = prepare(cfg, registry)
-    if run.backend.engine_name != "torch":
-        raise SystemExit(f"backend=cpu resolved to engine {run.backend.engine_name!r}; this benchmark needs torch")
-    return run, manager
 
 
 def hand_model(run, arrays: dict[str, np.ndarray]):
