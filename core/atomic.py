@@ -12,7 +12,7 @@ import os
 import shutil
 from pathlib import Path
 
-__all__ = ["write_bytes", "fsync_dir", "rename", "write_text_atomic", "remove_tree", "temp_name",
+__all__ = ["write_bytes", "write_bytes_atomic", "fsync_dir", "rename", "write_text_atomic", "remove_tree", "temp_name",
            "temp_owner", "is_stale_temp", "describe_os_error", "describe_dir"]
 
 _TEMP_MARK = ".tmp-"
@@ -84,16 +84,21 @@ def is_stale_temp(path: Path) -> bool:
     return False
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Replace the file ``path`` with ``text`` so readers see the old content or the new, never a mix."""
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """Replace the file ``path`` with ``data`` so readers see the old content or the new, never a mix."""
     path = Path(path)
     tmp = temp_name(path)
     try:
-        write_bytes(tmp, text.encode("utf-8"))
+        write_bytes(tmp, data)
         rename(tmp, path)
     except BaseException:
         remove_tree(tmp)
         raise
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """:func:`write_bytes_atomic` of ``text`` in UTF-8."""
+    write_bytes_atomic(path, text.encode("utf-8"))
 
 
 def remove_tree(path: Path) -> None:

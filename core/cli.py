@@ -33,7 +33,7 @@ def compose_config(overrides: Sequence[str]):
     for section, kind in (("model", "model"), ("data", "dataset")):
         if reg.names(kind):
             known[f"{section}.name"] = reg.names(kind)
-    return compose(list(overrides), config_dirs=reg.config_dirs, known=known)
+    return compose(list(overrides), config_dirs=reg.config_dirs, known=known, schemas=reg.config_schemas())
 
 
 def cmd_backends(args: argparse.Namespace) -> int:

@@ -83,14 +83,25 @@ def cmd_train(args: argparse.Namespace) -> int:
         f"done: {result.steps} steps in {result.wall_s:.1f} s ({result.steps_per_s:.2f} steps/s), "
         f"final train loss {result.final_loss:.4f}, skipped steps {result.skipped_steps}"
     )
-    print(
-        f"held-out caption exact match: {ev['exact_match'] * 100:.1f}% of {ev['samples']} scenes "
-        f"(token accuracy {ev['token_accuracy'] * 100:.1f}%, eval loss {ev['eval_loss']:.4f})"
-    )
-    for example in ev.get("examples", [])[:3]:
-        print(f"  {'ok ' if example['match'] else 'MISS'} target: {example['target']!r} -> {example['predicted']!r}")
-    print(f"files: {directory}/config.yaml, metrics.jsonl, loss.png, checkpoints/ (latest {result.checkpoint})")
+    compile_status = getattr(run.backend.engine, "compile_status", None)
+    if compile_status is not None:
+        print(f"compile: {compile_status}")
+    print_evaluation(ev)
+    grid = f", {Path(ev['grid']).name}" if ev.get("grid") else ""
+    print(f"files: {directory}/config.yaml, metrics.jsonl, loss.png{grid}, checkpoints/ (latest {result.checkpoint})")
     return 0
+
+
+def print_evaluation(ev: dict[str, Any]) -> None:
+    """A held-out evaluation for people: the captioner's exact match, or the model's own headline."""
+    if "exact_match" in ev:
+        print(f"held-out caption exact match: {ev['exact_match'] * 100:.1f}% of {ev['samples']} scenes "
+              f"(token accuracy {ev['token_accuracy'] * 100:.1f}%, eval loss {ev['eval_loss']:.4f})")
+    else:
+        print(f"held-out: {ev['headline']}")
+    for example in ev.get("examples", [])[:3]:
+        target, got = example.get("target", example.get("prompt")), example.get("predicted", example.get("read"))
+        print(f"  {'ok ' if example['match'] else 'MISS'} target: {target!r} -> {got!r}")
 
 
 def checkpoint_run(path: str, overrides: Sequence[str], for_training: bool = False) -> tuple[Any, Any, Any]:
@@ -106,13 +117,15 @@ def checkpoint_run(path: str, overrides: Sequence[str], for_training: bool = Fal
     from isthmus.run import prepare
 
     loaded = load_checkpoint(Path(path))
-    saved = from_yaml(yaml.safe_dump(loaded.state.config), source=f"{loaded.path}/state.json")
+    saved = from_yaml(yaml.safe_dump(loaded.state.config), source=f"{loaded.path}/state.json",
+                      schemas=registry().config_schemas())
     not_backend = [o for o in overrides if not (o.startswith("backend=") or o.startswith("backend."))]
     if not_backend:
         raise ConfigError(f"{not_backend[0]}: only backend overrides apply to a checkpoint (e.g. backend=cpu); "
                           f"the model and data come from {loaded.path}")
     cfg = OmegaConf.merge(saved, {"backend": compose_config(overrides).backend}) if overrides else saved
-    run = prepare(cfg, registry(), tokenizer=Tokenizer.from_dict(loaded.state.extra["tokenizer"]), for_training=for_training)
+    run = prepare(cfg, registry(), tokenizer=Tokenizer.from_dict(loaded.state.extra["tokenizer"]), for_training=for_training,
+                  model_data=loaded.state.extra.get("model_data"))
     # The model is known only now: check what was loaded against its parameter manifest.
     check_fit(loaded, manifest(run.model.param_specs()), run.model.name)
     engine = run.backend.engine
@@ -121,15 +134,37 @@ def checkpoint_run(path: str, overrides: Sequence[str], for_training: bool = Fal
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from isthmus.evaluate import evaluate
+    from isthmus.config import ConfigError
+    from isthmus.evaluate import evaluate_model
 
     run, params, loaded = checkpoint_run(args.checkpoint, args.overrides)
-    result = evaluate(run.backend, run.model, params, run.eval_data, run.tokenizer, batch_size=128,
-                      max_samples=args.max_samples)
+    options = {}
+    if args.judge is not None:
+        if getattr(run.model, "task", "") != "text-to-image":
+            raise ConfigError(f"--judge applies to text-to-image checkpoints; {loaded.path} holds {run.model.name}")
+        options["judge"] = check_judge(args.judge)
+    out_dir = Path(args.out) if args.out else None
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    result = evaluate_model(run.model, run.backend, params, run.eval_data, run.tokenizer, batch_size=128,
+                            max_samples=args.max_samples, out_dir=out_dir, **options)
     print(f"checkpoint {loaded.path} (step {loaded.state.step}) on {run.backend.name}/{run.backend.engine_name}")
-    print(f"held-out caption exact match: {result['exact_match'] * 100:.1f}% of {result['samples']} scenes")
-    print(f"token accuracy: {result['token_accuracy'] * 100:.1f}%   eval loss: {result['eval_loss']:.4f}")
+    if "exact_match" in result:
+        print(f"held-out caption exact match: {result['exact_match'] * 100:.1f}% of {result['samples']} scenes")
+        print(f"token accuracy: {result['token_accuracy'] * 100:.1f}%   eval loss: {result['eval_loss']:.4f}")
+    else:
+        print_evaluation(result)
+    if result.get("grid"):
+        print(f"grid of prompts and images: {result['grid']}")
     return 0
+
+
+def check_judge(path: str) -> str:
+    """``path`` if it holds a checkpoint, else a one-line error naming it."""
+    from isthmus.checkpoint import load_checkpoint
+
+    load_checkpoint(Path(path))  # raises a CheckpointError naming what is missing
+    return path
 
 
 def cmd_caption(args: argparse.Namespace) -> int:
@@ -137,7 +172,12 @@ def cmd_caption(args: argparse.Namespace) -> int:
 
     from isthmus.data import DataError, load_image, normalise_pixels
 
+    from isthmus.config import ConfigError
+
     run, params, loaded = checkpoint_run(args.checkpoint, args.overrides)
+    if getattr(run.model, "task", "") != "captioning":
+        raise ConfigError(f"--checkpoint {loaded.path} holds {run.model.name}, which does not caption images; "
+                          f"caption needs a tiny-captioner checkpoint")
     image_path = Path(args.image)
     if not image_path.is_file():
         raise DataError(f"--image {image_path}: no such file")
@@ -154,6 +194,64 @@ def cmd_caption(args: argparse.Namespace) -> int:
     return 0
 
 
+def prompt_tokens(tokenizer: Any, prompt: str, length: int) -> Any:
+    """int64 ``(1, length)`` ids of ``prompt``; a word outside the vocabulary or a prompt that is
+    too long is a one-line ``DataError``."""
+    from isthmus.data import DataError, split_words
+
+    words = split_words(prompt)
+    unknown = [w for w in words if w not in tokenizer.token_to_id]
+    if not words or unknown:
+        what = f"the word {unknown[0]!r} is not" if unknown else "an empty prompt is not"
+        raise DataError(f"--prompt {prompt!r}: {what} in the model's vocabulary; known words: {' '.join(tokenizer.words)}")
+    if len(words) + 2 > length:
+        raise DataError(f"--prompt {prompt!r}: {len(words)} words, but the model reads at most {length - 2}")
+    return tokenizer.encode_batch([prompt], length)
+
+
+def slug(text: str) -> str:
+    return "-".join(text.lower().split())[:80] or "prompt"
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from isthmus.atomic import write_bytes_atomic
+    from isthmus.config import ConfigError
+    from isthmus.t2i_sampling import text_to_image
+
+    for name, value, low in (("--count", args.count, 1), ("--scale", args.scale, 1), ("--steps", args.steps, 1),
+                             ("--top-k", args.top_k, 0), ("--temperature", args.temperature, 0),
+                             ("--guidance", args.guidance, 0)):
+        if value is not None and value < low:
+            raise ConfigError(f"{name} must be at least {low}, got {value}")
+    run, params, loaded = checkpoint_run(args.checkpoint, args.overrides)
+    if getattr(run.model, "task", "") != "text-to-image":
+        raise ConfigError(f"--checkpoint {loaded.path} holds {run.model.name}, which does not draw images; "
+                          f"generate needs a text-to-image checkpoint (model=tiny-t2i)")
+    tokens = np.repeat(prompt_tokens(run.tokenizer, args.prompt, run.eval_data.max_len), args.count, axis=0)
+    _, images = text_to_image(run.model, run.backend, params, tokens, args.seed, args.temperature, args.top_k, args.steps,
+                              args.guidance)
+    side = images.shape[-1] * args.scale
+    sheet = Image.new("RGB", (side * len(images), side))
+    for i, image in enumerate(images):
+        sheet.paste(Image.fromarray(np.moveaxis(image, 0, -1)).resize((side, side), Image.NEAREST), (i * side, 0))
+    run_dir = loaded.path.parent.parent if loaded.path.parent.name == "checkpoints" else loaded.path
+    out = Path(args.out) if args.out else run_dir / "generated" / f"{slug(args.prompt)}-seed{args.seed}.png"
+    if out.suffix.lower() != ".png":
+        raise ConfigError(f"--out {out}: the file is written as PNG, so its name must end in .png")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    buffer = io.BytesIO()
+    sheet.save(buffer, format="PNG")
+    write_bytes_atomic(out, buffer.getvalue())
+    print(f"{args.prompt!r}: {len(images)} image(s) of {images.shape[-1]}x{images.shape[-1]} px (shown x{args.scale}), "
+          f"seed {args.seed}, on {run.backend.name}/{run.backend.engine_name} -> {out}")
+    return 0
+
+
 def add_commands(sub: Any) -> None:
     s = sub.add_parser("train", help="train the configured model; writes runs/<name>/")
     s.add_argument("overrides", nargs="*", help="key=value or group=option")
@@ -166,6 +264,10 @@ def add_commands(sub: Any) -> None:
     s = sub.add_parser("eval", help="evaluate a checkpoint on the held-out split")
     s.add_argument("--checkpoint", required=True, metavar="PATH")
     s.add_argument("--max-samples", type=int, default=None)
+    s.add_argument("--judge", default=None, metavar="PATH",
+                   help="text to image: a tiny-captioner checkpoint that reads the generated images back "
+                        "(default: the checkpoint's model.judge)")
+    s.add_argument("--out", default=None, metavar="DIR", help="text to image: write the grid of samples here")
     s.add_argument("overrides", nargs="*", help="backend overrides, e.g. backend=reference")
     s.set_defaults(run=cmd_eval)
 
@@ -174,3 +276,19 @@ def add_commands(sub: Any) -> None:
     s.add_argument("--image", required=True, metavar="FILE")
     s.add_argument("overrides", nargs="*", help="backend overrides, e.g. backend=cpu")
     s.set_defaults(run=cmd_caption)
+
+    s = sub.add_parser("generate", help="draw images for a prompt with a text-to-image checkpoint; writes a PNG")
+    s.add_argument("--checkpoint", required=True, metavar="PATH")
+    s.add_argument("--prompt", required=True, help='e.g. "a red circle left of a blue square"')
+    s.add_argument("--out", default=None, metavar="FILE.png",
+                   help="default: <run dir>/generated/<prompt>-seed<N>.png")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--count", type=int, default=1, help="images side by side, each its own draw")
+    s.add_argument("--temperature", type=float, default=None, help="default: the model config's")
+    s.add_argument("--top-k", type=int, default=None, help="default: the model config's (0: all codes)")
+    s.add_argument("--steps", type=int, default=None, help="denoising steps; default: the model config's")
+    s.add_argument("--guidance", type=float, default=None,
+                   help="classifier-free guidance scale (1: none); default: the model config's")
+    s.add_argument("--scale", type=int, default=8, help="pixels per image pixel in the PNG")
+    s.add_argument("overrides", nargs="*", help="backend overrides, e.g. backend=cpu")
+    s.set_defaults(run=cmd_generate)

@@ -44,6 +44,7 @@ __all__ = [
     "Norm",
     "Precision",
     "RunConfig",
+    "T2IModelConfig",
     "Schedule",
     "TrainConfig",
     "bounds",
@@ -163,6 +164,51 @@ class ModelConfig(ModelBase):
         if self.image_size % self.patch_size:
             size, patch = self.image_size, self.patch_size
             problems.append(("image_size", f"{size} is not divisible by patch_size ({patch})"))
+        return problems
+
+
+@dataclass
+class T2IModelConfig(ModelBase):
+    """Hyperparameters of ``tiny-t2i``: a visual codebook, a caption-to-codes transformer and a
+    diffusion decoder from codes to pixels (see ``isthmus.models.t2i``)."""
+
+    name: str = "tiny-t2i"
+    image_size: int = field(default=32, metadata=bounds(ge=1))
+    channels: int = field(default=3, metadata=bounds(ge=1))
+    patch_size: int = field(default=4, metadata=bounds(ge=1))  # pixels per side of the tile a code stands for
+    codebook_size: int = field(default=1024, metadata=bounds(ge=2))
+    codebook_iterations: int = field(default=30, metadata=bounds(ge=0))  # k-means rounds when fitting it
+    d_model: int = field(default=128, metadata=bounds(ge=2))
+    n_heads: int = field(default=4, metadata=bounds(ge=1))
+    n_layers: int = field(default=4, metadata=bounds(ge=1))
+    mlp: Mlp = Mlp.gelu
+    mlp_ratio: int = field(default=4, metadata=bounds(ge=1))
+    decoder_d_model: int = field(default=64, metadata=bounds(ge=2))
+    decoder_heads: int = field(default=4, metadata=bounds(ge=1))
+    decoder_layers: int = field(default=2, metadata=bounds(ge=1))
+    diffusion_weight: float = field(default=1.0, metadata=bounds(gt=0))
+    sampling_steps: int = field(default=12, metadata=bounds(ge=1))  # denoising steps when rendering
+    caption_dropout: float = field(default=0.1, metadata=bounds(ge=0, lt=1))  # training captions replaced by the empty one
+    guidance: float = field(default=1.5, metadata=bounds(ge=0))  # classifier-free guidance when sampling; 1: none
+    temperature: float = field(default=0.4, metadata=bounds(ge=0))  # 0: always the likeliest code
+    top_k: int = field(default=0, metadata=bounds(ge=0))  # 0: every code may be sampled
+    dropout: float = field(default=0.0, metadata=bounds(ge=0, lt=1))
+    norm: Norm = Norm.layer
+    norm_eps: float = field(default=1e-5, metadata=bounds(gt=0))
+    vocab_size: int | None = field(default=None, metadata=bounds(ge=2))  # None: from the tokenizer
+    judge: str | None = None  # a tiny-captioner checkpoint that captions the generated images
+
+    def check(self) -> list[tuple[str, str]]:
+        """Rules that involve two fields."""
+        problems = []
+        for width, heads, prefix in ((self.d_model, self.n_heads, ""), (self.decoder_d_model, self.decoder_heads, "decoder_")):
+            key = "d_model" if not prefix else "decoder_d_model"
+            if width % heads:
+                problems.append((key, f"{width} is not divisible by {prefix or 'n_'}heads ({heads})"))
+            elif (width // heads) % 2:
+                problems.append((key, f"head size {width // heads} must be even for rotary positions"))
+        if self.image_size % self.patch_size:
+            problems.append(("image_size", f"{self.image_size} is not divisible by patch_size ({self.patch_size})"))
         return problems
 
 

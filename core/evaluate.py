@@ -1,7 +1,9 @@
-"""Held-out evaluation: loss and token accuracy, and caption exact match by greedy generation."""
+"""Held-out evaluation: a model's own when it has one, else the captioner's (loss, token accuracy,
+and caption exact match by greedy generation)."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
@@ -66,4 +68,24 @@ def evaluate(
     if generate:
         result["exact_match"] = exact / max(count, 1)
         result["examples"] = samples
+    return result
+
+
+def evaluate_model(model: Any, backend: Any, params: Mapping[str, Any], dataset: Any, tokenizer: Any, *,
+                   batch_size: int = 128, max_samples: int | None = None, policy: Any = None, final: bool = True,
+                   out_dir: Path | None = None, **options: Any) -> dict[str, Any]:
+    """The held-out evaluation of ``model``, with a one-line ``headline``.
+
+    A model with an ``evaluate`` method runs its own (``final``: the thorough one at the end of
+    training or from ``isthmus eval``, which may write files such as sample grids to ``out_dir``);
+    any other model is evaluated as a captioner by :func:`evaluate`.
+    """
+    own = getattr(model, "evaluate", None)
+    if own is not None:
+        return own(backend, params, dataset, tokenizer, batch_size=batch_size, max_samples=max_samples,
+                   policy=policy, final=final, out_dir=out_dir, **options)
+    result = evaluate(backend, model, params, dataset, tokenizer, batch_size=batch_size, max_samples=max_samples,
+                      policy=policy)
+    result["headline"] = (f"eval loss {result['eval_loss']:.4f}, token accuracy {result['token_accuracy']:.3f}, "
+                          f"exact match {result['exact_match']:.3f} on {result['samples']} held-out scenes")
     return result

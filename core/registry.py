@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import importlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -103,6 +104,17 @@ class Registry:
 
     def exporter(self, name: str) -> ExporterSpec:
         return self.get("exporter", name)
+
+    def config_schemas(self) -> dict[str, dict[str, type]]:
+        """Section -> ``{name: schema}`` for the models that declare a config schema."""
+        schemas = {}
+        for spec in self.specs["model"].values():
+            if isinstance(spec.schema, str):
+                module, _, attribute = spec.schema.partition(":")
+                schemas[spec.name] = getattr(importlib.import_module(module), attribute)
+            elif spec.schema is not None:
+                schemas[spec.name] = spec.schema
+        return {"model": schemas}
 
     def errors(self) -> dict[str, str]:
         """Plugin name -> load or hook error, for plugins that failed."""

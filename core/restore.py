@@ -45,15 +45,17 @@ def restore(registry: Registry, path: str | Path) -> Restored:
     from isthmus.config import from_yaml
     from isthmus.data import Tokenizer
     from isthmus.nn import manifest
-    from isthmus.run import plain
+    from isthmus.run import bind_data, plain
 
     loaded = load_checkpoint(Path(path))
-    cfg = from_yaml(yaml.safe_dump(loaded.state.config), source=f"{loaded.path}/state.json")
+    cfg = from_yaml(yaml.safe_dump(loaded.state.config), source=f"{loaded.path}/state.json",
+                    schemas=registry.config_schemas())
     tokenizer = Tokenizer.from_dict(loaded.state.extra["tokenizer"])
     data_cfg = plain(cfg.data)
     data_cfg.setdefault("max_len", None)
     train, evaluation, tokenizer = registry.dataset(str(cfg.data.name)).factory(data_cfg, tokenizer)
     model = registry.model(str(cfg.model.name)).factory(plain(cfg.model), tokenizer.vocab_size)
+    train, evaluation = bind_data(model, train, evaluation, int(cfg.seed), loaded.state.extra.get("model_data"))
     loaded = load_checkpoint(loaded.path, expect=manifest(model.param_specs()), model_name=model.name)
     # Master weights are float32 whatever the training precision (bfloat16 files widen exactly).
     params = {n: a.astype(np.float32) if a.dtype.kind == "f" or a.dtype.name == "bfloat16" else a

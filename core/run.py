@@ -71,8 +71,24 @@ def build_backend(cfg: Any, registry: Registry) -> tuple[Selection, Backend]:
     return selection, backend
 
 
-def prepare(cfg: Any, registry: Registry, tokenizer: Any = None, for_training: bool = True) -> Run:
-    """Backend first (cheapest to fail), then data (gives the vocabulary), then the model."""
+def bind_data(model: Any, train: Any, evaluation: Any, seed: int, saved: Mapping[str, Any] | None = None
+              ) -> tuple[Any, Any]:
+    """The datasets as ``model`` consumes them.
+
+    A model whose batches need more than the dataset gives (``tiny-t2i``: visual codes) defines
+    ``bind_data(train, evaluation, seed, saved)``; what it fits on the data (a codebook) it returns
+    from ``data_state()``, which a checkpoint keeps and hands back here as ``saved``.
+    """
+    hook = getattr(model, "bind_data", None)
+    return hook(train, evaluation, seed, saved) if hook is not None else (train, evaluation)
+
+
+def prepare(cfg: Any, registry: Registry, tokenizer: Any = None, for_training: bool = True,
+            model_data: Mapping[str, Any] | None = None) -> Run:
+    """Backend first (cheapest to fail), then data (gives the vocabulary), then the model.
+
+    ``model_data``: what a checkpoint saved of the model's view of the data (see :func:`bind_data`).
+    """
     selection, backend = build_backend(cfg, registry)
     if for_training:
         check_capabilities(cfg, backend)
@@ -81,6 +97,7 @@ def prepare(cfg: Any, registry: Registry, tokenizer: Any = None, for_training: b
     data_cfg.setdefault("max_len", None)
     train, evaluation, tokenizer = dataset.factory(data_cfg, tokenizer)
     model = registry.model(str(cfg.model.name)).factory(plain(cfg.model), tokenizer.vocab_size)
+    train, evaluation = bind_data(model, train, evaluation, int(cfg.seed), model_data)
     return Run(cfg, registry, selection, backend, model, train, evaluation, tokenizer)
 
 

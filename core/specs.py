@@ -70,12 +70,19 @@ class BackendSpec:
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """A model family: ``factory(model_config)`` returns the engine-neutral model object."""
+    """A model family: ``factory(model_config)`` returns the engine-neutral model object.
+
+    ``schema``: a dataclass based on :class:`isthmus.config_schema.ModelBase` that a ``model``
+    section with this ``name`` is checked against, or its ``"module:attribute"`` path (imported
+    only when a config is checked, so registering stays cheap); ``None`` checks it as the built-in
+    captioner's.
+    """
 
     name: str
     factory: Callable[..., Any]
     description: str = ""
     plugin: str = ""
+    schema: type | str | None = None
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ import numpy as np
 
 from isthmus.checkpoint import CheckpointState, load_checkpoint, save_checkpoint
 from isthmus.errors import IsthmusError
-from isthmus.evaluate import evaluate, to_device
+from isthmus.evaluate import evaluate_model, to_device
 from isthmus.nn import initialise, manifest
 from isthmus.optim import AdamW, clip_by_global_norm, learning_rate
 from isthmus.parallel import NullLog, QuietProgress, RankSlice, token_count
@@ -75,6 +75,10 @@ class Trainer:
     def start_state(self) -> None:
         backend, t = self.run.backend, self.cfg.train
         engine, k = backend.engine, backend.kernels
+        # An engine that can compile the step (cuda: torch.compile when backend.options.compile)
+        # wraps the loss; it falls back to eager itself and says why in its compile_status.
+        compile_step = getattr(engine, "compile_step", None)
+        self.loss_fn = compile_step(self.run.model.loss) if compile_step is not None else self.run.model.loss
         self.optimizer = AdamW(betas=tuple(t.betas), eps=t.eps, weight_decay=t.weight_decay)
         if self.resume is None:
             self.params = engine.parameters(initialise(self.specs, int(self.cfg.seed)))
@@ -121,7 +125,8 @@ class Trainer:
                 optimizer=optimizer_scalars,
                 rng={"engine": self.run.backend.engine_name, "state": engine.rng_state()},
                 data_position=self.data.state(),
-                extra={"tokenizer": self.run.tokenizer.to_dict(), "backend": self.run.backend.name, "skipped_steps": self.skipped},
+                extra={"tokenizer": self.run.tokenizer.to_dict(), "backend": self.run.backend.name, "skipped_steps": self.skipped,
+                       **({"model_data": self.run.model.data_state()} if hasattr(self.run.model, "data_state") else {})},
             ),
             keep_last=int(self.cfg.train.keep_last),
         )
@@ -143,7 +148,7 @@ class Trainer:
             batch = policy.cast_batch(k, to_device(backend, raw))
 
             def objective(params: dict[str, Any]) -> tuple[Any, Any]:
-                loss, metrics = self.run.model.loss(k, policy.cast_params(k, params), batch, training=True)
+                loss, metrics = self.loss_fn(k, policy.cast_params(k, params), batch, training=True)
                 return (k.mul(loss, scale) if scale != 1.0 else loss), loss
 
             _, loss, grads = engine.value_and_grad(objective, self.params)
@@ -179,7 +184,11 @@ class Trainer:
         metrics_log = MetricsLog(self.run_dir / "metrics.jsonl", truncate_after_step=start_step if self.resume else None) if self.writer else NullLog()
         progress = Progress(int(t.steps), start_step, self.show_progress) if self.writer else QuietProgress()
         self.emit("on_train_start")
-        tokens_per_sample = self.run.train_data.max_len
+        # Device memory (cuda): the peak over each logging window goes into that window's row.
+        memory_stats = getattr(self.run.backend.engine, "memory_stats", None)
+        if memory_stats is not None:
+            memory_stats()
+        tokens_per_sample = getattr(self.run.train_data, "tokens_per_sample", self.run.train_data.max_len)
         started = window_start = time.perf_counter()
         window_steps = 0
         last_loss = float("nan")
@@ -207,6 +216,8 @@ class Trainer:
                     elapsed = time.perf_counter() - window_start
                     samples = window_steps * int(t.batch_size) * int(t.grad_accum)
                     row.update(steps_per_s=window_steps / elapsed, samples_per_s=samples / elapsed, tokens_per_s=samples * tokens_per_sample / elapsed)
+                    if memory_stats is not None:
+                        row.update(memory_stats())
                     metrics_log.write(row)
                     progress.update(self.step, f"loss {loss:.4f} | {row['samples_per_s']:.0f} samples/s")
                     window_start, window_steps = time.perf_counter(), 0
@@ -234,12 +245,13 @@ class Trainer:
 
     def eval_and_log(self, metrics_log: MetricsLog, progress: Progress, max_samples: int | None) -> dict[str, Any]:
         run = self.run
-        result = evaluate(run.backend, run.model, self.params, run.eval_data, run.tokenizer, batch_size=128, max_samples=max_samples, policy=self.policy)
-        row = {"split": "eval", "step": self.step, **{k: v for k, v in result.items() if k != "examples"}}
+        final = max_samples is None
+        result = evaluate_model(run.model, run.backend, self.params, run.eval_data, run.tokenizer, batch_size=128,
+                                max_samples=max_samples, policy=self.policy, final=final,
+                                out_dir=self.run_dir if self.writer else None)
+        row = {"split": "eval", "step": self.step,
+               **{k: v for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}}
         metrics_log.write(row)
-        progress.print(
-            f"step {self.step}: eval loss {result['eval_loss']:.4f}, token accuracy {result['token_accuracy']:.3f}, "
-            f"exact match {result['exact_match']:.3f} on {result['samples']} held-out scenes"
-        )
+        progress.print(f"step {self.step}: {result['headline']}")
         self.emit("on_eval_end", step=self.step, metrics=row)
         return result

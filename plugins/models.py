@@ -18,6 +18,13 @@ def tiny_captioner(model_config: Mapping[str, Any], vocab_size: int) -> Any:
     return TinyCaptioner(model_config, vocab_size)
 
 
+def tiny_t2i(model_config: Mapping[str, Any], vocab_size: int) -> Any:
+    """Build ``tiny-t2i`` from a model config section and the tokenizer's vocabulary size."""
+    from isthmus.models.t2i import TinyT2I
+
+    return TinyT2I(model_config, vocab_size)
+
+
 def scenes(data_config: Mapping[str, Any], tokenizer: Any = None) -> Any:
     """The bundled procedural scenes (or a user folder): :func:`isthmus.data.make_dataset`'s
     ``(train, eval, tokenizer)``."""
@@ -33,6 +40,14 @@ def register_models(register):
             name="tiny-captioner",
             factory=tiny_captioner,
             description="Patch-embedding vision encoder + prefix-LM text decoder that captions images",
+        )
+    )
+    register(
+        ModelSpec(
+            name="tiny-t2i",
+            factory=tiny_t2i,
+            description="Text to image: caption -> visual codes (autoregressive) -> pixels (diffusion decoder)",
+            schema="isthmus.config_schema:T2IModelConfig",
         )
     )
 

@@ -18,7 +18,7 @@ from isthmus.config import ConfigError, compose, from_yaml, group_options, to_ya
 from isthmus.config_schema import ModelBase, ModelConfig, Precision, RunConfig
 
 CORPUS = yaml.safe_load((Path(__file__).parent / "bad_configs.yaml").read_text(encoding="utf-8"))
-KNOWN = {"backend.name": ["cpu", "reference", "example"], "model.name": ["tiny-captioner", "tiny-t2i"]}
+KNOWN = {"backend.name": ["cpu", "reference", "example"], "model.name": ["tiny-captioner", "plugin-t2i"]}
 
 # The shipped default, read from its file so retuning the main job does not break these tests.
 DEFAULT_STEPS = yaml.safe_load(resources.files("isthmus.configs").joinpath("train/default.yaml").read_text())["steps"]
@@ -93,15 +93,28 @@ def test_defaults_compose_to_a_read_only_structured_run_config():
 def test_group_options_lists_the_shipped_files():
     options = group_options()
     assert options["backend"] == ["ascend", "auto", "cpu", "cuda", "reference"]
-    assert options["model"] == ["tiny-captioner"]
+    assert options["model"] == ["tiny-captioner", "tiny-t2i"]
     assert options["data"] == ["scenes"]
-    assert options["train"] == ["default", "quick"]
+    assert options["train"] == ["default", "quick", "t2i"]
 
 
 @pytest.mark.parametrize("group, option", [(g, o) for g, opts in group_options().items() for o in opts])
 def test_every_shipped_option_composes(group, option):
-    cfg = compose([f"{group}={option}"], known={"backend.name": ["ascend", "cpu", "cuda", "reference"]})
+    from isthmus.config_schema import T2IModelConfig
+
+    cfg = compose([f"{group}={option}"], known={"backend.name": ["ascend", "cpu", "cuda", "reference"]},
+                  schemas={"model": {"tiny-t2i": T2IModelConfig}})
     assert cfg[group] is not None
+
+
+def test_a_model_schema_is_chosen_by_the_sections_name():
+    from isthmus.config_schema import T2IModelConfig
+
+    schemas = {"model": {"tiny-t2i": T2IModelConfig}}
+    cfg = compose(["model=tiny-t2i", "model.guidance=2"], schemas=schemas)
+    assert cfg.model.guidance == 2.0 and cfg.model.codebook_size == 1024
+    with pytest.raises(ConfigError, match="model.n_layers_text"):  # a captioner key on the t2i model
+        compose(["model=tiny-t2i", "model.n_layers_text=3"], schemas=schemas)
 
 
 def test_group_switch_replaces_the_section():
@@ -166,28 +179,28 @@ def test_extra_dir_adds_an_option(tmp_path):
 
 
 @dataclasses.dataclass
-class TinyT2IConfig(ModelBase):
+class PluginT2IConfig(ModelBase):
     """A plugin model's own schema."""
 
-    name: str = "tiny-t2i"
+    name: str = "plugin-t2i"
     codebook_size: int = dataclasses.field(default=256, metadata={"bounds": {"ge": 2}})
     image_size: int = 32
     depth: int = MISSING  # required: OmegaConf's marker
 
 
 def test_plugin_model_with_its_own_schema(tmp_path):
-    extra = write_files(tmp_path, {"model/tiny-t2i.yaml": "name: tiny-t2i\ndepth: 3\n"})
-    schemas = {"model": {"tiny-t2i": TinyT2IConfig}}
-    cfg = compose(["model=tiny-t2i"], config_dirs=[extra], known=KNOWN, schemas=schemas)
-    assert OmegaConf.get_type(cfg.model) is TinyT2IConfig
+    extra = write_files(tmp_path, {"model/plugin-t2i.yaml": "name: plugin-t2i\ndepth: 3\n"})
+    schemas = {"model": {"plugin-t2i": PluginT2IConfig}}
+    cfg = compose(["model=plugin-t2i"], config_dirs=[extra], known=KNOWN, schemas=schemas)
+    assert OmegaConf.get_type(cfg.model) is PluginT2IConfig
     assert cfg.model.codebook_size == 256 and cfg.model.depth == 3
     with pytest.raises(ConfigError, match=r"model\.d_model: unknown key"):
-        compose(["model=tiny-t2i", "model.d_model=8"], config_dirs=[extra], schemas=schemas)
+        compose(["model=plugin-t2i", "model.d_model=8"], config_dirs=[extra], schemas=schemas)
     with pytest.raises(ConfigError, match=r"model\.codebook_size: must be >= 2"):
-        compose(["model=tiny-t2i", "model.codebook_size=1"], config_dirs=[extra], schemas=schemas)
-    (extra / "model/tiny-t2i.yaml").write_text("name: tiny-t2i\n")
+        compose(["model=plugin-t2i", "model.codebook_size=1"], config_dirs=[extra], schemas=schemas)
+    (extra / "model/plugin-t2i.yaml").write_text("name: plugin-t2i\n")
     with pytest.raises(ConfigError, match=r"model\.depth: missing value"):
-        compose(["model=tiny-t2i"], config_dirs=[extra], schemas=schemas)
+        compose(["model=plugin-t2i"], config_dirs=[extra], schemas=schemas)
 
 
 def test_unusable_plugin_schemas_are_config_errors(tmp_path):

@@ -19,6 +19,7 @@ from isthmus.models import TinyCaptioner, prefix_lm_mask
 from isthmus.nn import initialise
 from isthmus.plugin_manager import load_plugins
 from isthmus.routing import KernelSet
+from isthmus.run import bind_data
 
 torch = pytest.importorskip("torch")
 
@@ -67,9 +68,12 @@ def on(engine: Any, arrays: dict[str, np.ndarray], dtype: str | None = None) -> 
     return {name: engine.asarray(array, dtype) for name, array in arrays.items()}
 
 
-def batch_of(train, count: int = 4) -> dict[str, np.ndarray]:
-    batch = train.batch(list(range(count)))
-    return {key: batch[key] for key in ("images", "tokens", "targets")}
+def batch_of(train, count: int = 4, model: Any = None) -> dict[str, np.ndarray]:
+    """A batch as ``model`` consumes it (through its ``bind_data``, e.g. with visual codes), without
+    the bookkeeping entries no model reads."""
+    data = bind_data(model, train, train, SEED)[0] if model is not None else train
+    batch = data.batch(list(range(count)))
+    return {key: value for key, value in batch.items() if key not in ("indices", "lengths")}
 
 
 class Sealed:
@@ -128,7 +132,7 @@ def test_model_calls_kernels_only(name, scenes):
     model = build(name, tokenizer)
     params = {key: Sealed(value) for key, value in initialise(model.param_specs(), SEED).items()}
     k = sealed_reference()
-    loss, metrics = model.loss(k, params, {key: Sealed(v) for key, v in batch_of(train).items()})
+    loss, metrics = model.loss(k, params, {key: Sealed(v) for key, v in batch_of(train, model=model).items()})
     assert np.isfinite(loss.value) and all(np.isfinite(m.value) for m in metrics.values())
 
 
@@ -137,7 +141,7 @@ def test_reference_and_torch_agree(name, scenes):
     train, tokenizer = scenes
     model = build(name, tokenizer)
     weights = initialise(model.param_specs(), SEED)
-    batch = batch_of(train)
+    batch = batch_of(train, model=model)
     outputs = {}
     for label, (k, engine) in {"reference": reference(), "torch": torch_cpu()}.items():
         params, data = engine.parameters(weights), on(engine, batch)
@@ -159,7 +163,7 @@ def test_every_parameter_gets_a_finite_nonzero_gradient(name, scenes):
     model = build(name, tokenizer)
     k, engine = torch_cpu()
     params = engine.parameters(initialise(model.param_specs(), SEED))
-    data = on(engine, batch_of(train))
+    data = on(engine, batch_of(train, model=model))
     loss, _, grads = engine.value_and_grad(lambda p: model.loss(k, p, data), params)
     assert math.isfinite(float(loss)) and list(grads) == list(params)
     for key, grad in grads.items():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -177,3 +178,42 @@ def test_low_precision_policies_train_like_fp32(tmp_path, precision):
 
 def run_vocab(run) -> int:
     return run.tokenizer.vocab_size
+
+
+class StepHooks:
+    """Wraps the real CPU engine with the two optional hooks a device engine offers the trainer
+    (the cuda engine's compile_step and memory_stats) and records their use."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.compiled = []
+        self.loss_calls = 0
+        self.memory_calls = 0
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def compile_step(self, fn):
+        self.compiled.append(fn)
+
+        def counted(*args, **kwargs):
+            self.loss_calls += 1
+            return fn(*args, **kwargs)
+
+        return counted
+
+    def memory_stats(self):
+        self.memory_calls += 1
+        return {"mem_peak_allocated_mib": float(self.memory_calls)}
+
+
+def test_trainer_uses_an_engines_compile_step_and_logs_its_memory_stats(tmp_path):
+    run, manager = make_run(tmp_path, "train.steps=4", "train.log_every=2", "train.eval_every=0")
+    hooks = StepHooks(run.backend.engine)
+    run.backend.engine = hooks
+    Trainer(run, tmp_path, manager).fit()
+    assert hooks.compiled == [run.model.loss] and hooks.loss_calls == 4  # the loss of every step went through it
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    logged = [r["mem_peak_allocated_mib"] for r in rows if r["split"] == "train"]
+    # One reset before the first step, then one reading per logged window (steps 2 and 4).
+    assert logged == [2.0, 3.0]

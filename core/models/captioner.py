@@ -17,6 +17,7 @@ from typing import Any, Mapping
 
 from isthmus import layers
 from isthmus.layers import BlockConfig
+from isthmus.models.config_values import config_values
 from isthmus.nn import ParamSpec, Scope, add_specs
 
 Tensor = Any
@@ -48,21 +49,7 @@ class CaptionerConfig:
 
         Missing keys take the defaults above; ``name`` is ignored; an unknown key raises ``ValueError``.
         """
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        values: dict[str, Any] = {}
-        for key, value in dict(config).items():
-            if key == "name":
-                continue
-            if key not in fields:
-                raise ValueError(f"unknown tiny-captioner option {key!r}; valid: {', '.join(fields)}")
-            if value is not None:
-                # StrEnum members (from the config schema) become plain strings.
-                values[key] = str(value) if fields[key].type == "str" else value
-        if values.get("vocab_size") is None:
-            if vocab_size is None:
-                raise ValueError("tiny-captioner needs vocab_size: set model.vocab_size or pass the tokenizer's")
-            values["vocab_size"] = int(vocab_size)
-        return cls(**values).checked()
+        return cls(**config_values(cls, config, vocab_size, "tiny-captioner")).checked()
 
     def checked(self) -> CaptionerConfig:
         """This config, or a ``ValueError`` listing every rule it breaks."""
@@ -119,6 +106,7 @@ class TinyCaptioner:
     """The ``tiny-captioner`` model (see the module docstring); implements :class:`isthmus.model.Model`."""
 
     name = "tiny-captioner"
+    task = "captioning"
 
     def __init__(self, config: Mapping[str, Any] | CaptionerConfig, vocab_size: int | None = None) -> None:
         if isinstance(config, CaptionerConfig):
