@@ -17,7 +17,7 @@ from typing import Any, Mapping
 
 from isthmus import layers
 from isthmus.layers import BlockConfig
-from isthmus.models.config_values import config_values
+from isthmus.models.config_values import config_values, head_problems, layer_problems
 from isthmus.nn import ParamSpec, Scope, add_specs
 
 Tensor = Any
@@ -53,17 +53,8 @@ class CaptionerConfig:
 
     def checked(self) -> CaptionerConfig:
         """This config, or a ``ValueError`` listing every rule it breaks."""
-        problems = []
-        if self.d_model % self.n_heads:
-            problems.append(f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}")
-        elif (self.d_model // self.n_heads) % 2:
-            problems.append(f"head size {self.d_model // self.n_heads} must be even for rotary positions")
-        if self.image_size % self.patch_size:
-            problems.append(f"image_size {self.image_size} is not divisible by patch_size {self.patch_size}")
-        if self.mlp not in layers.MLP_KINDS:
-            problems.append(f"mlp {self.mlp!r} is not one of {', '.join(layers.MLP_KINDS)}")
-        if self.norm not in layers.NORM_KINDS:
-            problems.append(f"norm {self.norm!r} is not one of {', '.join(layers.NORM_KINDS)}")
+        problems = [*head_problems(self.d_model, self.n_heads),
+                    *layer_problems(self.image_size, self.patch_size, self.mlp, self.norm)]
         if self.vocab_size < 2:
             problems.append(f"vocab_size must be at least 2, got {self.vocab_size}")
         if problems:

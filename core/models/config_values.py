@@ -27,3 +27,27 @@ def config_values(cls: type, config: Mapping[str, Any], vocab_size: int | None, 
             raise ValueError(f"{model_name} needs vocab_size: set model.vocab_size or pass the tokenizer's")
         values["vocab_size"] = int(vocab_size)
     return values
+
+
+def head_problems(width: int, heads: int, width_name: str = "d_model", heads_name: str = "n_heads") -> list[str]:
+    """A width that attention heads cannot split evenly, or a head size rotary positions cannot use."""
+    if width % heads:
+        return [f"{width_name} {width} is not divisible by {heads_name} {heads}"]
+    if (width // heads) % 2:
+        prefix = width_name.removesuffix("d_model")
+        return [f"{prefix}head size {width // heads} must be even for rotary positions"]
+    return []
+
+
+def layer_problems(image_size: int, patch_size: int, mlp: str, norm: str) -> list[str]:
+    """The rules every patch-based model of :mod:`isthmus.layers` shares."""
+    from isthmus import layers
+
+    problems = []
+    if image_size % patch_size:
+        problems.append(f"image_size {image_size} is not divisible by patch_size {patch_size}")
+    if mlp not in layers.MLP_KINDS:
+        problems.append(f"mlp {mlp!r} is not one of {', '.join(layers.MLP_KINDS)}")
+    if norm not in layers.NORM_KINDS:
+        problems.append(f"norm {norm!r} is not one of {', '.join(layers.NORM_KINDS)}")
+    return problems

@@ -31,7 +31,7 @@ from typing import Any, Mapping
 from isthmus import layers
 from isthmus.layers import BlockConfig
 from isthmus.models.captioner import prefix_lm_mask
-from isthmus.models.config_values import config_values
+from isthmus.models.config_values import config_values, head_problems, layer_problems
 from isthmus.nn import ParamSpec, Scope, add_specs
 
 Tensor = Any
@@ -77,18 +77,11 @@ class T2IConfig:
 
     def checked(self) -> T2IConfig:
         """This config, or a ``ValueError`` listing every rule it breaks."""
-        problems = []
-        for width, heads, what in ((self.d_model, self.n_heads, ""), (self.decoder_d_model, self.decoder_heads, "decoder_")):
-            if width % heads:
-                problems.append(f"{what}d_model {width} is not divisible by {what}heads {heads}")
-            elif (width // heads) % 2:
-                problems.append(f"{what}head size {width // heads} must be even for rotary positions")
-        if self.image_size % self.patch_size:
-            problems.append(f"image_size {self.image_size} is not divisible by patch_size {self.patch_size}")
-        if self.mlp not in layers.MLP_KINDS:
-            problems.append(f"mlp {self.mlp!r} is not one of {', '.join(layers.MLP_KINDS)}")
-        if self.norm not in layers.NORM_KINDS:
-            problems.append(f"norm {self.norm!r} is not one of {', '.join(layers.NORM_KINDS)}")
+        problems = [
+            *head_problems(self.d_model, self.n_heads),
+            *head_problems(self.decoder_d_model, self.decoder_heads, "decoder_d_model", "decoder_heads"),
+            *layer_problems(self.image_size, self.patch_size, self.mlp, self.norm),
+        ]
         if self.codebook_size < 2:
             problems.append(f"codebook_size must be at least 2, got {self.codebook_size}")
         if self.sampling_steps < 1:
