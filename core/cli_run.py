@@ -11,14 +11,15 @@ from typing import Any, Sequence
 
 from isthmus.errors import IsthmusError
 
-RUN_FILES = ("config.yaml", "metrics.jsonl", "loss.png", "checkpoints")
+RUN_FILES = ("config.yaml", "metrics.jsonl", "loss.png", "samples.png", "checkpoints")
 
 
 class RunDirError(IsthmusError):
     """The output directory holds another run and the user did not say what to do with it."""
 
 
-def prepare_output(run_dir: Path, resume: bool, overwrite: bool) -> None:
+def check_output(run_dir: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse an output_dir whose run the user did not say to resume or replace; changes nothing."""
     has_checkpoints = (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir())
     if resume:
         if not has_checkpoints:
@@ -29,6 +30,11 @@ def prepare_output(run_dir: Path, resume: bool, overwrite: bool) -> None:
             f"output_dir {run_dir} already holds a run; pass --resume to continue it, --overwrite to replace it, "
             f"or output_dir=PATH for a new one"
         )
+
+
+def clear_output(run_dir: Path, overwrite: bool) -> None:
+    """Make ``run_dir``; with ``overwrite``, first remove what an earlier run wrote there. Called only
+    once the run is set up, so a config or data error leaves the old run (or no directory) behind."""
     if overwrite:
         # Remove only what a run writes, so a mistyped output_dir cannot wipe unrelated files.
         for name in RUN_FILES:
@@ -56,12 +62,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     writer = launch is None or launch.rank == 0  # data parallel: rank 0 alone touches the run dir
     if launch is not None:  # each process its own device: the local rank among the visible ones
         cfg = compose_config([*args.overrides, f"backend.device_index={parallel.device_index(launch.local_rank)}"])
+    resuming_here = resume_from is not None and resume_from == directory
     if writer:
-        prepare_output(directory, resume_from is not None and resume_from == directory, args.overwrite)
+        check_output(directory, resuming_here, args.overwrite)
     run = prepare(cfg, registry())
     comm = parallel.start(cfg, run.backend)
     if writer:
-        directory.mkdir(parents=True, exist_ok=True)
+        clear_output(directory, args.overwrite and not resuming_here)
         write_text_atomic(directory / "config.yaml", to_yaml(cfg))
     else:
         sys.stdout = open(os.devnull, "w")  # the other ranks' summaries would repeat rank 0's

@@ -73,6 +73,16 @@ def test_existing_run_dir_needs_resume_or_overwrite(trained):
     one_line_error(isthmus("train", *TINY, f"output_dir={trained}"), str(trained), "--resume", "--overwrite")
 
 
+def test_overwrite_keeps_the_old_run_when_the_new_one_cannot_start(trained):
+    before = {p.relative_to(trained): p.read_bytes() for p in trained.rglob("*") if p.is_file()}
+    # The data options are read after the run directory is checked: an error there must not have
+    # removed the run that --overwrite would replace.
+    result = isthmus("train", *TINY, "data.path=/nonexistent/scenes", f"output_dir={trained}", "--overwrite")
+    one_line_error(result, "/nonexistent/scenes")
+    after = {p.relative_to(trained): p.read_bytes() for p in trained.rglob("*") if p.is_file()}
+    assert after == before
+
+
 def test_resume_without_a_checkpoint(tmp_path):
     one_line_error(isthmus("train", *TINY, f"output_dir={tmp_path}", "--resume"), "no checkpoint")
 
