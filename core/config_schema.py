@@ -178,6 +178,7 @@ class T2IModelConfig(ModelBase):
     patch_size: int = field(default=4, metadata=bounds(ge=1))  # pixels per side of the tile a code stands for
     codebook_size: int = field(default=1024, metadata=bounds(ge=2))
     codebook_iterations: int = field(default=30, metadata=bounds(ge=0))  # k-means rounds when fitting it
+    max_caption_len: int = field(default=16, metadata=bounds(ge=2))  # caption tokens, BOS and EOS included
     d_model: int = field(default=128, metadata=bounds(ge=2))
     n_heads: int = field(default=4, metadata=bounds(ge=1))
     n_layers: int = field(default=4, metadata=bounds(ge=1))

@@ -50,6 +50,7 @@ class T2IConfig:
     patch_size: int = 4  # the side of the tile one visual code stands for
     codebook_size: int = 1024
     codebook_iterations: int = 30
+    max_caption_len: int = 16  # caption tokens the generator reads, <bos> and <eos> included
     d_model: int = 128
     n_heads: int = 4
     n_layers: int = 4
@@ -84,6 +85,8 @@ class T2IConfig:
         ]
         if self.codebook_size < 2:
             problems.append(f"codebook_size must be at least 2, got {self.codebook_size}")
+        if self.max_caption_len < 2:
+            problems.append(f"max_caption_len must be at least 2, got {self.max_caption_len}")
         if self.sampling_steps < 1:
             problems.append(f"sampling_steps must be at least 1, got {self.sampling_steps}")
         if problems:
@@ -147,15 +150,20 @@ class TinyT2I:
         """Fit the visual codebook on ``train`` (or take the ``saved`` one) and return both splits
         as :class:`~isthmus.data.coded.CodedDataset`."""
         from isthmus.data.coded import CodedDataset
+        from isthmus.data.errors import DataError
         from isthmus.data.visual_tokenizer import VisualTokenizer
 
         c = self.config
+        longest = max(train.max_len, evaluation.max_len)
+        if longest > c.max_caption_len:
+            raise DataError(f"the captions need {longest} tokens but model.max_caption_len is {c.max_caption_len}: "
+                             f"raise model.max_caption_len to at least {longest}")
         if saved is not None:
             self.visual = VisualTokenizer.from_dict(saved["visual_tokenizer"])
         else:
             self.visual = VisualTokenizer.fit(train.images, c.patch_size, c.codebook_size, seed, c.codebook_iterations)
         if self.visual.patch != c.patch_size or self.visual.size > c.codebook_size:
-            raise ValueError(f"the saved visual tokenizer ({self.visual.size} codes of {self.visual.patch}px tiles) "
+            raise DataError(f"the saved visual tokenizer ({self.visual.size} codes of {self.visual.patch}px tiles) "
                              f"does not fit model.codebook_size={c.codebook_size}, model.patch_size={c.patch_size}")
         return (CodedDataset(train, self.visual, seed, caption_dropout=c.caption_dropout),
                 CodedDataset(evaluation, self.visual, seed))
@@ -178,6 +186,9 @@ class TinyT2I:
         c = self.config
         specs: dict[str, ParamSpec] = {}
         add_specs(specs, "gen.text", layers.embedding_specs(c.vocab_size, c.d_model))
+        # Absolute caption positions: the templated captions bind a colour to a shape by where the
+        # words stand, which rotary (relative) positions alone let the generator learn only slowly.
+        add_specs(specs, "gen.text_position", layers.embedding_specs(c.max_caption_len, c.d_model))
         # One extra row: the start code that the first image position reads.
         add_specs(specs, "gen.codes", layers.embedding_specs(c.codebook_size + 1, c.d_model))
         add_specs(specs, "gen.position", layers.embedding_specs(c.num_codes, c.d_model))
@@ -224,7 +235,13 @@ class TinyT2I:
         if positions < c.num_codes:
             table = k.split(table, [positions, c.num_codes - positions], axis=0)[0]
         image = k.add(image, table)
-        x = k.concat([layers.embedding(k, gen.sub("text"), tokens), image], axis=1)
+        if prefix > c.max_caption_len:
+            raise ValueError(f"captions of {prefix} tokens are longer than model.max_caption_len={c.max_caption_len}")
+        text_table = gen["text_position.weight"]
+        if prefix < c.max_caption_len:
+            text_table = k.split(text_table, [prefix, c.max_caption_len - prefix], axis=0)[0]
+        text = k.add(layers.embedding(k, gen.sub("text"), tokens), text_table)
+        x = k.concat([text, image], axis=1)
         total = prefix + positions
         dtype = k.dtype(x)
         wide = "float64" if dtype == "float64" else "float32"
