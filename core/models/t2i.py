@@ -129,6 +129,12 @@ def level_features(k: Any, levels: Tensor, dim: int) -> Tensor:
     return k.concat([k.cos(angles), k.sin(angles)], axis=-1)
 
 
+def leading(k: Any, x: Tensor, n: int, axis: int = 0) -> Tensor:
+    """The first ``n`` entries of ``x`` along ``axis`` (``x`` itself when it has no more)."""
+    size = k.shape(x)[axis]
+    return k.split(x, [n, size - n], axis=axis)[0] if size > n else x
+
+
 class TinyT2I:
     """The ``tiny-t2i`` model (see the module docstring); implements :class:`isthmus.model.Model`."""
 
@@ -157,14 +163,14 @@ class TinyT2I:
         longest = max(train.max_len, evaluation.max_len)
         if longest > c.max_caption_len:
             raise DataError(f"the captions need {longest} tokens but model.max_caption_len is {c.max_caption_len}: "
-                             f"raise model.max_caption_len to at least {longest}")
+                            f"raise model.max_caption_len to at least {longest}")
         if saved is not None:
             self.visual = VisualTokenizer.from_dict(saved["visual_tokenizer"])
         else:
             self.visual = VisualTokenizer.fit(train.images, c.patch_size, c.codebook_size, seed, c.codebook_iterations)
         if self.visual.patch != c.patch_size or self.visual.size > c.codebook_size:
             raise DataError(f"the saved visual tokenizer ({self.visual.size} codes of {self.visual.patch}px tiles) "
-                             f"does not fit model.codebook_size={c.codebook_size}, model.patch_size={c.patch_size}")
+                            f"does not fit model.codebook_size={c.codebook_size}, model.patch_size={c.patch_size}")
         return (CodedDataset(train, self.visual, seed, caption_dropout=c.caption_dropout),
                 CodedDataset(evaluation, self.visual, seed))
 
@@ -228,19 +234,12 @@ class TinyT2I:
         batch, prefix = k.shape(tokens)[0], k.shape(tokens)[1]
         start = k.full((batch, 1), c.codebook_size, "int64")
         inputs = k.concat([start, codes], axis=1) if k.shape(codes)[1] else start
-        if k.shape(inputs)[1] > positions:
-            inputs = k.split(inputs, [positions, k.shape(inputs)[1] - positions], axis=1)[0]
-        image = layers.embedding(k, gen.sub("codes"), inputs)
-        table = gen["position.weight"]
-        if positions < c.num_codes:
-            table = k.split(table, [positions, c.num_codes - positions], axis=0)[0]
-        image = k.add(image, table)
+        image = layers.embedding(k, gen.sub("codes"), leading(k, inputs, positions, axis=1))
+        image = k.add(image, leading(k, gen["position.weight"], positions))
         if prefix > c.max_caption_len:
             raise ValueError(f"captions of {prefix} tokens are longer than model.max_caption_len={c.max_caption_len}")
-        text_table = gen["text_position.weight"]
-        if prefix < c.max_caption_len:
-            text_table = k.split(text_table, [prefix, c.max_caption_len - prefix], axis=0)[0]
-        text = k.add(layers.embedding(k, gen.sub("text"), tokens), text_table)
+        text = layers.embedding(k, gen.sub("text"), tokens)
+        text = k.add(text, leading(k, gen["text_position.weight"], prefix))
         x = k.concat([text, image], axis=1)
         total = prefix + positions
         dtype = k.dtype(x)
