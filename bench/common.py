@@ -5,7 +5,9 @@ reference every agreement check compares with) and the machine's load."""
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import platform
 from pathlib import Path
 
 import numpy as np
@@ -115,3 +117,17 @@ def reset_peak_rss() -> bool:
         return True
     except OSError:
         return False
+
+
+def machine(load: list[float] | tuple[float, ...], **versions: str) -> dict:
+    """The ``machine`` block of a result file: Python and the given package versions, the platform,
+    the CPU count and the load average when the measurement ended."""
+    return {"python": platform.python_version(), **versions, "platform": platform.platform(),
+            "cpu_count": os.cpu_count(), "loadavg_at_end": list(load)}
+
+
+def write_result(out: Path, result: dict) -> None:
+    """Write a benchmark's result file (what bench/summary.py reads) and say where."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    print(f"wrote {out}")

@@ -36,7 +36,6 @@ import gc
 import json
 import math
 import os
-import platform
 import shutil
 import statistics
 import sys
@@ -49,7 +48,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from common import base_parser, isthmus_first_step, lr_schedule, make_run  # noqa: E402
+from common import base_parser, isthmus_first_step, lr_schedule, machine, make_run, write_result  # noqa: E402
 
 LOSS_TOL = 1e-4
 NORM_TOL = 1e-3
@@ -351,21 +350,18 @@ def main(argv: list[str] | None = None) -> int:
     wall = time.perf_counter() - started
     print(f"load average at the end: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} on {os.cpu_count()} CPUs; wall time {wall:.0f}s")
 
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({
+    write_result(args.out, {
         "settings": {"rounds": args.rounds, "steps": args.steps, "batch_size": args.batch_size,
                      "threads": args.threads, "precision": args.precision, "mode": mode, "optimizer": args.optimizer,
                      "warmup_steps": int(run.config.train.warmup_steps), "num_train": len(run.train_data),
                      "deterministic": str(ms.get_context("deterministic")), "order_in_round": ["isthmus", "hand"]},
-        "machine": {"python": platform.python_version(), "mindspore": ms.__version__,
-                    "platform": platform.platform(), "cpu_count": os.cpu_count(), "loadavg_at_end": list(load)},
+        "machine": machine(load, mindspore=ms.__version__),
         "agreement": agreement,
         "rounds": rows,
         "summary": summary,
         "last_loss_max_abs_diff": drift,
         "wall_s": wall,
-    }, indent=2))
-    print(f"wrote {args.out}")
+    })
     shutil.rmtree(work, ignore_errors=True)
     return 0
 

@@ -42,7 +42,6 @@ import argparse
 import gc
 import json
 import os
-import platform
 import shutil
 import statistics
 import sys
@@ -55,7 +54,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from common import base_parser, make_run  # noqa: E402
+from common import base_parser, machine, make_run, write_result  # noqa: E402
 
 LOSS_TOL = 1e-5
 GRAD_TOL = 1e-4
@@ -300,25 +299,21 @@ def main(argv: list[str] | None = None) -> int:
     load = os.getloadavg()
     print(f"load average at the end: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} on {os.cpu_count()} CPUs")
 
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({
+    write_result(args.out, {
         "settings": {"rounds": args.rounds, "steps": args.steps, "batch_size": args.batch_size,
                      "threads": args.threads, "precision": args.precision,
                      "warmup_steps": int(run.config.train.warmup_steps),
                      "num_train": len(run.train_data), "fresh_models_each_round": True,
                      "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
                      "order_in_round": ["isthmus", "torch"]},
-        "machine": {"python": platform.python_version(), "torch": torch.__version__,
-                    "platform": platform.platform(), "cpu_count": os.cpu_count(),
-                    "loadavg_at_end": list(load)},
+        "machine": machine(load, torch=torch.__version__),
         "agreement": agreement,
         "rounds": rows,
         "wall": wall,
         "cpu_time": cpu,
         "last_losses_agree": losses_agree,
         "target_met": met,
-    }, indent=2))
-    print(f"wrote {args.out}")
+    })
     shutil.rmtree(work, ignore_errors=True)
     return 0
 

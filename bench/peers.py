@@ -38,7 +38,6 @@ import argparse
 import gc
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -50,7 +49,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from common import base_parser, isthmus_first_step, lr_schedule, make_run, reset_peak_rss, rss_status  # noqa: E402
+from common import (base_parser, isthmus_first_step, lr_schedule, machine, make_run, reset_peak_rss,  # noqa: E402
+                    rss_status, write_result)
 
 SIDES = ("isthmus", "fabric", "accelerate")
 PEERS = ("fabric", "accelerate")
@@ -358,8 +358,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"load average at the end: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} on {os.cpu_count()} CPUs; "
           f"wall time {time.perf_counter() - started:.0f}s")
 
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({
+    write_result(args.out, {
         "settings": {"rounds": args.rounds, "steps": args.steps, "batch_size": args.batch_size,
                      "threads": args.threads, "device": device, "warmup_run_steps": args.warmup_run,
                      "warmup_steps": int(child_argv[child_argv.index("--warmup-steps") + 1]),
@@ -367,17 +366,15 @@ def main(argv: list[str] | None = None) -> int:
                      "memory": ("torch.cuda.max_memory_allocated over the timed run" if device == "cuda" else
                                 "VmHWM over warm-up + timed run after resetting the peak via /proc/self/clear_refs; "
                                 "increase = that peak minus VmRSS at the reset (after imports and data, before any model)")},
-        "machine": {"python": platform.python_version(), "torch": torch.__version__, "lightning": lightning.__version__,
-                    "accelerate": accelerate.__version__, "platform": platform.platform(),
-                    "cpu_count": os.cpu_count(), "loadavg_at_end": list(load)},
+        "machine": machine(load, torch=torch.__version__, lightning=lightning.__version__,
+                           accelerate=accelerate.__version__),
         "agreement": agreement,
         "runs": rows,
         "summary": summary,
         "ratio_of_median_steps_per_s": ratios,
         "ratio_of_median_cpu_steps_per_s": cpu_ratios,
         "wall_s": time.perf_counter() - started,
-    }, indent=2))
-    print(f"wrote {args.out}")
+    })
     shutil.rmtree(work, ignore_errors=True)
     return 0
 
