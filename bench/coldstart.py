@@ -1,4 +1,4 @@
-"""Cold-start cost: `isthmus backends` and `import isthmus.cli` against `import torch`, one run.
+"""Cold-start cost: `isthmus backends` and `import isthmus.cli.main` against `import torch`, one run.
 
 Prints each median wall time over N fresh interpreters and the ratio to `import torch`, checks that
 neither isthmus command imported an engine, and writes bench/results/coldstart.json.
@@ -18,13 +18,13 @@ TARGET_BACKENDS_S = 0.5
 
 PROBES = {
     "isthmus backends": [sys.executable, "-m", "isthmus.cli", "backends"],
-    "import isthmus.cli": [sys.executable, "-c", "import isthmus.cli"],
+    "import isthmus.cli.main": [sys.executable, "-c", "import isthmus.cli.main"],
     "import torch": [sys.executable, "-c", "import torch"],
     "python -c pass": [sys.executable, "-c", "pass"],
 }
 
 ENGINE_CHECK = (
-    "import sys; from isthmus.cli import main; main(['backends']); main(['plugins']);"
+    "import sys; from isthmus.cli.main import main; main(['backends']); main(['plugins']);"
     "print(sorted(m for m in ('torch', 'mindspore', 'torch_npu', 'onnxruntime') if m in sys.modules))"
 )
 

@@ -14,7 +14,7 @@ import numpy as np
 
 
 def base_parser(description: str, rounds: int, steps: int, out: Path) -> argparse.ArgumentParser:
-    from isthmus.config import compose
+    from isthmus.config.composer import compose
 
     default_batch = int(compose(["backend=cpu"]).train.batch_size)
     p = argparse.ArgumentParser(description=description)
@@ -36,9 +36,9 @@ def base_parser(description: str, rounds: int, steps: int, out: Path) -> argpars
 def make_run(args: argparse.Namespace, out_dir: Path, backend: str = "cpu", engine: str = "torch"):
     """The prepared isthmus run every side trains: ``backend`` with ``engine`` (the backend's
     default engine when it is that), the default train config cut down to ``args``."""
-    from isthmus.config import compose
-    from isthmus.plugin_manager import load_plugins
-    from isthmus.run import prepare
+    from isthmus.config.composer import compose
+    from isthmus.registry.manager import load_plugins
+    from isthmus.train.run import prepare
 
     manager, registry = load_plugins(autoload=False)
     warmup = args.warmup_steps if args.warmup_steps is not None else max(1, args.steps // 10)
@@ -68,9 +68,9 @@ def make_run(args: argparse.Namespace, out_dir: Path, backend: str = "cpu", engi
 
 def isthmus_first_step(run, run_dir: Path) -> tuple[float, float, dict[str, np.ndarray]]:
     """(loss, global grad norm before clipping, initial weights) of the first ``train_step`` of a
-    fresh ``isthmus.trainer.Trainer``: the reference the other sides must reproduce."""
-    from isthmus.optim import learning_rate
-    from isthmus.trainer import Trainer
+    fresh ``isthmus.train.trainer.Trainer``: the reference the other sides must reproduce."""
+    from isthmus.nn.optim import learning_rate
+    from isthmus.train.trainer import Trainer
 
     t = run.config.train
     trainer = Trainer(run, run_dir)
@@ -86,7 +86,7 @@ def isthmus_first_step(run, run_dir: Path) -> tuple[float, float, dict[str, np.n
 
 def lr_schedule(run) -> list[float]:
     """The learning rate of every step, 1-based step ``s`` at index ``s - 1``, as isthmus computes it."""
-    from isthmus.optim import learning_rate
+    from isthmus.nn.optim import learning_rate
 
     t = run.config.train
     return [learning_rate(s, float(t.lr), int(t.warmup_steps), int(t.steps), str(t.schedule))

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from isthmus.checkpoint import latest_checkpoint, load_checkpoint
+from isthmus.train.checkpoint import latest_checkpoint, load_checkpoint
 
 TINY = [
     "backend=cpu", "model.d_model=16", "model.n_heads=2", "model.n_layers_vision=1", "model.n_layers_text=1",

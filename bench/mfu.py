@@ -2,7 +2,7 @@
 
 The model is GPT-2 small in shape (``--preset gpt2-124m``: 12 pre-norm blocks, d 768, 12 heads,
 vocabulary 50304, sequence 1024, GELU MLP, learned positions, LM head tied to the token embedding:
-124M parameters), written with :mod:`isthmus.layers` only, so it runs on any backend. One step is
+124M parameters), written with :mod:`isthmus.nn.layers` only, so it runs on any backend. One step is
 what the trainer does: forward + backward through the engine, then isthmus' AdamW through kernels
 (the fused route where the backend has one), in bf16 compute over float32 masters where the backend
 offers bfloat16 (accelerators; ``--precision`` overrides).
@@ -88,8 +88,8 @@ def peak_tflops(device_name: str, dtype: str) -> float | None:
 
 # ---------------------------------------------------------------------------------------- model
 def gpt_specs(p: Preset) -> dict[str, Any]:
-    from isthmus.layers import BlockConfig, block_specs, embedding_specs, layer_norm_specs
-    from isthmus.nn import add_specs
+    from isthmus.nn.layers import BlockConfig, block_specs, embedding_specs, layer_norm_specs
+    from isthmus.nn.params import add_specs
 
     specs: dict[str, Any] = {}
     add_specs(specs, "wte", embedding_specs(p.vocab, p.dim))
@@ -103,8 +103,8 @@ def gpt_specs(p: Preset) -> dict[str, Any]:
 
 def gpt_loss(k: Any, params: Any, ids: Any, targets: Any, p: Preset) -> Any:
     """Mean next-token cross-entropy of a causal GPT over ``ids`` ``(B, S)``."""
-    from isthmus.layers import BlockConfig, block, embedding, layer_norm
-    from isthmus.nn import Scope
+    from isthmus.nn.layers import BlockConfig, block, embedding, layer_norm
+    from isthmus.nn.params import Scope
 
     scope = Scope(params)
     batch, seq = k.shape(ids)
@@ -126,7 +126,7 @@ def flops_per_token(specs: dict[str, Any], p: Preset) -> tuple[int, float]:
 # ---------------------------------------------------------------------------------------- run
 def registry_with_cuda() -> Any:
     """The plugin registry, with the cuda plugin added in-process if it is not built in yet."""
-    from isthmus.plugin_manager import get_registry, load_plugins
+    from isthmus.registry.manager import get_registry, load_plugins
 
     registry = get_registry()
     if "cuda" not in {spec.name for spec in registry.backends()}:
@@ -166,9 +166,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    from isthmus.optim import AdamW
-    from isthmus.precision import Policy
-    from isthmus.selection import build, select
+    from isthmus.nn.optim import AdamW
+    from isthmus.nn.precision import Policy
+    from isthmus.registry.selection import build, select
 
     registry = registry_with_cuda()
     selection = select(registry, args.backend)
@@ -184,7 +184,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         precision = "bf16" if accelerator and "bfloat16" in backend.capabilities.dtypes else "fp32"
     policy = Policy(precision)
     k, engine = backend.kernels, backend.engine
-    from isthmus.nn import initialise
+    from isthmus.nn.params import initialise
 
     specs = gpt_specs(preset)
     n_params, per_token = flops_per_token(specs, preset)

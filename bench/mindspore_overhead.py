@@ -1,10 +1,10 @@
 """Per-step overhead of isthmus's MindSpore engine against the same model written as a plain MindSpore ``nn.Cell``.
 
-isthmus: the real ``isthmus.trainer.Trainer`` with ``backend=cpu backend.engine=mindspore``, timed
+isthmus: the real ``isthmus.train.trainer.Trainer`` with ``backend=cpu backend.engine=mindspore``, timed
 by its own step-loop clock (``TrainResult.wall_s``) as ``bench/overhead.py`` times the torch one.
 Hand-written: ``CellCaptioner`` below, tiny-captioner in ``mindspore.nn`` / ``mindspore.ops`` only
 (``nn.Conv2d`` patch embed, ``nn.Embedding``, ``nn.LayerNorm``, ``nn.Dense``, attention with the
-prefix-LM bool mask and rotary halves as ``isthmus.models.captioner`` / ``isthmus.layers`` define
+prefix-LM bool mask and rotary halves as ``isthmus.models.captioner.model`` / ``isthmus.nn.layers`` define
 them, erf GELU, untied head; rotary tables and mask built once), trained the way MindSpore's
 tutorials do: ``mindspore.value_and_grad`` over the optimizer's parameters,
 ``ops.clip_by_global_norm``, then the optimizer: by default ``mindspore.experimental.optim.AdamW``
@@ -143,7 +143,7 @@ def build_cell_classes():
             self.head = nn.Dense(d, c.vocab_size, has_bias=False)
 
     class CellCaptioner(nn.Cell):
-        """tiny-captioner as a MindSpore Cell; ``c`` is an ``isthmus.models.captioner.CaptionerConfig``."""
+        """tiny-captioner as a MindSpore Cell; ``c`` is an ``isthmus.models.captioner.model.CaptionerConfig``."""
 
         def __init__(self, c, max_text):
             super().__init__()
@@ -302,7 +302,7 @@ def hand_run(run, arrays: dict[str, np.ndarray], log_path: Path, optimizer_kind:
 def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     args = parse_args(argv)
-    from isthmus.nn import initialise
+    from isthmus.nn.params import initialise
     from overhead import isthmus_run
 
     work = Path(tempfile.mkdtemp(prefix="isthmus-ms-overhead-"))

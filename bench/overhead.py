@@ -7,7 +7,7 @@ fresh from the same initial weights (isthmus's ``initialise``) and walks the sam
 
 What is timed
 - isthmus: ``Trainer.fit()``'s own step-loop clock (``TrainResult.wall_s``: from after
-  ``start_state()`` to the end of the last step) of the real ``isthmus.trainer.Trainer`` on
+  ``start_state()`` to the end of the last step) of the real ``isthmus.train.trainer.Trainer`` on
   ``backend=cpu``: per step the lr schedule, ``next()`` on the batch iterator, ``to_device``, the
   precision policy's casts, ``engine.value_and_grad`` over ``model.loss`` (token accuracy
   included, as the trainer computes it), global-norm clipping through kernels, the host reads of
@@ -24,7 +24,7 @@ What is timed
 Both clocks are read for each run: wall (``perf_counter``, what steps/s means) and process CPU
 time (``process_time``, less disturbed by other work on a shared machine; with more than one
 thread it includes the worker threads' spinning). The isthmus CPU reading comes from a stand-in
-for the ``time`` module inside ``isthmus.trainer`` that notes ``process_time`` whenever the trainer
+for the ``time`` module inside ``isthmus.train.trainer`` that notes ``process_time`` whenever the trainer
 reads ``perf_counter``, so it brackets exactly the trainer's own loop clock. Ratios are
 isthmus / hand-written steps/s (> 1: isthmus faster): of the medians, of the summed times, the
 median of per-round ratios and of the best (least disturbed) run of each side.
@@ -112,9 +112,9 @@ def check_agreement(run, arrays: dict[str, np.ndarray], work: Path) -> dict[str,
     """Same start, same first-batch loss and gradients, same lr schedule and decay groups."""
     import torch
 
-    from isthmus.evaluate import to_device
-    from isthmus.optim import learning_rate
-    from isthmus.trainer import Trainer
+    from isthmus.train.evaluate import to_device
+    from isthmus.nn.optim import learning_rate
+    from isthmus.train.trainer import Trainer
     from torch_captioner import warmup_cosine
 
     backend, k, engine, t = run.backend, run.backend.kernels, run.backend.engine, run.config.train
@@ -166,7 +166,7 @@ def check_agreement(run, arrays: dict[str, np.ndarray], work: Path) -> dict[str,
 
 
 class Clocks:
-    """Stands in for the ``time`` module inside ``isthmus.trainer``: ``perf_counter`` is the real one,
+    """Stands in for the ``time`` module inside ``isthmus.train.trainer``: ``perf_counter`` is the real one,
     and each call also notes the process CPU time, so the trainer's own clock readings (loop start,
     log windows, loop end) give both the wall and the CPU seconds of its step loop."""
 
@@ -182,8 +182,8 @@ class Clocks:
 def isthmus_run(run, run_dir: Path) -> tuple[float, float, float, int]:
     """(wall s, CPU s, last loss, steps) of one fresh ``Trainer.fit()``'s step loop, read from the
     trainer's own clock (``TrainResult.wall_s``)."""
-    import isthmus.trainer as trainer_module
-    from isthmus.trainer import Trainer
+    import isthmus.train.trainer as trainer_module
+    from isthmus.train.trainer import Trainer
 
     trainer_module.plot_loss = lambda *a, **kw: None  # runs after the clock; keeps matplotlib out of the way
     trainer = Trainer(run, run_dir, manager=None, progress=False)
@@ -240,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    from isthmus.nn import initialise
+    from isthmus.nn.params import initialise
 
     work = Path(tempfile.mkdtemp(prefix="isthmus-overhead-"))
     t0 = time.perf_counter()

@@ -3,7 +3,7 @@
 The three sides train tiny-captioner from the same initial weights (isthmus's ``initialise``) on
 the same batches (``train_data.iter_batches(batch_size, seed)``) under the same warmup + cosine
 lr schedule, AdamW and global-norm clipping:
-- isthmus: the real ``isthmus.trainer.Trainer`` exactly as ``bench/overhead.py`` runs it
+- isthmus: the real ``isthmus.train.trainer.Trainer`` exactly as ``bench/overhead.py`` runs it
   (``backend=cpu``, or ``backend=cuda`` on a GPU), timed by its own step-loop clock.
 - fabric: ``bench/torch_captioner.py``'s ``nn.Module`` and ``torch.optim.AdamW`` (+ ``LambdaLR``)
   through ``lightning.fabric.Fabric(accelerator=cpu|cuda, devices=1, precision="32-true")``:
@@ -140,8 +140,8 @@ SETUPS = {"fabric": fabric_setup, "accelerate": accelerate_setup}
 def isthmus_warmup(run, run_dir: Path, steps: int) -> None:
     """A short ``Trainer.fit()`` of the same run (a second run would hold a second copy of the
     data and inflate isthmus's memory figures): only the trainer's step count differs."""
-    import isthmus.trainer as trainer_module
-    from isthmus.trainer import Trainer
+    import isthmus.train.trainer as trainer_module
+    from isthmus.train.trainer import Trainer
 
     trainer_module.plot_loss = lambda *a, **kw: None
     trainer = Trainer(run, run_dir)
@@ -185,7 +185,7 @@ def measure(args: argparse.Namespace) -> int:
         import lightning.fabric  # noqa: F401  (imported before the memory baseline, like torch)
     elif args.side == "accelerate":
         import accelerate  # noqa: F401
-    from isthmus.nn import initialise
+    from isthmus.nn.params import initialise
 
     work = Path(tempfile.mkdtemp(prefix=f"isthmus-peers-{args.side}-"))
     run, _ = make_run(args, work / "timed", backend)
@@ -256,7 +256,7 @@ def check_agreement(args: argparse.Namespace, device: str, work: Path) -> dict:
     """The first step of each peer against the first ``train_step`` of the isthmus Trainer."""
     import numpy as np
 
-    from isthmus.nn import initialise
+    from isthmus.nn.params import initialise
     from torch_captioner import warmup_cosine
 
     backend = "cuda" if device == "cuda" else "cpu"

@@ -116,7 +116,7 @@ def describe_coldstart(data: dict[str, Any]) -> tuple[str, str]:
     text = f"`isthmus backends` **{backends_s:.3f} s** (median of {data['runs']})"
     if "import torch" in seconds:
         text += f", `import torch` {seconds['import torch']:.3f} s"
-    text += f"; engines imported by `import isthmus.cli` + `backends` + `plugins`: {engine_text}"
+    text += f"; engines imported by `import isthmus.cli.main` + `backends` + `plugins`: {engine_text}"
     return text, met_text(backends_s < COLDSTART_TARGET_S and engines == "[]")
 
 

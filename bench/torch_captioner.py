@@ -1,7 +1,7 @@
 """The ``tiny-captioner`` written once more as a plain, idiomatic torch ``nn.Module``: the baseline of
 ``bench/overhead.py``.
 
-Same architecture and the same math as ``isthmus.models.captioner`` + ``isthmus.layers``:
+Same architecture and the same math as ``isthmus.models.captioner.model`` + ``isthmus.nn.layers``:
 patch-embedding ``Conv2d`` (stride = kernel = patch), learned vision positions, pre-norm
 bidirectional vision blocks, then a decoder over ``[image tokens] + [token embeddings]`` with
 rotary positions (non-interleaved halves) and a prefix-LM bool mask through
@@ -100,7 +100,7 @@ class Text(nn.Module):
 
 
 class TorchCaptioner(nn.Module):
-    """``tiny-captioner`` in plain torch; ``c`` is an ``isthmus.models.captioner.CaptionerConfig``
+    """``tiny-captioner`` in plain torch; ``c`` is an ``isthmus.models.captioner.model.CaptionerConfig``
     (only its fields are read). ``max_text`` bounds the caption length the cached tables cover."""
 
     def __init__(self, c, max_text: int | None = None) -> None:

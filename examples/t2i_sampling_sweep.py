@@ -16,10 +16,10 @@ import time
 import numpy as np
 
 from isthmus.data import make_dataset
-from isthmus.t2i_eval import Judge, match_rates
-from isthmus.t2i_sampling import text_to_image
-from isthmus.plugin_manager import get_registry
-from isthmus.restore import build_label, restore
+from isthmus.models.t2i.evaluate import Judge, match_rates
+from isthmus.models.t2i.sampling import text_to_image
+from isthmus.registry.manager import get_registry
+from isthmus.train.restore import build_label, restore
 
 
 def main() -> None:

@@ -8,10 +8,10 @@ have them.
 
 from __future__ import annotations
 
-from isthmus.backends.ascend import torch_npu_kernels
-from isthmus.hookspecs import hookimpl
-from isthmus.routing import KernelRoute
-from isthmus.specs import BackendParts, BackendRequest, BackendSpec, ProbeResult
+from isthmus.backends.ascend import routes
+from isthmus.registry.hookspecs import hookimpl
+from isthmus.kernels.routing import KernelRoute
+from isthmus.registry.specs import BackendParts, BackendRequest, BackendSpec, ProbeResult
 
 NAME = "ascend"
 _detection = None
@@ -64,9 +64,9 @@ def register_backends(register):
 
 @hookimpl
 def register_kernels(register):
-    for op, impl in (("attention", torch_npu_kernels.attention),
-                     ("rms_norm", torch_npu_kernels.rms_norm),
-                     ("rotary_embedding", torch_npu_kernels.rotary_embedding),
-                     ("adamw_update", torch_npu_kernels.adamw_update)):
+    for op, impl in (("attention", routes.attention),
+                     ("rms_norm", routes.rms_norm),
+                     ("rotary_embedding", routes.rotary_embedding),
+                     ("adamw_update", routes.adamw_update)):
         register(KernelRoute(backend=NAME, op=op, engine="torch", impl=impl,
-                             available=torch_npu_kernels.availability(op)))
+                             available=routes.availability(op)))

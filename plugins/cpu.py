@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import os
 
-from isthmus.hookspecs import hookimpl
-from isthmus.specs import BackendParts, BackendRequest, BackendSpec, ProbeResult
+from isthmus.registry.hookspecs import hookimpl
+from isthmus.registry.specs import BackendParts, BackendRequest, BackendSpec, ProbeResult
 
 
 def probe() -> ProbeResult:
@@ -14,10 +14,10 @@ def probe() -> ProbeResult:
 
 def factory(request: BackendRequest) -> BackendParts:
     if request.engine == "mindspore":
-        from isthmus.backends.mindspore.cpu import build_cpu as build_mindspore_cpu
+        from isthmus.backends.cpu.mindspore import build_cpu as build_mindspore_cpu
 
         return build_mindspore_cpu(request)
-    from isthmus.backends.torch.cpu import build_cpu
+    from isthmus.backends.cpu.torch import build_cpu
 
     return build_cpu(request)
 

@@ -9,10 +9,10 @@ kernels.
 
 from __future__ import annotations
 
-from isthmus.backends.cuda import kernels as cuda_kernels
-from isthmus.hookspecs import hookimpl
-from isthmus.routing import KernelRoute
-from isthmus.specs import BackendParts, BackendRequest, BackendSpec, ProbeResult
+from isthmus.backends.cuda import routes as routes
+from isthmus.registry.hookspecs import hookimpl
+from isthmus.kernels.routing import KernelRoute
+from isthmus.registry.specs import BackendParts, BackendRequest, BackendSpec, ProbeResult
 
 NAME = "cuda"
 
@@ -54,6 +54,6 @@ def register_backends(register):
 
 @hookimpl
 def register_kernels(register):
-    for op in cuda_kernels.ROUTED_OPS:
-        register(KernelRoute(backend=NAME, op=op, engine="torch", impl=getattr(cuda_kernels, op),
-                             available=cuda_kernels.availability(op)))
+    for op in routes.ROUTED_OPS:
+        register(KernelRoute(backend=NAME, op=op, engine="torch", impl=getattr(routes, op),
+                             available=routes.availability(op)))

@@ -7,20 +7,20 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from isthmus.hookspecs import hookimpl
-from isthmus.specs import DatasetSpec, ModelSpec
+from isthmus.registry.hookspecs import hookimpl
+from isthmus.registry.specs import DatasetSpec, ModelSpec
 
 
 def tiny_captioner(model_config: Mapping[str, Any], vocab_size: int) -> Any:
     """Build ``tiny-captioner`` from a model config section and the tokenizer's vocabulary size."""
-    from isthmus.models.captioner import TinyCaptioner
+    from isthmus.models.captioner.model import TinyCaptioner
 
     return TinyCaptioner(model_config, vocab_size)
 
 
 def tiny_t2i(model_config: Mapping[str, Any], vocab_size: int) -> Any:
     """Build ``tiny-t2i`` from a model config section and the tokenizer's vocabulary size."""
-    from isthmus.models.t2i import TinyT2I
+    from isthmus.models.t2i.model import TinyT2I
 
     return TinyT2I(model_config, vocab_size)
 
@@ -47,7 +47,7 @@ def register_models(register):
             name="tiny-t2i",
             factory=tiny_t2i,
             description="Text to image: caption -> visual codes (autoregressive) -> pixels (diffusion decoder)",
-            schema="isthmus.config_schema:T2IModelConfig",
+            schema="isthmus.config.schema:T2IModelConfig",
         )
     )
 

@@ -8,8 +8,8 @@ reports test the very nodes an export contains.
 
 from __future__ import annotations
 
-from isthmus.hookspecs import hookimpl
-from isthmus.specs import BackendParts, BackendRequest, BackendSpec, ExporterSpec, ProbeResult
+from isthmus.registry.hookspecs import hookimpl
+from isthmus.registry.specs import BackendParts, BackendRequest, BackendSpec, ExporterSpec, ProbeResult
 
 
 def probe() -> ProbeResult:
@@ -17,7 +17,7 @@ def probe() -> ProbeResult:
 
 
 def factory(request: BackendRequest) -> BackendParts:
-    from isthmus.backends.onnx.runtime import build_backend
+    from isthmus.backends.onnx.engine import build_backend
 
     return build_backend(request)
 

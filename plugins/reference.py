@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from isthmus.hookspecs import hookimpl
-from isthmus.specs import BackendParts, BackendRequest, BackendSpec, ProbeResult
+from isthmus.registry.hookspecs import hookimpl
+from isthmus.registry.specs import BackendParts, BackendRequest, BackendSpec, ProbeResult
 
 
 def probe() -> ProbeResult:
@@ -11,7 +11,7 @@ def probe() -> ProbeResult:
 
 
 def factory(request: BackendRequest) -> BackendParts:
-    from isthmus.backend import Capabilities
+    from isthmus.registry.backend import Capabilities
     from isthmus.backends.reference.engine import ReferenceEngine
     from isthmus.backends.reference.kernels import kernel_table
 

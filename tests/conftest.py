@@ -7,14 +7,14 @@ from typing import Any
 
 import pytest
 
-from isthmus.routing import KernelSet
+from isthmus.kernels.routing import KernelSet
 
 
 @pytest.fixture(scope="session")
 def usable_kernel_sets() -> list[tuple[str, Any, Any]]:
     """``(label, kernels, engine)`` for each usable backend and installed engine, the reference aside."""
-    from isthmus.plugin_manager import get_registry
-    from isthmus.selection import Selection, all_status, build
+    from isthmus.registry.manager import get_registry
+    from isthmus.registry.selection import Selection, all_status, build
 
     registry = get_registry()
     sets = []
@@ -42,7 +42,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     """Print the ONNX oracle's coverage (mapped / left out per operator) when its tests ran."""
     import sys
 
-    oracle = sys.modules.get("isthmus.onnx_oracle")
+    oracle = sys.modules.get("isthmus.verify.onnx_oracle")
     if oracle is None or not oracle.plan_all.cache_info().currsize:
         return
     terminalreporter.write_sep("-", "ONNX oracle coverage")

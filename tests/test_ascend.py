@@ -20,7 +20,7 @@ from isthmus.backends.ascend.detect import detect, visible_mapping
 from isthmus.backends.ascend.guard import guard_torch_import, refuse_cuda_torch, torch_cuda_version_on_disk
 from isthmus.backends.ascend.npu_smi import parse_npu_smi
 from isthmus.backends.ascend.options import PRECISION_MODES, parse_options
-from isthmus.config import ConfigError, compose
+from isthmus.config.composer import ConfigError, compose
 from isthmus.errors import BackendUnavailableError
 
 RECORDINGS = Path(__file__).parent / "data" / "npu_smi"
@@ -266,7 +266,7 @@ def test_torch_npu_is_refused_beside_a_cuda_build_of_torch(monkeypatch, tmp_path
 # ------------------------------------------------------------------------------ engines here
 def test_the_torch_engine_without_torch_npu_fails_in_one_line():
     from isthmus.backends.ascend.torch import build_torch
-    from isthmus.specs import BackendRequest
+    from isthmus.registry.specs import BackendRequest
 
     with pytest.raises(BackendUnavailableError) as err:
         build_torch(BackendRequest(engine="torch"))
@@ -288,7 +288,7 @@ def test_backends_lists_ascend_installed_or_not_and_not_usable():
     result = run("-m", "isthmus.cli", "backends", "--json")
     assert result.returncode == 0, result.stderr
     rows = {row["name"]: row for row in json.loads(result.stdout)}
-    assert "ascend" in rows, "plugins/ascend.py is not loaded: add it to BUILTIN_PLUGINS in core/plugin_manager.py"
+    assert "ascend" in rows, "plugins/ascend.py is not loaded: add it to BUILTIN_PLUGINS in core/registry/manager.py"
     ascend = rows["ascend"]
     assert ascend["usable"] is False and ascend["priority"] > rows["cpu"]["priority"]
     assert ascend["engines"] == ["mindspore", "torch"] and ascend["default_engine"] == "mindspore"
@@ -305,15 +305,15 @@ def test_doctor_explains_what_is_missing():
     assert rows, "ascend is missing from doctor's table: add plugins/ascend.py to BUILTIN_PLUGINS"
     assert "no Ascend device" in rows[0] and "-- fix: " in rows[0]
     assert "ascend: what is missing, and how to fix it" in result.stdout, (
-        "core/cli.py cmd_doctor should print each unusable backend's details['missing'] (see the report)")
+        "core/cli/main.py cmd_doctor should print each unusable backend's details['missing'] (see the report)")
     assert "CANN toolkit not found" in result.stdout
     assert "source /usr/local/Ascend/ascend-toolkit/set_env.sh" in result.stdout
 
 
 def test_auto_passes_over_ascend_with_the_reason():
-    from isthmus.plugin_manager import load_plugins
+    from isthmus.registry.manager import load_plugins
     from isthmus.plugins import ascend as plugin
-    from isthmus.selection import select
+    from isthmus.registry.selection import select
 
     _, registry = load_plugins(autoload=False, extra=[("ascend-test", plugin)])
     selection = select(registry, "auto")
@@ -322,7 +322,7 @@ def test_auto_passes_over_ascend_with_the_reason():
 
 
 def test_the_plugin_registers_its_routes_for_the_torch_engine_only():
-    from isthmus.plugin_manager import load_plugins
+    from isthmus.registry.manager import load_plugins
     from isthmus.plugins import ascend as plugin
 
     _, registry = load_plugins(autoload=False, extra=[("ascend-test", plugin)])

@@ -21,9 +21,9 @@ import types
 import pytest
 import torch
 
-from isthmus.backends.ascend import torch_npu_kernels as routes
-from isthmus.conformance import run_suite, summary
-from isthmus.routing import KernelRoute, KernelSet
+from isthmus.backends.ascend import routes
+from isthmus.verify.conformance import run_suite, summary
+from isthmus.kernels.routing import KernelRoute, KernelSet
 
 FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -214,9 +214,9 @@ def test_the_torch_factory_on_a_fake_910b3(tmp_path):
     (site / "torch_npu/__init__.py").write_text(FAKE_TORCH_NPU_RUNTIME)
     code = """
 import json, torch_npu
-from isthmus.plugin_manager import load_plugins
+from isthmus.registry.manager import load_plugins
 from isthmus.plugins import ascend
-from isthmus.selection import Selection, build
+from isthmus.registry.selection import Selection, build
 _, registry = load_plugins(autoload=False, extra=[("ascend-test", ascend)])
 backend = build(registry, Selection(registry.backend("ascend"), "torch"),
                 {"device_index": 1, "options": {"allow_hf32": {"conv": True}}})

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from safetensors import safe_open
 
-from isthmus import atomic
-from isthmus.checkpoint import (CheckpointError, CheckpointState, latest_checkpoint, list_checkpoints,
+from isthmus.train import atomic
+from isthmus.train.checkpoint import (CheckpointError, CheckpointState, latest_checkpoint, list_checkpoints,
                                 load_checkpoint, save_checkpoint)
 
 ml_dtypes = pytest.importorskip("ml_dtypes")

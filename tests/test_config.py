@@ -14,8 +14,8 @@ from hypothesis import strategies as st
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import ReadonlyConfigError
 
-from isthmus.config import ConfigError, compose, from_yaml, group_options, to_yaml
-from isthmus.config_schema import ModelBase, ModelConfig, Precision, RunConfig
+from isthmus.config.composer import ConfigError, compose, from_yaml, group_options, to_yaml
+from isthmus.config.schema import ModelBase, ModelConfig, Precision, RunConfig
 
 CORPUS = yaml.safe_load((Path(__file__).parent / "bad_configs.yaml").read_text(encoding="utf-8"))
 KNOWN = {"backend.name": ["cpu", "reference", "example"], "model.name": ["tiny-captioner", "plugin-t2i"]}
@@ -100,7 +100,7 @@ def test_group_options_lists_the_shipped_files():
 
 @pytest.mark.parametrize("group, option", [(g, o) for g, opts in group_options().items() for o in opts])
 def test_every_shipped_option_composes(group, option):
-    from isthmus.config_schema import T2IModelConfig
+    from isthmus.config.schema import T2IModelConfig
 
     cfg = compose([f"{group}={option}"], known={"backend.name": ["ascend", "cpu", "cuda", "reference"]},
                   schemas={"model": {"tiny-t2i": T2IModelConfig}})
@@ -108,7 +108,7 @@ def test_every_shipped_option_composes(group, option):
 
 
 def test_a_model_schema_is_chosen_by_the_sections_name():
-    from isthmus.config_schema import T2IModelConfig
+    from isthmus.config.schema import T2IModelConfig
 
     schemas = {"model": {"tiny-t2i": T2IModelConfig}}
     cfg = compose(["model=tiny-t2i", "model.guidance=2"], schemas=schemas)
@@ -230,10 +230,10 @@ def test_unusable_plugin_schemas_are_config_errors(tmp_path):
     ],
 )
 def test_bad_defaults_file(text, expected, tmp_path, monkeypatch):
-    import isthmus.config
+    import isthmus.config.composer
 
     package = write_files(tmp_path, {"defaults.yaml": text, "backend/auto.yaml": "name: auto\n"})
-    monkeypatch.setattr(isthmus.config, "_package_dir", lambda: package)
+    monkeypatch.setattr(isthmus.config.composer, "_package_dir", lambda: package)
     with pytest.raises(ConfigError) as caught:
         compose()
     assert expected in str(caught.value)
@@ -265,22 +265,23 @@ def test_any_override_gives_a_config_or_a_one_line_config_error(overrides):
 
 
 def test_public_names():
-    import isthmus.config
+    import isthmus.config.composer
 
-    assert sorted(isthmus.config.__all__) == sorted(
+    assert sorted(isthmus.config.composer.__all__) == sorted(
         ["ConfigError", "compose", "from_yaml", "group_options", "to_yaml", "RunConfig", "BackendConfig"]
         + ["ModelBase", "ModelConfig", "DataBase", "DataConfig", "TrainConfig"]
         + ["Mlp", "NanPolicy", "Norm", "Precision", "Schedule"]
     )
-    assert all(hasattr(isthmus.config, name) for name in isthmus.config.__all__)
+    assert all(hasattr(isthmus.config.composer, name) for name in isthmus.config.composer.__all__)
 
 
 # --- the corpus through the command line ----------------------------------------------------------
 @pytest.mark.parametrize("entry", CORPUS, ids=[entry["id"] for entry in CORPUS])
 def test_bad_config_through_the_cli_exits_2_with_one_line(entry, tmp_path, monkeypatch, capsys):
     # The corpus files reach the CLI the way a plugin's would: through register_config_dirs.
-    from isthmus import cli, plugin_manager
-    from isthmus.hookspecs import hookimpl
+    from isthmus.cli import main as cli
+    from isthmus.registry import manager as plugin_manager
+    from isthmus.registry.hookspecs import hookimpl
 
     extra = write_files(tmp_path, entry.get("files", {}))
 

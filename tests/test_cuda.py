@@ -25,12 +25,12 @@ import pytest
 import torch
 
 from isthmus.backends.cuda import detect as detect_module
-from isthmus.backends.cuda import kernels as routes
+from isthmus.backends.cuda import routes
 from isthmus.backends.cuda.options import CudaOptions, parse_options
-from isthmus.config import ConfigError
-from isthmus.conformance import run_suite, summary
-from isthmus.routing import KernelRoute, KernelSet
-from isthmus.selection import clear_caches
+from isthmus.config.composer import ConfigError
+from isthmus.verify.conformance import run_suite, summary
+from isthmus.kernels.routing import KernelRoute, KernelSet
+from isthmus.registry.selection import clear_caches
 
 H100_SMI = textwrap.dedent("""\
     GPU 0: NVIDIA H100 80GB HBM3 (UUID: GPU-6a1f7c2e-1111-2222-3333-444455556666)
@@ -199,8 +199,8 @@ def test_bad_options_fail_with_one_line_naming_the_key(options, message):
 
 
 def test_shipped_cuda_config_composes_and_states_tf32_off():
-    from isthmus.config import compose
-    from isthmus.run import plain
+    from isthmus.config.composer import compose
+    from isthmus.train.run import plain
 
     cfg = compose(["backend=cuda"])
     assert cfg.backend.name == "cuda"
@@ -254,7 +254,7 @@ def fake_cuda_torch(monkeypatch):
 
 def test_factory_builds_the_manifest_from_the_fake_device(fake_cuda_torch):
     from isthmus.backends.cuda.torch import build_cuda
-    from isthmus.specs import BackendRequest
+    from isthmus.registry.specs import BackendRequest
 
     parts = build_cuda(BackendRequest(engine="torch", device_index=1, deterministic=False,
                                       options={"allow_tf32": False}))
@@ -270,7 +270,7 @@ def test_factory_builds_the_manifest_from_the_fake_device(fake_cuda_torch):
 
 def test_factory_sets_tf32_only_when_asked(fake_cuda_torch):
     from isthmus.backends.cuda.torch import build_cuda
-    from isthmus.specs import BackendRequest
+    from isthmus.registry.specs import BackendRequest
 
     build_cuda(BackendRequest(engine="torch", deterministic=False, options={"allow_tf32": True}))
     assert torch.backends.cuda.matmul.fp32_precision == "tf32"
@@ -279,7 +279,7 @@ def test_factory_sets_tf32_only_when_asked(fake_cuda_torch):
 def test_factory_refuses_a_device_index_past_the_count(fake_cuda_torch):
     from isthmus.backends.cuda.torch import build_cuda
     from isthmus.errors import BackendUnavailableError
-    from isthmus.specs import BackendRequest
+    from isthmus.registry.specs import BackendRequest
 
     with pytest.raises(BackendUnavailableError, match="backend.device_index=5: torch sees 2 GPU"):
         build_cuda(BackendRequest(engine="torch", device_index=5, deterministic=False))
@@ -296,7 +296,7 @@ def test_factory_refuses_a_cpu_only_torch_with_the_fix(monkeypatch):
 
 def cuda_registry():
     """The plugin registry with the cuda plugin (registered in-process until it is a built-in)."""
-    from isthmus.plugin_manager import load_plugins
+    from isthmus.registry.manager import load_plugins
     from isthmus.plugins import cuda as cuda_plugin
 
     manager, registry = load_plugins(autoload=False)
@@ -307,9 +307,9 @@ def cuda_registry():
 
 def test_auto_picks_cuda_over_cpu_on_a_fake_gpu_machine_and_refuses_bf16_on_a_t4(
         tmp_path, monkeypatch, fake_cuda_torch):
-    from isthmus.config import compose
-    from isthmus.run import CapabilityError, check_capabilities
-    from isthmus.selection import build, select
+    from isthmus.config.composer import compose
+    from isthmus.train.run import CapabilityError, check_capabilities
+    from isthmus.registry.selection import build, select
 
     args = machine(tmp_path)
     monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}")
@@ -517,7 +517,7 @@ def test_importing_the_package_and_plugin_imports_no_engine():
 # ------------------------------------------------------------------------------ on a real GPU
 @pytest.fixture(scope="module")
 def cuda_backend():
-    from isthmus.selection import Selection, build
+    from isthmus.registry.selection import Selection, build
 
     registry = cuda_registry()
     clear_caches()

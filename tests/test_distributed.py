@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from isthmus.checkpoint import load_checkpoint
-from isthmus.config import ConfigError, compose
-from isthmus.parallel import RankSlice, device_index, launch_env, token_count
+from isthmus.train.checkpoint import load_checkpoint
+from isthmus.config.composer import ConfigError, compose
+from isthmus.train.parallel import RankSlice, device_index, launch_env, token_count
 
 TINY = [
     "backend=cpu", "model.d_model=32", "model.n_heads=2", "model.n_layers_vision=1", "model.n_layers_text=1",
@@ -178,7 +178,7 @@ def test_mindspore_two_ranks_under_msrun_match_one_process(tmp_path):
     import importlib
     import socket
 
-    cli_file = importlib.import_module("isthmus.cli").__file__
+    cli_file = importlib.import_module("isthmus.cli.main").__file__
 
     msrun = Path(sys.executable).parent / "msrun"
     if not msrun.exists():

@@ -11,9 +11,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from isthmus.conformance import TOLERANCES, Case, all_cases, compare, run_case, run_suite
-from isthmus.kernels import DTYPES, OPS, Kernels
-from isthmus.routing import KernelSet
+from isthmus.verify.conformance import TOLERANCES, Case, all_cases, compare, run_case, run_suite
+from isthmus.kernels.interface import DTYPES, OPS, Kernels
+from isthmus.kernels.routing import KernelSet
 
 torch = pytest.importorskip("torch")
 

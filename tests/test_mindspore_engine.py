@@ -21,17 +21,17 @@ pytest.importorskip("torch")
 
 import isthmus.backends.mindspore.engine  # noqa: E402,F401  (quiets MindSpore before it loads)
 
-from isthmus.checkpoint import load_checkpoint  # noqa: E402
-from isthmus.config import compose  # noqa: E402
-from isthmus.conformance import all_cases, run_case  # noqa: E402
+from isthmus.train.checkpoint import load_checkpoint  # noqa: E402
+from isthmus.config.composer import compose  # noqa: E402
+from isthmus.verify.conformance import all_cases, run_case  # noqa: E402
 from isthmus.data import make_dataset  # noqa: E402
-from isthmus.hookspecs import hookimpl  # noqa: E402
-from isthmus.models import TinyCaptioner  # noqa: E402
-from isthmus.nn import initialise  # noqa: E402
-from isthmus.plugin_manager import get_registry, load_plugins  # noqa: E402
-from isthmus.run import CapabilityError, prepare  # noqa: E402
-from isthmus.selection import Selection, build  # noqa: E402
-from isthmus.trainer import Trainer  # noqa: E402
+from isthmus.registry.hookspecs import hookimpl  # noqa: E402
+from isthmus.models.captioner.model import TinyCaptioner  # noqa: E402
+from isthmus.nn.params import initialise  # noqa: E402
+from isthmus.registry.manager import get_registry, load_plugins  # noqa: E402
+from isthmus.train.run import CapabilityError, prepare  # noqa: E402
+from isthmus.registry.selection import Selection, build  # noqa: E402
+from isthmus.train.trainer import Trainer  # noqa: E402
 
 TINY = [
     "backend=cpu",
@@ -82,7 +82,7 @@ def test_cpu_backend_offers_mindspore_and_its_manifest_has_no_bfloat16(mindspore
 
 def test_kernel_table_has_every_op(mindspore_cpu):
     from isthmus.backends.mindspore.kernels import MindSporeKernels, kernel_table
-    from isthmus.kernels import OPS, Kernels
+    from isthmus.kernels.interface import OPS, Kernels
 
     engine = mindspore_cpu.engine
     assert set(kernel_table(engine)) == set(OPS) and isinstance(MindSporeKernels(engine), Kernels)

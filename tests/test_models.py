@@ -14,12 +14,12 @@ import pytest
 import yaml
 
 from isthmus.data import EOS, PAD, make_dataset
-from isthmus.kernels import OPS
-from isthmus.models import TinyCaptioner, prefix_lm_mask
-from isthmus.nn import initialise
-from isthmus.plugin_manager import load_plugins
-from isthmus.routing import KernelSet
-from isthmus.run import bind_data
+from isthmus.kernels.interface import OPS
+from isthmus.models.captioner.model import TinyCaptioner, prefix_lm_mask
+from isthmus.nn.params import initialise
+from isthmus.registry.manager import load_plugins
+from isthmus.kernels.routing import KernelSet
+from isthmus.train.run import bind_data
 
 torch = pytest.importorskip("torch")
 
@@ -29,7 +29,7 @@ from isthmus.backends.torch.engine import TorchEngine  # noqa: E402
 from isthmus.backends.torch.kernels import kernel_table as torch_table  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-MODEL_SOURCES = [REPO / "core" / "layers.py", *sorted((REPO / "core" / "models").glob("*.py"))]
+MODEL_SOURCES = [REPO / "core" / "nn" / "layers.py", *sorted((REPO / "core" / "models").glob("*/model.py"))]
 MODEL_NAMES = sorted(load_plugins(autoload=False)[1].names("model"))
 SEED = 5
 

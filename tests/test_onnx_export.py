@@ -16,8 +16,8 @@ import pytest
 pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
-from isthmus import export as export_module  # noqa: E402
-from isthmus.export import export_checkpoint, greedy_with_runner  # noqa: E402
+from isthmus.export import pipeline as export_module  # noqa: E402
+from isthmus.export.pipeline import export_checkpoint, greedy_with_runner  # noqa: E402
 
 TINY = [
     "backend=cpu", "model.d_model=32", "model.n_heads=2", "model.n_layers_vision=1", "model.n_layers_text=1",
@@ -33,7 +33,7 @@ def isthmus(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
 def onnx_registry():
     """The plugin registry with the onnx plugin (built in, or added in-process until it is)."""
     import isthmus.plugins.onnx as onnx_plugin
-    from isthmus.plugin_manager import load_plugins
+    from isthmus.registry.manager import load_plugins
 
     _, registry = load_plugins(autoload=False)
     if "onnx" not in registry.names("exporter"):
@@ -167,8 +167,8 @@ BLOCKED = textwrap.dedent("""
     import json
     from pathlib import Path
     import isthmus.plugins.onnx as onnx_plugin
-    from isthmus.plugin_manager import load_plugins
-    from isthmus.export import export_checkpoint
+    from isthmus.registry.manager import load_plugins
+    from isthmus.export.pipeline import export_checkpoint
     _, registry = load_plugins(autoload=False)
     if "onnx" not in registry.names("exporter"):
         _, registry = load_plugins(autoload=False, extra=[("onnx", onnx_plugin)])
@@ -191,9 +191,9 @@ def test_engine_free_export_needs_neither_torch_nor_mindspore(trained, tmp_path)
 
 
 def test_emitting_kernels_pass_the_conformance_suite_on_onnx_runtime():
-    from isthmus.backends.onnx.runtime import OnnxRuntimeEngine, eager_table
-    from isthmus.conformance import run_suite
-    from isthmus.routing import KernelSet
+    from isthmus.backends.onnx.engine import OnnxRuntimeEngine, eager_table
+    from isthmus.verify.conformance import run_suite
+    from isthmus.kernels.routing import KernelSet
 
     engine = OnnxRuntimeEngine()
     results = run_suite(KernelSet("onnxruntime", "onnxruntime", eager_table(engine)), engine, dtypes=["float32"])
@@ -212,7 +212,7 @@ def test_training_mode_dropout_is_refused_by_the_exporter():
 
 
 def test_greedy_loop_matches_generate_on_the_reference(trained, registry):
-    from isthmus.restore import build_label, restore
+    from isthmus.train.restore import build_label, restore
 
     restored = restore(registry, trained)
     backend = build_label(registry, "reference")

@@ -11,8 +11,8 @@ import pytest
 
 pytest.importorskip("onnx")
 
-from isthmus import onnx_oracle  # noqa: E402
-from isthmus.onnx_adapters import ADAPTERS  # noqa: E402
+from isthmus.verify import onnx_oracle  # noqa: E402
+from isthmus.verify.onnx_adapters import ADAPTERS  # noqa: E402
 
 MAPPED, LEFT_OUT = onnx_oracle.plan_all()
 BY_NAME = {m.case.name: m for m in MAPPED}
@@ -47,8 +47,8 @@ def test_multi_node_graphs_are_not_collected():
 
 def test_oracle_disagrees_with_a_wrong_kernel(usable_kernel_sets):
     _, kernels, engine = usable_kernel_sets[0]
-    from isthmus.kernels import OPS
-    from isthmus.routing import KernelSet
+    from isthmus.kernels.interface import OPS
+    from isthmus.kernels.routing import KernelSet
 
     table = {op: getattr(kernels, op) for op in OPS}
     table["gelu"] = lambda x, approximate="none": kernels.gelu(x, approximate="tanh")

@@ -10,11 +10,11 @@ from importlib import metadata
 import pytest
 
 from isthmus.errors import PluginConflictError, UnknownNameError
-from isthmus.hookspecs import hookimpl
-from isthmus.plugin_manager import load_entry_point, load_plugins, new_manager
-from isthmus.registry import Registry
-from isthmus.routing import KernelRoute
-from isthmus.specs import BackendParts, BackendSpec, ModelSpec, ProbeResult
+from isthmus.registry.hookspecs import hookimpl
+from isthmus.registry.manager import load_entry_point, load_plugins, new_manager
+from isthmus.registry.store import Registry
+from isthmus.kernels.routing import KernelRoute
+from isthmus.registry.specs import BackendParts, BackendSpec, ModelSpec, ProbeResult
 
 
 def spec(name: str, priority: int = 1, usable: bool = True, engines=("numpy",)) -> BackendSpec:
@@ -128,8 +128,8 @@ def test_entry_point_that_fails_to_import_is_recorded(tmp_path, monkeypatch):
     (tmp_path / "isthmus_test_fine_plugin.py").write_text(
         textwrap.dedent(
             """
-            from isthmus.hookspecs import hookimpl
-            from isthmus.routing import KernelRoute
+            from isthmus.registry.hookspecs import hookimpl
+            from isthmus.kernels.routing import KernelRoute
 
             @hookimpl
             def register_kernels(register):
@@ -145,14 +145,14 @@ def test_entry_point_that_fails_to_import_is_recorded(tmp_path, monkeypatch):
     assert "needs libfoo.so" in registry.plugins["broken"].error
     assert "ModuleNotFoundError" in registry.plugins["missing"].error
     assert registry.plugins["fine"].error == ""
-    from isthmus.plugin_manager import collect
+    from isthmus.registry.manager import collect
 
     collect(manager, registry)
     assert [(r.op, r.plugin) for r in registry.kernel_routes] == [("relu", "fine")]
 
 
 def test_kernel_route_for_unknown_op_is_rejected_when_the_set_is_built():
-    from isthmus.routing import KernelSet
+    from isthmus.kernels.routing import KernelSet
 
     table = {"relu": abs}
     with pytest.raises(ValueError, match="unknown op 'relux'"):
@@ -160,7 +160,7 @@ def test_kernel_route_for_unknown_op_is_rejected_when_the_set_is_built():
 
 
 def test_route_with_failed_availability_check_leaves_engine_op():
-    from isthmus.routing import KernelSet
+    from isthmus.kernels.routing import KernelSet
 
     routes = [
         KernelRoute("cpu", "relu", max, available=lambda: False, plugin="off"),

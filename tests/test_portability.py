@@ -12,11 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from isthmus.hookspecs import hookimpl
-from isthmus.op_replay import Recorder, op_ratio, replay
-from isthmus.portability import TOLERANCES, compare_tensor, run_portability
-from isthmus.routing import KernelRoute, KernelSet
-from isthmus.specs import BackendSpec, ProbeResult
+from isthmus.registry.hookspecs import hookimpl
+from isthmus.verify.op_replay import Recorder, op_ratio, replay
+from isthmus.verify.portability import TOLERANCES, compare_tensor, run_portability
+from isthmus.kernels.routing import KernelRoute, KernelSet
+from isthmus.registry.specs import BackendSpec, ProbeResult
 
 TINY = [
     "backend=cpu", "model.d_model=32", "model.n_heads=2", "model.n_layers_vision=1", "model.n_layers_text=1",
@@ -30,7 +30,7 @@ def registry_with(*extra, autoload: bool | None = False):
     """Built-in plugins, the onnx plugin (until it is built in) and ``extra`` (name, plugin) pairs;
     ``autoload=None`` also loads installed entry points, as the command does."""
     import isthmus.plugins.onnx as onnx_plugin
-    from isthmus.plugin_manager import load_plugins
+    from isthmus.registry.manager import load_plugins
 
     _, registry = load_plugins(autoload=autoload)
     plugins = list(extra) + ([] if "onnx" in registry.names("exporter") else [("onnx", onnx_plugin)])
@@ -80,7 +80,7 @@ def test_portability_passes_across_cpu_mindspore_onnxruntime_and_reference(passi
 
 
 def test_backends_that_cannot_run_here_are_listed_with_the_reason(passing):
-    from isthmus.restore import label_status
+    from isthmus.train.restore import label_status
 
     result, out = passing
     report = json.loads((out / "report.json").read_text())
@@ -132,7 +132,7 @@ class WobblyPlugin:
 
 def test_a_perturbed_kernel_fails_the_command_and_is_named(trained, tmp_path, monkeypatch, capsys):
     pytest.importorskip("torch")
-    import isthmus.cli as cli
+    import isthmus.cli.main as cli
 
     registry = registry_with(("wobbly", WobblyPlugin))
     monkeypatch.setattr(cli, "registry", lambda: registry)  # the command reads the registry through it
@@ -142,7 +142,7 @@ def test_a_perturbed_kernel_fails_the_command_and_is_named(trained, tmp_path, mo
         p = wired()
         sub = next(a for a in p._actions if a.dest == "command")
         if "portability" not in sub.choices:
-            from isthmus.cli_export import add_commands
+            from isthmus.cli.export import add_commands
 
             add_commands(sub)
         return p
@@ -179,7 +179,7 @@ def test_replay_names_the_first_wrong_op_and_not_its_victims():
     k.sum(k.mul(k.softmax(k.exp(k.add(x, 1.0))), 2.0))
     assert [c.op for c in recorder.calls] == ["add", "exp", "softmax", "mul", "sum"]
 
-    from isthmus.kernels import OPS
+    from isthmus.kernels.interface import OPS
 
     wrong = {op: getattr(reference, op) for op in OPS}
     wrong["softmax"] = lambda x, axis=-1: table["softmax"](x, axis) * 1.01

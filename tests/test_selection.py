@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 
 from isthmus.errors import BackendUnavailableError
-from isthmus.hookspecs import hookimpl
-from isthmus.plugin_manager import load_plugins
-from isthmus.selection import clear_caches, select, status
-from isthmus.specs import BackendParts, BackendSpec, ProbeResult
+from isthmus.registry.hookspecs import hookimpl
+from isthmus.registry.manager import load_plugins
+from isthmus.registry.selection import clear_caches, select, status
+from isthmus.registry.specs import BackendParts, BackendSpec, ProbeResult
 
 
 @pytest.fixture(autouse=True)

@@ -8,15 +8,15 @@ import sys
 
 import pytest
 
-from isthmus.backends.ascend.selftest import EXIT_FAIL, EXIT_NOT_USABLE, EXIT_PASS, run_selftest
-from isthmus.hookspecs import hookimpl
-from isthmus.plugin_manager import load_plugins
-from isthmus.routing import KernelRoute
-from isthmus.specs import BackendSpec, ProbeResult
+from isthmus.verify.selftest import EXIT_FAIL, EXIT_NOT_USABLE, EXIT_PASS, run_selftest
+from isthmus.registry.hookspecs import hookimpl
+from isthmus.registry.manager import load_plugins
+from isthmus.kernels.routing import KernelRoute
+from isthmus.registry.specs import BackendSpec, ProbeResult
 
 
 def selftest(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "isthmus.selftest_cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "isthmus.cli.selftest", *args], capture_output=True, text=True,
                           timeout=600, env=dict(os.environ))
 
 
@@ -50,7 +50,7 @@ def test_unknown_backend_is_a_usage_error():
 
 def test_the_cli_offers_selftest():
     result = subprocess.run([sys.executable, "-m", "isthmus.cli", "selftest", "--help"], capture_output=True, text=True)
-    assert result.returncode == 0, "wire isthmus.selftest_cli.add_commands into core/cli.py's parser"
+    assert result.returncode == 0, "wire isthmus.cli.selftest.add_commands into core/cli/main.py's parser"
     text = " ".join(result.stdout.split())
     assert "--backend NAME" in text and "3 the backend is not usable on this machine" in text
 

@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 
 from isthmus.data import make_dataset
-from isthmus.models.t2i import TinyT2I
-from isthmus.data.coded import CodedDataset, empty_captions
-from isthmus.data.visual_tokenizer import VisualTokenizer, tiles, untile
-from isthmus.t2i_eval import match_rates
-from isthmus.t2i_sampling import choose, sample_codes
-from isthmus.nn import initialise
+from isthmus.models.t2i.model import TinyT2I
+from isthmus.models.t2i.coded import CodedDataset, empty_captions
+from isthmus.models.t2i.visual_tokenizer import VisualTokenizer, tiles, untile
+from isthmus.models.t2i.evaluate import match_rates
+from isthmus.models.t2i.sampling import choose, sample_codes
+from isthmus.nn.params import initialise
 
 TINY_MODEL = {"d_model": 32, "n_heads": 2, "n_layers": 1, "decoder_d_model": 16, "decoder_heads": 2,
               "decoder_layers": 1, "codebook_size": 48}
@@ -246,7 +246,7 @@ def test_training_writes_metrics_grid_and_closed_loop(trained):
     grid = Image.open(run_dir / "samples.png")
     assert grid.size[0] >= 4 * 128 and grid.size[1] >= 2 * 128  # 8 prompts, 4 to a row, 32 px x 4
     assert "closed loop" in result.stdout and "samples.png" in result.stdout
-    from isthmus.checkpoint import load_checkpoint
+    from isthmus.train.checkpoint import load_checkpoint
 
     saved = load_checkpoint(run_dir).state.extra["model_data"]["visual_tokenizer"]
     assert VisualTokenizer.from_dict(saved).size <= TINY_MODEL["codebook_size"]
@@ -310,9 +310,9 @@ def test_export_and_portability_across_engines(trained, tmp_path):
     pytest.importorskip("onnxruntime")
     pytest.importorskip("mindspore")
     run_dir, _ = trained
-    from isthmus.export import export_checkpoint
-    from isthmus.plugin_manager import get_registry
-    from isthmus.portability import run_portability
+    from isthmus.export.pipeline import export_checkpoint
+    from isthmus.registry.manager import get_registry
+    from isthmus.verify.portability import run_portability
 
     registry = get_registry()
     outcome = export_checkpoint(registry, run_dir, output=tmp_path / "t2i.onnx", echo=lambda line: None)
@@ -341,7 +341,7 @@ def test_trains_on_mindspore_and_generates_the_same_image_as_torch(tmp_path):
     losses = [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
               if json.loads(line)["split"] == "train"]
     assert len(losses) == 12 and losses[-1] < 0.9 * losses[0], losses
-    from isthmus.checkpoint import load_checkpoint
+    from isthmus.train.checkpoint import load_checkpoint
 
     assert load_checkpoint(run_dir).state.engine == "mindspore"
     from PIL import Image

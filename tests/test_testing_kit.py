@@ -1,6 +1,6 @@
-"""The backend conformance kit (``isthmus.testing``) as a third party runs it: pytest in a subprocess.
+"""The backend conformance kit (``isthmus.testing.plugin``) as a third party runs it: pytest in a subprocess.
 
-The kit is loaded with ``-p isthmus.testing`` and plugin autoload off, so these tests do not depend
+The kit is loaded with ``-p isthmus.testing.plugin`` and plugin autoload off, so these tests do not depend
 on the ``pytest11`` entry point being installed (with it, ``-p`` would register the module twice).
 """
 
@@ -19,10 +19,10 @@ EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "isthmus-backend-ex
 INI = "[pytest]\naddopts = --import-mode=importlib -p no:cacheprovider\n"
 
 BROKEN_CONFTEST = '''
-from isthmus.backend import Capabilities
-from isthmus.hookspecs import hookimpl
-from isthmus.routing import KernelRoute
-from isthmus.specs import BackendParts, BackendSpec, ProbeResult
+from isthmus.registry.backend import Capabilities
+from isthmus.registry.hookspecs import hookimpl
+from isthmus.kernels.routing import KernelRoute
+from isthmus.registry.specs import BackendParts, BackendSpec, ProbeResult
 
 
 def factory(request):
@@ -64,7 +64,7 @@ def pytest_isthmus_plugins(config):
 def kit(cwd: Path, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1", "GLOG_v": "3"}
     env.pop("PYTEST_ADDOPTS", None)
-    return subprocess.run([sys.executable, "-m", "pytest", "-p", "isthmus.testing", "-q", "-rfEsx", *args],
+    return subprocess.run([sys.executable, "-m", "pytest", "-p", "isthmus.testing.plugin", "-q", "-rfEsx", *args],
                           cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
 
 
@@ -76,8 +76,8 @@ def counts(out: str) -> dict[str, int]:
 def quick_expectation() -> int:
     """Quick mode: the first conformance case of each op (float32), the first ONNX case of each
     operator, and the two integration tests."""
-    from isthmus import onnx_oracle
-    from isthmus.conformance import all_cases
+    from isthmus.verify import onnx_oracle
+    from isthmus.verify.conformance import all_cases
 
     ops = {c.op for c in all_cases()}
     return len(ops) + len({m.case.op_type for m in onnx_oracle.plan_all()[0]}) + 2
@@ -153,7 +153,7 @@ def test_an_unknown_backend_is_a_usage_error_that_lists_the_known_ones(tmp_path)
 
 
 def test_exclusions_parse():
-    from isthmus.testing_exclusions import ExclusionsError, parse
+    from isthmus.testing.exclusions import ExclusionsError, parse
 
     excl = parse({"exclude": [{"op": "attention", "reason": "gqa later", "cases": ["attention-gqa"]},
                               {"op": "training", "reason": "no autodiff yet", "skip": True}]})

@@ -8,12 +8,12 @@ import math
 import numpy as np
 import pytest
 
-from isthmus.checkpoint import load_checkpoint
-from isthmus.config import compose
-from isthmus.hookspecs import hookimpl
-from isthmus.plugin_manager import load_plugins
-from isthmus.run import prepare
-from isthmus.trainer import Trainer, TrainingStopped
+from isthmus.train.checkpoint import load_checkpoint
+from isthmus.config.composer import compose
+from isthmus.registry.hookspecs import hookimpl
+from isthmus.registry.manager import load_plugins
+from isthmus.train.run import prepare
+from isthmus.train.trainer import Trainer, TrainingStopped
 
 TINY = [
     "backend=cpu",

@@ -3,7 +3,7 @@
 CANN detection (:mod:`.detect`, :mod:`.npu_smi`), the ``TORCH_DEVICE_BACKEND_AUTOLOAD`` guard
 (:mod:`.guard`), the SoC capability table (:mod:`.soc`), validated precision switches
 (:mod:`.options`), the torch engine on ``npu:N`` with torch_npu fused kernel routes (:mod:`.torch`,
-:mod:`.torch_npu_kernels`), the MindSpore engine on Ascend (:mod:`.mindspore`) and the hardware
+:mod:`.routes`), the MindSpore engine on Ascend (:mod:`.mindspore`) and the hardware
 acceptance report (:mod:`.selftest`).
 
 Importing this package, :mod:`.detect`, :mod:`.guard`, :mod:`.soc` or :mod:`.options` imports no

@@ -16,13 +16,13 @@ import inspect
 import re
 from typing import Any
 
-from isthmus.backend import Capabilities
+from isthmus.registry.backend import Capabilities
 from isthmus.backends.ascend.engine import AscendEngine
 from isthmus.backends.ascend.options import AscendOptions, parse_options
 from isthmus.backends.ascend.soc import SocInfo, lookup
-from isthmus.config import ConfigError
+from isthmus.config.composer import ConfigError
 from isthmus.errors import BackendUnavailableError
-from isthmus.specs import BackendParts, BackendRequest
+from isthmus.registry.specs import BackendParts, BackendRequest
 
 NO_FLOAT64 = "Ascend AI Cores have no float64 arithmetic"
 COMM_BACKEND = "hccl"

@@ -11,8 +11,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any, Mapping
 
-from isthmus.config import ConfigError
-from isthmus.registry import suggest
+from isthmus.config.composer import ConfigError
+from isthmus.registry.store import suggest
 
 PRECISION_MODES = (
     "must_keep_origin_dtype",
@@ -64,7 +64,7 @@ def _bool(key: str, value: Any, problems: list[str]) -> bool:
 
 def parse_options(options: Mapping[str, Any] | None) -> AscendOptions:
     """Validate ``backend.options``; every problem is reported at once, naming the key and the
-    valid values. Raises :class:`isthmus.config.ConfigError`."""
+    valid values. Raises :class:`isthmus.config.composer.ConfigError`."""
     options = dict(options or {})
     problems: list[str] = []
     for key in options:

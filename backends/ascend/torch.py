@@ -3,7 +3,7 @@
 Device ``npu:N`` counts within ``ASCEND_RT_VISIBLE_DEVICES`` (like ``CUDA_VISIBLE_DEVICES``). The
 engine is the generic :class:`~isthmus.backends.torch.engine.TorchEngine`; this module adds what
 torch_npu needs around it: a refusal beside a CUDA build of torch, the HF32 switches, the SoC's
-manifest, and the fused kernel routes of :mod:`.torch_npu_kernels`. Collectives go through HCCL.
+manifest, and the fused kernel routes of :mod:`.routes`. Collectives go through HCCL.
 
 Written from torch_npu 2.13's Python sources and documentation; not run on Ascend silicon here.
 """
@@ -13,15 +13,15 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from isthmus.backend import Capabilities
-from isthmus.backends.ascend import torch_npu_kernels
+from isthmus.registry.backend import Capabilities
+from isthmus.backends.ascend import routes
 from isthmus.backends.ascend.detect import parse_visible, visible_mapping
 from isthmus.backends.ascend.engine import AscendEngine
 from isthmus.backends.ascend.guard import refuse_cuda_torch
 from isthmus.backends.ascend.options import AscendOptions, parse_options
 from isthmus.backends.ascend.soc import SocInfo, lookup
 from isthmus.errors import BackendUnavailableError
-from isthmus.specs import BackendParts, BackendRequest
+from isthmus.registry.specs import BackendParts, BackendRequest
 
 COMM_BACKEND = "hccl"
 
@@ -85,7 +85,7 @@ def build_torch(request: BackendRequest) -> BackendParts:
         torch.use_deterministic_algorithms(True, warn_only=True)
     soc = lookup(torch_npu.npu.get_device_name(index))
     bf16 = bool(torch_npu.npu.is_bf16_supported())
-    torch_npu_kernels.enable(soc.fused if options.fused_kernels else frozenset())
+    routes.enable(soc.fused if options.fused_kernels else frozenset())
     inner = TorchEngine(f"npu:{index}")
     # torch_npu's count already honours the variable; a malformed one leaves the mapping unknown.
     physical = visible_mapping(index, visible) if visible and index < len(visible) else index

@@ -35,9 +35,9 @@ KEYS = tuple(CudaOptions.__dataclass_fields__)
 
 def parse_options(options: Mapping[str, Any] | None) -> CudaOptions:
     """Validate ``backend.options``; every problem is reported at once in one line, naming the key
-    and the valid values. Raises :class:`isthmus.config.ConfigError`."""
-    from isthmus.config import ConfigError
-    from isthmus.registry import suggest
+    and the valid values. Raises :class:`isthmus.config.composer.ConfigError`."""
+    from isthmus.config.composer import ConfigError
+    from isthmus.registry.store import suggest
 
     options = dict(options or {})
     problems: list[str] = []

@@ -16,12 +16,12 @@ import os
 from dataclasses import replace
 from typing import Any, Callable
 
-from isthmus.backend import Capabilities
-from isthmus.backends.cuda import kernels as cuda_kernels
+from isthmus.registry.backend import Capabilities
+from isthmus.backends.cuda import routes as routes
 from isthmus.backends.cuda.detect import TORCH_FIX, parse_visible
 from isthmus.backends.cuda.options import CudaOptions, parse_options
 from isthmus.errors import BackendUnavailableError
-from isthmus.specs import BackendParts, BackendRequest
+from isthmus.registry.specs import BackendParts, BackendRequest
 
 COMM_BACKEND = "nccl"
 BF16_MIN_CAPABILITY = (8, 0)
@@ -79,7 +79,7 @@ def capabilities(props: Any, devices: int, options: CudaOptions, nccl: bool = Tr
         dtypes.add("bfloat16")
     return Capabilities(
         dtypes=frozenset(dtypes),
-        fused_kernels=frozenset(cuda_kernels.ROUTED_OPS if options.fused_kernels else ()),
+        fused_kernels=frozenset(routes.ROUTED_OPS if options.fused_kernels else ()),
         compile=triton and capability >= COMPILE_MIN_CAPABILITY,
         comm_backend=COMM_BACKEND if nccl else "gloo",
         max_devices=devices,
@@ -212,7 +212,7 @@ def build_cuda(request: BackendRequest) -> BackendParts:
         torch.backends.cudnn.benchmark = False
     props = torch.cuda.get_device_properties(index)
     capability = (int(props.major), int(props.minor))
-    cuda_kernels.enable(cuda_kernels.ROUTED_OPS if options.fused_kernels else (), capability)
+    routes.enable(routes.ROUTED_OPS if options.fused_kernels else (), capability)
     inner = TorchEngine(f"cuda:{index}")
     visible = parse_visible(os.environ.get("CUDA_VISIBLE_DEVICES"))
     engine = CudaEngine(inner, {
@@ -220,7 +220,7 @@ def build_cuda(request: BackendRequest) -> BackendParts:
         "visible_as": visible[index] if visible and index < len(visible) else str(index),
         "torch_cuda": str(torch.version.cuda),
         "allow_tf32": options.allow_tf32,
-        "fused_routes": list(cuda_kernels.ROUTED_OPS) if options.fused_kernels else [],
+        "fused_routes": list(routes.ROUTED_OPS) if options.fused_kernels else [],
         "comm_backend": COMM_BACKEND,
     }, options, torch)
     nccl = bool(torch.distributed.is_available() and torch.distributed.is_nccl_available())

@@ -10,11 +10,11 @@ import mindspore as ms
 import numpy as np
 from mindspore import ops
 
-from isthmus.parallel import DistributedError
+from isthmus.train.parallel import DistributedError
 
 
 class DataParallel:
-    """:class:`isthmus.parallel.Comm` over ``mindspore.communication``; joins the world group."""
+    """:class:`isthmus.train.parallel.Comm` over ``mindspore.communication``; joins the world group."""
 
     def __init__(self, comm_backend: str, timeout_s: float, engine: Any, env: Any) -> None:
         from mindspore.communication import get_group_size, get_rank, init

@@ -35,7 +35,7 @@ _NAMES = {dtype: name for name, dtype in MS_DTYPES.items()}
 
 
 def ms_dtype(name: str) -> Any:
-    """The MindSpore dtype for an :data:`isthmus.kernels.DTYPES` name."""
+    """The MindSpore dtype for an :data:`isthmus.kernels.interface.DTYPES` name."""
     try:
         return MS_DTYPES[name]
     except KeyError:
@@ -43,7 +43,7 @@ def ms_dtype(name: str) -> Any:
 
 
 def dtype_name(dtype: Any) -> str:
-    """The :data:`isthmus.kernels.DTYPES` name of a MindSpore dtype (MindSpore's own otherwise)."""
+    """The :data:`isthmus.kernels.interface.DTYPES` name of a MindSpore dtype (MindSpore's own otherwise)."""
     return _NAMES.get(dtype, str(dtype).lower())
 
 
@@ -98,7 +98,7 @@ def configure_cpu(threads: int, deterministic: bool) -> None:
 
 
 class MindSporeEngine:
-    """:class:`isthmus.backend.Engine` over MindSpore on ``device_target`` (``"CPU"``, ``"GPU"``,
+    """:class:`isthmus.registry.backend.Engine` over MindSpore on ``device_target`` (``"CPU"``, ``"GPU"``,
     ``"Ascend"``) and ``device_id``.
 
     ``generator`` (a numpy ``Generator``) draws dropout masks on the host: its state is plain data,

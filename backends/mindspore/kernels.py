@@ -1,4 +1,4 @@
-"""MindSpore kernels: the contract of :mod:`isthmus.kernels` on ``mindspore.ops`` (PyNative).
+"""MindSpore kernels: the contract of :mod:`isthmus.kernels.interface` on ``mindspore.ops`` (PyNative).
 
 MindSpore's functional ops cover most of the contract; where an op differs from the contract on
 some device target the difference is repaired here, with the reason next to it:
@@ -11,7 +11,7 @@ some device target the difference is repaired here, with the reason next to it:
   float64; ``LogSoftmax`` computes float64 in float32: float64 goes through ``logsumexp``;
 * a Python float meeting a float64 tensor is rounded to float32: it becomes a float64 tensor;
 * ``conv2d`` has no float64 kernel: float64 goes through patches and a matmul (im2col, in
-  :mod:`isthmus.backends.mindspore.nn` with the other composed ops);
+  :mod:`isthmus.backends.mindspore.kernels_nn` with the other composed ops);
 * ``logsumexp``, ``layer_norm``, ``rms_norm``, ``attention`` and ``cross_entropy`` are composed
   from primitives so that their numerics are the contract's, not a device library's.
 """
@@ -24,10 +24,10 @@ from typing import Any, Sequence
 import numpy as np
 
 # MindSpore comes through the engine module, which quiets its logging before it loads.
-from isthmus.backends.mindspore import nn, optim
+from isthmus.backends.mindspore import kernels_nn as nn, optim
 from isthmus.backends.mindspore.engine import MindSporeEngine, dtype_name, ms, ms_dtype, ops, scalar
-from isthmus.kernels import OPS
-from isthmus.kernel_args import axes as _dims, pair as _pair, reduced_shape as _reduced_shape
+from isthmus.kernels.interface import OPS
+from isthmus.kernels.args import axes as _dims, pair as _pair, reduced_shape as _reduced_shape
 
 _FLOATS = (ms.float64, ms.float32, ms.float16, ms.bfloat16)
 # Float dtypes with a Conv2D kernel on every MindSpore device target.
@@ -80,7 +80,7 @@ def _empty_reduction(shape: Sequence[int], dims: tuple[int, ...]) -> bool:
 
 
 class MindSporeKernels:
-    """The :class:`isthmus.kernels.Kernels` contract on one :class:`MindSporeEngine`."""
+    """The :class:`isthmus.kernels.interface.Kernels` contract on one :class:`MindSporeEngine`."""
 
     def __init__(self, engine: MindSporeEngine) -> None:
         self.engine = engine
@@ -431,6 +431,6 @@ class MindSporeKernels:
 
 
 def kernel_table(engine: MindSporeEngine) -> dict[str, Any]:
-    """Every op in :data:`isthmus.kernels.OPS`, bound to ``engine``."""
+    """Every op in :data:`isthmus.kernels.interface.OPS`, bound to ``engine``."""
     kernels = MindSporeKernels(engine)
     return {op: getattr(kernels, op) for op in OPS}

@@ -12,14 +12,14 @@ from typing import Sequence
 
 # MindSpore comes through the engine module, which quiets its logging before it loads.
 from isthmus.backends.mindspore.engine import ms, ops, scalar
-from isthmus.kernel_args import adamw_lists
+from isthmus.kernels.args import adamw_lists
 
 
 def adamw_update(params: Sequence[ms.Tensor], grads: Sequence[ms.Tensor],
                  exp_avgs: Sequence[ms.Tensor], exp_avg_sqs: Sequence[ms.Tensor], step: int,
                  lr: float, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8,
                  weight_decay: float = 0.01) -> tuple[list[ms.Tensor], list[ms.Tensor], list[ms.Tensor]]:
-    """One AdamW step (see :meth:`isthmus.kernels.Kernels.adamw_update`); returns new lists."""
+    """One AdamW step (see :meth:`isthmus.kernels.interface.Kernels.adamw_update`); returns new lists."""
     params, grads, exp_avgs, exp_avg_sqs = adamw_lists(step, params, grads, exp_avgs, exp_avg_sqs)
     # Scalars are computed in Python (float64) and rounded once to each tensor's dtype.
     step_size = lr / (1.0 - beta1**step)

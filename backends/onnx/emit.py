@@ -1,4 +1,4 @@
-"""Kernels that emit ONNX nodes: the contract of :mod:`isthmus.kernels` as graph construction.
+"""Kernels that emit ONNX nodes: the contract of :mod:`isthmus.kernels.interface` as graph construction.
 
 Each op takes :class:`~isthmus.backends.onnx.graph.Value` tensors (and Python values where the
 contract takes them), appends the nodes that compute it to the graph, and returns the output
@@ -65,7 +65,7 @@ class Emitter:
     """The emitting kernels over one :class:`Graph`.
 
     Op methods (``add``, ``cast``...) have the signatures and semantics of
-    :class:`isthmus.kernels.Kernels`, documented there; the helpers above them (``operands``,
+    :class:`isthmus.kernels.interface.Kernels`, documented there; the helpers above them (``operands``,
     ``reduce``, ``slice``...) are what the other emitting modules build on.
 
     ``host_input`` (given by the eager ONNX Runtime kernels) turns a host array into a graph input:

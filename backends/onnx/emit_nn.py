@@ -1,7 +1,7 @@
 """Emitting kernels, part two: linear algebra, nn and optimizer ops as ONNX nodes.
 
 Each function takes the :class:`~isthmus.backends.onnx.emit.Emitter` first, then the op's
-arguments exactly as in :mod:`isthmus.kernels`. Ops with a single ONNX operator at the export's
+arguments exactly as in :mod:`isthmus.kernels.interface`. Ops with a single ONNX operator at the export's
 opset use it (``Conv``, ``Softmax``, ``LayerNormalization`` from opset 17, ``RMSNormalization``
 from 23); the others are composed from primitive operators in the contract's numerically stable
 form, which also keeps the graph within what Ascend's ATC accepts (ONNX opsets 9 to 18).
@@ -17,7 +17,7 @@ import numpy as np
 from isthmus.backends.onnx import emit_shape
 from isthmus.backends.onnx.emit import Emitter
 from isthmus.backends.onnx.graph import ExportError, Value, broadcast, is_static
-from isthmus.kernel_args import pair as _pair
+from isthmus.kernels.args import pair as _pair
 
 
 # ---------------------------------------------------------------------------- linear algebra

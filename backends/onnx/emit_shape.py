@@ -1,7 +1,7 @@
 """Emitting kernels, part two: reductions and shape ops as ONNX nodes.
 
 Functions take the :class:`~isthmus.backends.onnx.emit.Emitter` first, then the op's arguments as
-in :mod:`isthmus.kernels`. Shapes may hold :class:`~isthmus.backends.onnx.graph.Dim` entries: a
+in :mod:`isthmus.kernels.interface`. Shapes may hold :class:`~isthmus.backends.onnx.graph.Dim` entries: a
 ``Reshape`` target with one becomes a ``Concat`` of constants and the Dim's run-time value, and an
 output size only the graph knows (a ``-1``, a concat along a dynamic dim) is read back with
 ``Shape`` when model code asks for it. (The module shadows ``sum`` and ``max`` with the ops of

@@ -23,8 +23,8 @@ from typing import Any, Mapping
 import numpy as np
 
 from isthmus.backends.onnx.graph import ExportError
-from isthmus.backends.onnx.runtime import DEFAULT_OPSET, runner
-from isthmus.export import ExportRequest, Exported
+from isthmus.backends.onnx.engine import DEFAULT_OPSET, runner
+from isthmus.export.pipeline import ExportRequest, Exported
 
 EXPORTERS = ("kernel", "torch", "mindspore")
 # 17 is the lowest opset with LayerNormalization, and within Ascend ATC's v9..v18; torch's dynamo
@@ -164,8 +164,8 @@ def _torch_module(request: ExportRequest) -> tuple[Any, list[str]]:
     the torch backend's kernels (``shape`` and ``reshape`` keep torch's symbolic sizes)."""
     import torch
 
-    from isthmus.kernels import OPS
-    from isthmus.routing import KernelSet
+    from isthmus.kernels.interface import OPS
+    from isthmus.kernels.routing import KernelSet
 
     backend = request.backend
     if backend is None or backend.engine_name != "torch":
@@ -297,8 +297,8 @@ def _mindspore_kernels(backend: Any) -> Any:
 
     from isthmus.backends.onnx.emit import reference_cast
     from isthmus.backends.onnx.graph import numpy_dtype
-    from isthmus.kernels import OPS
-    from isthmus.routing import KernelSet
+    from isthmus.kernels.interface import OPS
+    from isthmus.kernels.routing import KernelSet
 
     def arange(start: int, stop: int | None = None, step: int = 1, dtype: str = "int64") -> Any:
         values = np.arange(start, stop, step) if stop is not None else np.arange(start)

@@ -1,4 +1,4 @@
-"""The emitting kernel table: every op of :mod:`isthmus.kernels` as ONNX graph construction.
+"""The emitting kernel table: every op of :mod:`isthmus.kernels.interface` as ONNX graph construction.
 
 Ops come from three modules by kind: :class:`~isthmus.backends.onnx.emit.Emitter` (creation,
 metadata, elementwise), :mod:`~isthmus.backends.onnx.emit_shape` (reductions, shape) and
@@ -15,12 +15,12 @@ import numpy as np
 from isthmus.backends.onnx import emit_nn, emit_shape
 from isthmus.backends.onnx.emit import Emitter, HostInput
 from isthmus.backends.onnx.graph import Graph
-from isthmus.kernels import OPS
+from isthmus.kernels.interface import OPS
 
 
 def kernel_table(graph: Graph, generator: np.random.Generator | None = None,
                  host_input: HostInput | None = None) -> dict[str, Callable[..., Any]]:
-    """Every op in :data:`isthmus.kernels.OPS`, emitting into ``graph``.
+    """Every op in :data:`isthmus.kernels.interface.OPS`, emitting into ``graph``.
 
     Each op runs with ``graph.scope`` set to ``<op>_<n>`` so its nodes are named after the kernel
     call that made them (ops an op calls internally keep the outer op's scope).

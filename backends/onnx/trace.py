@@ -15,7 +15,7 @@ import onnx
 
 from isthmus.backends.onnx.kernels import kernel_table
 from isthmus.backends.onnx.graph import Dim, ExportError, Graph, Value, dtype_name
-from isthmus.routing import KernelSet
+from isthmus.kernels.routing import KernelSet
 
 BATCH_DIM = "batch"
 MIN_OPSET = 13

@@ -11,7 +11,7 @@ from isthmus.backends.reference.kernels import to_reference
 
 
 class ReferenceEngine:
-    """:class:`isthmus.backend.Engine` for the float64 golden model.
+    """:class:`isthmus.registry.backend.Engine` for the float64 golden model.
 
     Tensors are numpy arrays: floats float64 (narrower dtypes only round values), integers int64,
     booleans bool. ``generator`` feeds ``dropout``; :meth:`seed` resets it.

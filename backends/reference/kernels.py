@@ -13,8 +13,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from isthmus.kernels import FLOAT_DTYPES, OPS
-from isthmus.kernel_args import axes as _axes, pair as _pair
+from isthmus.kernels.interface import FLOAT_DTYPES, OPS
+from isthmus.kernels.args import axes as _axes, pair as _pair
 
 _erf = np.frompyfunc(math.erf, 1, 1)
 
@@ -58,7 +58,7 @@ def to_reference(data: Any, dtype: str | None = None) -> np.ndarray:
 
 
 def cast(x: np.ndarray, dtype: str) -> np.ndarray:
-    """Reference ``cast``: see :meth:`isthmus.kernels.Kernels.cast`."""
+    """Reference ``cast``: see :meth:`isthmus.kernels.interface.Kernels.cast`."""
     x = np.asarray(x)
     if dtype in FLOAT_DTYPES:
         return round_to_dtype(x, dtype)
@@ -86,7 +86,7 @@ def _logsumexp(x: np.ndarray, axes: tuple[int, ...]) -> np.ndarray:
 
 
 class ReferenceKernels:
-    """The :class:`isthmus.kernels.Kernels` contract in NumPy float64."""
+    """The :class:`isthmus.kernels.interface.Kernels` contract in NumPy float64."""
 
     def __init__(self, engine: Any) -> None:
         self.engine = engine
@@ -383,6 +383,6 @@ class ReferenceKernels:
 
 
 def kernel_table(engine: Any) -> dict[str, Any]:
-    """Every op in :data:`isthmus.kernels.OPS`, bound to ``engine`` (a ReferenceEngine)."""
+    """Every op in :data:`isthmus.kernels.interface.OPS`, bound to ``engine`` (a ReferenceEngine)."""
     kernels = ReferenceKernels(engine)
     return {op: getattr(kernels, op) for op in OPS}

@@ -9,13 +9,13 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from isthmus.parallel import DistributedError
+from isthmus.train.parallel import DistributedError
 
 BUCKET_BYTES = 25 * 2**20
 
 
 class DataParallel:
-    """:class:`isthmus.parallel.Comm` over ``torch.distributed``; joins the group on creation."""
+    """:class:`isthmus.train.parallel.Comm` over ``torch.distributed``; joins the group on creation."""
 
     def __init__(self, comm_backend: str, timeout_s: float, engine: Any, env: Any) -> None:
         device = engine.torch_device

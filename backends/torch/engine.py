@@ -23,7 +23,7 @@ _NAMES = {dtype: name for name, dtype in TORCH_DTYPES.items()}
 
 
 def torch_dtype(name: str) -> torch.dtype:
-    """The torch dtype for an :data:`isthmus.kernels.DTYPES` name."""
+    """The torch dtype for an :data:`isthmus.kernels.interface.DTYPES` name."""
     try:
         return TORCH_DTYPES[name]
     except KeyError:
@@ -31,12 +31,12 @@ def torch_dtype(name: str) -> torch.dtype:
 
 
 def dtype_name(dtype: torch.dtype) -> str:
-    """The :data:`isthmus.kernels.DTYPES` name of a torch dtype (torch's own name otherwise)."""
+    """The :data:`isthmus.kernels.interface.DTYPES` name of a torch dtype (torch's own name otherwise)."""
     return _NAMES.get(dtype, str(dtype).removeprefix("torch."))
 
 
 class TorchEngine:
-    """:class:`isthmus.backend.Engine` over torch on ``device`` (``"cpu"``, ``"cuda:0"``, ``"npu"``).
+    """:class:`isthmus.registry.backend.Engine` over torch on ``device`` (``"cpu"``, ``"cuda:0"``, ``"npu"``).
 
     ``generator`` feeds ``dropout``. It lives on the device when torch can make one there and on the
     host otherwise (random masks are then drawn on the host and copied over).

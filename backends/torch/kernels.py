@@ -1,4 +1,4 @@
-"""Torch kernels for any device type: the contract of :mod:`isthmus.kernels` on ``torch``.
+"""Torch kernels for any device type: the contract of :mod:`isthmus.kernels.interface` on ``torch``.
 
 Every op uses the engine's ``torch.device`` and calls ``torch.nn.functional`` where it has the op,
 so device backends (CUDA, torch_npu) dispatch to their own fused kernels. Nothing here assumes CPU.
@@ -15,8 +15,8 @@ import torch.nn.functional as F
 
 from isthmus.backends.torch import optim
 from isthmus.backends.torch.engine import TorchEngine, dtype_name, torch_dtype
-from isthmus.kernels import OPS
-from isthmus.kernel_args import axes as _dims, pair as _pair, reduced_shape as _reduced_shape
+from isthmus.kernels.interface import OPS
+from isthmus.kernels.args import axes as _dims, pair as _pair, reduced_shape as _reduced_shape
 
 
 def _is_int(value: Any) -> bool:
@@ -26,7 +26,7 @@ def _is_int(value: Any) -> bool:
 
 
 class TorchKernels:
-    """The :class:`isthmus.kernels.Kernels` contract on one :class:`TorchEngine`."""
+    """The :class:`isthmus.kernels.interface.Kernels` contract on one :class:`TorchEngine`."""
 
     def __init__(self, engine: TorchEngine) -> None:
         self.engine = engine
@@ -312,7 +312,7 @@ class TorchKernels:
 
 
 def kernel_table(engine: TorchEngine) -> dict[str, Any]:
-    """Every op in :data:`isthmus.kernels.OPS`, bound to ``engine``."""
+    """Every op in :data:`isthmus.kernels.interface.OPS`, bound to ``engine``."""
     kernels = TorchKernels(engine)
     return {op: getattr(kernels, op) for op in OPS}
 

@@ -11,7 +11,7 @@ import math
 from typing import Sequence
 
 import torch
-from isthmus.kernel_args import adamw_lists
+from isthmus.kernels.args import adamw_lists
 
 _FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -51,7 +51,7 @@ def adamw_path(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
 def adamw_update(params, grads, exp_avgs, exp_avg_sqs, step: int, lr: float, beta1: float = 0.9,
                  beta2: float = 0.999, eps: float = 1e-8, weight_decay: float = 0.01,
                  path: str | None = None):
-    """One in-place AdamW step (see :meth:`isthmus.kernels.Kernels.adamw_update`); ``path`` forces
+    """One in-place AdamW step (see :meth:`isthmus.kernels.interface.Kernels.adamw_update`); ``path`` forces
     an implementation, for tests. Returns the same lists."""
     params, grads, exp_avgs, exp_avg_sqs = adamw_lists(step, params, grads, exp_avgs, exp_avg_sqs)
     path = path or adamw_path(params, grads, exp_avgs, exp_avg_sqs)

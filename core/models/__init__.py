@@ -1,7 +1,3 @@
-"""The reference models, each written once against kernels and registered by the built-in
-``models`` plugin (:mod:`isthmus.plugins.models`) through the same hook third parties use."""
-
-from isthmus.models.captioner import CaptionerConfig, TinyCaptioner, prefix_lm_mask
-from isthmus.models.t2i import T2IConfig, TinyT2I
-
-__all__ = ["CaptionerConfig", "T2IConfig", "TinyCaptioner", "TinyT2I", "prefix_lm_mask"]
+"""Engine-neutral models, one package each (``isthmus.models.<name>``): architecture, config
+schema, data view, evaluation, commands and plugin registration. Nothing outside a model's own
+package names it."""

@@ -6,7 +6,7 @@ import math
 
 
 def attention(q, k, v, mask=None, causal=False, scale=None):
-    """Same contract as ``isthmus.kernels.Kernels.attention``, computed step by step."""
+    """Same contract as ``isthmus.kernels.interface.Kernels.attention``, computed step by step."""
     import torch
 
     heads, kv_heads = q.shape[-3], k.shape[-3]

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from isthmus.backend import Capabilities
-from isthmus.hookspecs import hookimpl
-from isthmus.routing import KernelRoute
-from isthmus.specs import BackendParts, BackendRequest, BackendSpec, ProbeResult
+from isthmus.registry.backend import Capabilities
+from isthmus.registry.hookspecs import hookimpl
+from isthmus.kernels.routing import KernelRoute
+from isthmus.registry.specs import BackendParts, BackendRequest, BackendSpec, ProbeResult
 
 NAME = "example"
 

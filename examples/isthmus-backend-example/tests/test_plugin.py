@@ -1,8 +1,8 @@
 """The example's own tests; the kernel and training tests come from the kit (see README)."""
 
-from isthmus.config import compose
-from isthmus.plugin_manager import load_plugins
-from isthmus.selection import build, select
+from isthmus.config.composer import compose
+from isthmus.registry.manager import load_plugins
+from isthmus.registry.selection import build, select
 
 
 def test_the_backend_is_registered_and_routes_attention():

@@ -1,0 +1,1 @@
+"""isthmus.backends.cpu: the host CPU device, for the torch and MindSpore engines."""

@@ -1,0 +1,31 @@
+"""The torch engine on the host CPU: threads and determinism settings, and the CPU manifest."""
+
+from __future__ import annotations
+
+from isthmus.registry.backend import Capabilities
+from isthmus.registry.specs import BackendParts, BackendRequest
+
+
+def build_cpu(request: BackendRequest) -> BackendParts:
+    import torch
+
+    from isthmus.backends.torch.engine import TorchEngine
+    from isthmus.backends.torch.kernels import kernel_table
+
+    if request.threads:
+        torch.set_num_threads(int(request.threads))
+    if request.deterministic:
+        # warn_only: ops without a deterministic CPU kernel still run, with a warning naming them.
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    engine = TorchEngine("cpu")
+    return BackendParts(
+        engine=engine,
+        kernel_table=kernel_table(engine),
+        capabilities=Capabilities(
+            dtypes=frozenset({"float64", "float32", "bfloat16", "float16"}),
+            fused_kernels=frozenset({"adamw_update"}),
+            compile=False,
+            comm_backend="gloo",
+            max_devices=1,
+        ),
+    )

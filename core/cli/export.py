@@ -1,0 +1,59 @@
+"""The commands that prove a model portable: ``isthmus export`` and ``isthmus portability``."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from isthmus.cli.main import registry
+    from isthmus.export.pipeline import export_checkpoint
+
+    outcome = export_checkpoint(
+        registry(), args.checkpoint, fmt=args.format, exporter=args.exporter, opset=args.opset,
+        dynamic_batch=args.dynamic_batch, output=args.output, batch_size=args.batch_size, source=args.source,
+    )
+    return outcome.exit_code
+
+
+def cmd_portability(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from isthmus.cli.main import registry
+    from isthmus.verify.portability import run_portability
+
+    report = run_portability(
+        registry(), args.checkpoint, [b for b in args.backends.split(",") if b.strip()],
+        out_dir=Path(args.out) if args.out else None, train_steps=args.train_steps, batch_size=args.batch_size,
+    )
+    return report.exit_code
+
+
+def add_commands(sub: Any) -> None:
+    """Add ``export`` and ``portability`` to the ``isthmus`` subcommand parser."""
+    s = sub.add_parser("export", help="export a checkpoint (ONNX), check it in ONNX Runtime against its source")
+    s.add_argument("--checkpoint", required=True, metavar="PATH", help="a run dir or checkpoint dir")
+    s.add_argument("--format", default="onnx", help="export format (a registered exporter); default onnx")
+    s.add_argument("--exporter", default="kernel",
+                   help="kernel (engine-free, default), torch (torch.onnx dynamo) or mindspore")
+    s.add_argument("--opset", type=int, default=None, help="ONNX opset (default 17; torch: 18)")
+    s.add_argument("--dynamic-batch", action="store_true", help="make the batch dim symbolic (checked at 1 and 5)")
+    s.add_argument("--batch-size", type=int, default=1, help="the fixed batch of a static export (default 1)")
+    s.add_argument("--source", default=None, metavar="BACKEND[:ENGINE]",
+                   help="backend the file is compared with (default: the one that trained the checkpoint; "
+                        "cpu:torch / cpu:mindspore for those exporters)")
+    s.add_argument("--output", default=None, metavar="FILE",
+                   help="output file (default <run dir>/export/<model>-<exporter>.onnx)")
+    s.set_defaults(run=cmd_export)
+
+    s = sub.add_parser("portability", help="same weights and batch on several backends against the float64 "
+                                           "reference; writes report.md/.html/.json")
+    s.add_argument("--checkpoint", required=True, metavar="PATH")
+    s.add_argument("--backends", default="cpu,cpu:mindspore,onnxruntime,reference",
+                   help="comma-separated BACKEND[:ENGINE] labels (default cpu,cpu:mindspore,onnxruntime,reference)")
+    s.add_argument("--out", default=None, metavar="DIR", help="report directory (default <run dir>/portability)")
+    s.add_argument("--train-steps", type=int, default=0, metavar="N",
+                   help="also train N steps from the checkpoint on each trainable backend and compare loss curves")
+    s.add_argument("--batch-size", type=int, default=4, help="held-out samples in the compared batch (default 4)")
+    s.set_defaults(run=cmd_portability)

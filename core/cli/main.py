@@ -1,0 +1,245 @@
+"""The ``isthmus`` command line. Imports no engine until a command needs one."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any, Sequence
+
+from isthmus.errors import IsthmusError
+
+
+def table(rows: list[list[str]], header: list[str]) -> str:
+    """Plain aligned columns: fast to import, readable in CI logs."""
+    cells = [header] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def registry():
+    from isthmus.registry.manager import get_registry
+
+    return get_registry()
+
+
+def compose_config(overrides: Sequence[str]):
+    from isthmus.config.composer import compose
+
+    reg = registry()
+    known = {"backend.name": ["auto", *reg.names("backend")]}
+    for section, kind in (("model", "model"), ("data", "dataset")):
+        if reg.names(kind):
+            known[f"{section}.name"] = reg.names(kind)
+    return compose(list(overrides), config_dirs=reg.config_dirs, known=known, schemas=reg.config_schemas())
+
+
+def cmd_backends(args: argparse.Namespace) -> int:
+    from isthmus.registry.selection import all_status
+
+    rows = all_status(registry())
+    if args.json:
+        print(json.dumps([r.as_dict() for r in rows], indent=2))
+        return 0
+    print(
+        table(
+            [
+                [
+                    r.name,
+                    ",".join(f"{e}*" if e == r.default_engine else e for e in r.engines),
+                    ",".join(r.installed) or "no",
+                    "yes" if r.usable else "no",
+                    str(r.priority) + ("" if r.auto else " (manual)"),
+                    r.reason + (f" -- fix: {r.fix}" if r.fix else ""),
+                ]
+                for r in rows
+            ],
+            ["backend", "engines", "installed", "usable", "priority", "reason"],
+        )
+    )
+    return 0
+
+
+def cmd_plugins(args: argparse.Namespace) -> int:
+    records = sorted(registry().plugins.values(), key=lambda r: (r.source != "builtin", r.name))
+    if args.json:
+        print(json.dumps([r.as_dict() for r in records], indent=2))
+        return 0
+    print(
+        table(
+            [[r.name, r.version or "-", r.source, ",".join(h.removeprefix("register_") for h in r.hooks) or "-", r.error or "ok"] for r in records],
+            ["plugin", "version", "source", "hooks", "status"],
+        )
+    )
+    return 0
+
+
+def package_versions() -> dict[str, str]:
+    from importlib import metadata
+
+    versions = {}
+    for dist in ("isthmus", "numpy", "torch", "mindspore", "torch_npu", "onnx", "onnxruntime", "pluggy", "omegaconf"):
+        try:
+            versions[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            versions[dist] = "not installed"
+    return versions
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    import os
+    import platform
+
+    from isthmus.registry.selection import build, select
+
+    cfg = compose_config(args.overrides)
+    reg = registry()
+    print(f"python {platform.python_version()} on {platform.platform()}, {os.cpu_count()} cores")
+    print("packages: " + ", ".join(f"{k} {v}" for k, v in package_versions().items()))
+    env_keys = ("OMP_NUM_THREADS", "TORCH_DEVICE_BACKEND_AUTOLOAD", "CUDA_VISIBLE_DEVICES", "ASCEND_RT_VISIBLE_DEVICES", "ASCEND_HOME_PATH", "ASCEND_TOOLKIT_HOME")
+    print("environment: " + ", ".join(f"{k}={os.environ.get(k, '(unset)')}" for k in env_keys))
+    for name, error in reg.errors().items():
+        print(f"plugin {name} failed to load: {error}")
+    print()
+    cmd_backends(argparse.Namespace(json=False))
+    print()
+    from isthmus.registry.selection import probe, status
+
+    for spec in reg.backends():
+        row = status(reg, spec)
+        missing = probe(spec).details.get("missing", []) if row.installed and not row.usable else []
+        if missing:
+            print(f"{spec.name}: what is missing, and how to fix it")
+            for item in missing:
+                if isinstance(item, dict):
+                    print(f"  - {item.get('what', item)}\n    fix: {item.get('fix', '')}")
+                else:
+                    print(f"  - {item}")
+            print()
+    b = cfg.backend
+    selection = select(reg, b.name, b.engine, b.strict)
+    print(f"selection for backend={b.name}" + (" (strict)" if b.strict else "") + ":")
+    for line in selection.trace:
+        print(f"  {line}")
+    backend = build(reg, selection, {"device_index": b.device_index, "threads": b.threads, "deterministic": b.deterministic, "options": b.options})
+    print(f"\nready: {backend.name} / {backend.engine_name} on {backend.device}")
+    for key, value in {**backend.engine.versions(), **backend.engine.runtime_info()}.items():
+        print(f"  {key}: {value}")
+    print("  capabilities: " + json.dumps(backend.capabilities.as_dict()))
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    from isthmus.config.composer import to_yaml
+
+    print(to_yaml(compose_config(args.overrides)), end="")
+    return 0
+
+
+def selected_backend(name: str, engine: str | None):
+    from isthmus.registry.selection import build, select
+
+    reg = registry()
+    return build(reg, select(reg, name, engine))
+
+
+def cmd_kernels(args: argparse.Namespace) -> int:
+    backend = selected_backend(args.backend, args.engine)
+    kernels = backend.kernels
+    rows = [[op, kernels.sources[op], kernels.routed.get(op, "-")] for op in kernels]
+    if args.json and not args.check:
+        print(json.dumps({"backend": backend.name, "engine": backend.engine_name, "ops": {r[0]: {"impl": r[1], "routed_by": r[2]} for r in rows}}, indent=2))
+        return 0
+    if not args.check:
+        print(f"backend {backend.name}, engine {backend.engine_name}, device {backend.device}: {len(rows)} ops")
+        print(table(rows, ["op", "implementation", "routed by plugin"]))
+        return 0
+    return check_kernels(backend, args)
+
+
+def check_kernels(backend: Any, args: argparse.Namespace) -> int:
+    from isthmus.verify.conformance import run_suite
+
+    dtypes = [d for d in ("float32", "bfloat16") if d in backend.capabilities.dtypes] or ["float64"]
+    results = run_suite(backend.kernels, backend.engine, dtypes=dtypes)
+    by_op: dict[tuple[str, str], list[Any]] = {}
+    for r in results:
+        by_op.setdefault((r.op, r.dtype), []).append(r)
+    rows, failed = [], 0
+    for (op, dtype), group in sorted(by_op.items()):
+        ran = [r for r in group if not r.skipped_reason]
+        bad = [r for r in ran if not r.ok]
+        failed += len(bad)
+        worst = max((r.max_abs_err for r in ran), default=0.0)
+        rows.append([op, dtype, str(len(ran)), f"{worst:.2e}", "FAIL" if bad else ("ok" if ran else "skipped")])
+    print(f"kernel conformance of {backend.name}/{backend.engine_name} on {backend.device} against the float64 reference")
+    print(table(rows, ["op", "dtype", "cases", "max abs err", "result"]))
+    ran_total = sum(1 for r in results if not r.skipped_reason)
+    print(f"{ran_total - failed} passed, {failed} failed")
+    return 1 if failed else 0
+
+
+def parser() -> argparse.ArgumentParser:
+    from isthmus import __version__
+
+    p = argparse.ArgumentParser(prog="isthmus", description="Train, export and check one model on any accelerator.")
+    p.add_argument("--version", action="version", version=f"isthmus {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("backends", help="list backends: engines, installed, usable, why not")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(run=cmd_backends)
+
+    s = sub.add_parser("plugins", help="list plugins: version, hooks, load errors")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(run=cmd_plugins)
+
+    s = sub.add_parser("doctor", help="environment, backend selection trace, and the chosen device")
+    s.add_argument("overrides", nargs="*", help="config overrides, e.g. backend=cpu")
+    s.set_defaults(run=cmd_doctor)
+
+    s = sub.add_parser("config", help="configuration commands")
+    config_sub = s.add_subparsers(dest="config_command", required=True, metavar="ACTION")
+    show = config_sub.add_parser("show", help="print the composed config as YAML")
+    show.add_argument("overrides", nargs="*", help="key=value or group=option")
+    show.set_defaults(run=cmd_config)
+
+    s = sub.add_parser("kernels", help="which implementation serves each kernel op")
+    s.add_argument("--backend", default="auto")
+    s.add_argument("--engine", default=None)
+    s.add_argument("--check", action="store_true", help="run the conformance suite against the reference")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(run=cmd_kernels)
+
+    from isthmus.cli.run import add_commands
+    from isthmus.cli.selftest import add_commands as add_selftest_commands
+
+    from isthmus.cli.export import add_commands as add_export_commands
+
+    add_commands(sub)
+    add_selftest_commands(sub)
+    add_export_commands(sub)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return int(args.run(args) or 0)
+    except IsthmusError as exc:
+        print(f"isthmus: error: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:
+        # Config errors come from the config module; imported lazily to keep startup light.
+        from isthmus.config.composer import ConfigError
+
+        if isinstance(exc, ConfigError):
+            print(f"isthmus: error: {exc}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

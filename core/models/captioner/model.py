@@ -1,0 +1,220 @@
+"""``tiny-captioner``: a patch-embedding vision encoder and a causal text decoder that reads the
+image tokens as a prefix (a prefix-LM), written against kernels only.
+
+Shapes: images ``(B, C, H, W)`` become ``P = (H // patch) * (W // patch)`` image tokens ``(B, P, d)``
+(learned positions, bidirectional blocks). The decoder runs on ``[image tokens] + [embedded text
+tokens]`` with rotary positions over the whole sequence and a prefix-LM mask: image tokens see each
+other, text token ``i`` sees every image token and text tokens ``<= i``. Logits come out for the
+text positions only, so ``logits[:, i]`` predicts ``targets[:, i]`` (the token after ``tokens[:, i]``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from isthmus.nn import layers
+from isthmus.nn.layers import BlockConfig
+from isthmus.config.values import config_values, head_problems, layer_problems
+from isthmus.nn.params import ParamSpec, Scope, add_specs
+
+Tensor = Any
+IGNORE_INDEX = -100
+
+
+@dataclass(frozen=True)
+class CaptionerConfig:
+    """Hyperparameters of the captioner; the fields and defaults of ``configs/model/tiny-captioner.yaml``."""
+
+    image_size: int = 32
+    patch_size: int = 8
+    channels: int = 3
+    d_model: int = 64
+    n_heads: int = 4
+    n_layers_vision: int = 2
+    n_layers_text: int = 2
+    mlp: str = "gelu"
+    mlp_ratio: int = 4
+    max_caption_len: int = 16  # tokens, <bos> and <eos> included: the default generation length
+    dropout: float = 0.0
+    vocab_size: int = 0
+    norm: str = "layer"
+    norm_eps: float = 1e-5
+
+    @classmethod
+    def from_mapping(cls, config: Mapping[str, Any], vocab_size: int | None = None) -> CaptionerConfig:
+        """Read a model config section (plain dict or OmegaConf); ``vocab_size`` fills a null one.
+
+        Missing keys take the defaults above; ``name`` is ignored; an unknown key raises ``ValueError``.
+        """
+        return cls(**config_values(cls, config, vocab_size, "tiny-captioner")).checked()
+
+    def checked(self) -> CaptionerConfig:
+        """This config, or a ``ValueError`` listing every rule it breaks."""
+        problems = [*head_problems(self.d_model, self.n_heads),
+                    *layer_problems(self.image_size, self.patch_size, self.mlp, self.norm)]
+        if self.vocab_size < 2:
+            problems.append(f"vocab_size must be at least 2, got {self.vocab_size}")
+        if problems:
+            raise ValueError("tiny-captioner config: " + "; ".join(problems))
+        return self
+
+    @property
+    def num_patches(self) -> int:
+        """Image tokens per image."""
+        return (self.image_size // self.patch_size) ** 2
+
+    def block(self, n_layers: int) -> BlockConfig:
+        """The block hyperparameters of a stack of ``n_layers`` blocks."""
+        # Residual projections start smaller in deeper stacks so the stream's variance at init
+        # does not grow with depth (GPT-2's scheme).
+        return BlockConfig(
+            dim=self.d_model,
+            n_heads=self.n_heads,
+            mlp=self.mlp,
+            mlp_hidden=self.mlp_ratio * self.d_model,
+            norm=self.norm,
+            norm_eps=self.norm_eps,
+            dropout=self.dropout,
+            out_std=layers.INIT_STD / math.sqrt(2 * n_layers),
+        )
+
+
+def prefix_lm_mask(k: Any, prefix: int, total: int) -> Tensor:
+    """Bool ``(total, total)``: query ``i`` may attend key ``j`` iff ``j < max(i + 1, prefix)``.
+
+    The first ``prefix`` positions see each other (bidirectional) and nothing after; each later
+    position sees the whole prefix and itself and the positions before it (causal).
+    """
+    rows = k.reshape(k.arange(total), (total, 1))
+    cols = k.reshape(k.arange(total), (1, total))
+    return k.less(cols, k.maximum(k.add(rows, 1), prefix))
+
+
+class TinyCaptioner:
+    """The ``tiny-captioner`` model (see the module docstring); implements :class:`isthmus.nn.model.Model`."""
+
+    name = "tiny-captioner"
+    task = "captioning"
+
+    def __init__(self, config: Mapping[str, Any] | CaptionerConfig, vocab_size: int | None = None) -> None:
+        if isinstance(config, CaptionerConfig):
+            config = dataclasses.asdict(config)
+        self.config = CaptionerConfig.from_mapping(config, vocab_size)
+        self.vision_block = self.config.block(self.config.n_layers_vision)
+        self.text_block = self.config.block(self.config.n_layers_text)
+
+    # ---- parameters ------------------------------------------------------------------------
+    def param_specs(self) -> dict[str, ParamSpec]:
+        """Every parameter by dotted name: ``vision.*`` then ``text.*``."""
+        c = self.config
+        specs: dict[str, ParamSpec] = {}
+        add_specs(specs, "vision.patch", layers.patch_embed_specs(c.channels, c.patch_size, c.d_model))
+        add_specs(specs, "vision.position", layers.embedding_specs(c.num_patches, c.d_model))
+        for i in range(c.n_layers_vision):
+            add_specs(specs, f"vision.blocks.{i}", layers.block_specs(self.vision_block))
+        add_specs(specs, "vision.norm", layers.norm_specs(c.norm, c.d_model))
+        add_specs(specs, "text.embed", layers.embedding_specs(c.vocab_size, c.d_model))
+        for i in range(c.n_layers_text):
+            add_specs(specs, f"text.blocks.{i}", layers.block_specs(self.text_block))
+        add_specs(specs, "text.norm", layers.norm_specs(c.norm, c.d_model))
+        add_specs(specs, "text.head", layers.linear_specs(c.d_model, c.vocab_size, bias=False))
+        return specs
+
+    # ---- the network -----------------------------------------------------------------------
+    def encode_images(self, k: Any, params: Mapping[str, Any], images: Tensor, training: bool = False) -> Tensor:
+        """Image tokens ``(B, P, d)`` for images ``(B, C, H, W)``."""
+        c, vision = self.config, Scope(params, "vision")
+        weight = vision["patch.weight"]
+        # Batches arrive as float32 numpy data; computing in the parameters' dtype keeps float64
+        # checks (and any other storage dtype) consistent.
+        x = layers.patch_embed(k, vision.sub("patch"), k.cast(images, k.dtype(weight)), c.patch_size)
+        x = k.add(x, vision["position.weight"])
+        for i in range(c.n_layers_vision):
+            x = layers.block(k, vision.sub(f"blocks.{i}"), x, self.vision_block, training=training)
+        return layers.norm(k, vision.sub("norm"), x, c.norm, c.norm_eps)
+
+    def decode(
+        self, k: Any, params: Mapping[str, Any], image_tokens: Tensor, tokens: Tensor, training: bool = False
+    ) -> Tensor:
+        """Next-token logits ``(B, L, vocab)`` for text ``tokens`` ``(B, L)`` after the image prefix."""
+        c, text = self.config, Scope(params, "text")
+        prefix, length = k.shape(image_tokens)[1], k.shape(tokens)[1]
+        total = prefix + length
+        x = k.concat([image_tokens, layers.embedding(k, text.sub("embed"), tokens)], axis=1)
+        dtype = k.dtype(image_tokens)
+        # Angles in at least float32: half-precision positions and angles lose the phase quickly.
+        wide = "float64" if dtype == "float64" else "float32"
+        cos, sin = layers.rotary_tables(k, total, c.d_model // c.n_heads, dtype=wide)
+        rope = (k.cast(cos, dtype), k.cast(sin, dtype))
+        mask = prefix_lm_mask(k, prefix, total)
+        for i in range(c.n_layers_text):
+            x = layers.block(k, text.sub(f"blocks.{i}"), x, self.text_block, rope=rope, mask=mask,
+                             training=training)
+        x = k.split(x, [prefix, length], axis=1)[1]
+        x = layers.norm(k, text.sub("norm"), x, c.norm, c.norm_eps)
+        return layers.linear(k, text.sub("head"), x)
+
+    def forward(self, k: Any, params: Mapping[str, Any], batch: Mapping[str, Any], training: bool = False) -> Tensor:
+        """Logits ``(B, L, vocab)`` for ``batch["images"]`` and ``batch["tokens"]``."""
+        image_tokens = self.encode_images(k, params, batch["images"], training)
+        return self.decode(k, params, image_tokens, batch["tokens"], training)
+
+    def loss(
+        self, k: Any, params: Mapping[str, Any], batch: Mapping[str, Any], training: bool = True
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """Mean cross-entropy over non-padding targets, and ``token_accuracy`` over the same targets."""
+        logits = self.forward(k, params, batch, training)
+        batch_size, length, vocab = k.shape(logits)
+        flat_logits = k.reshape(logits, (batch_size * length, vocab))
+        targets = k.reshape(batch["targets"], (batch_size * length,))
+        loss = k.cross_entropy(flat_logits, targets, ignore_index=IGNORE_INDEX)
+        return loss, {"token_accuracy": self.token_accuracy(k, flat_logits, targets)}
+
+    @staticmethod
+    def token_accuracy(k: Any, logits: Tensor, targets: Tensor) -> Tensor:
+        """Share of non-ignored ``targets`` ``(N,)`` that ``argmax(logits)`` ``(N, C)`` gets right."""
+        dtype = k.dtype(logits)
+        # A prediction is a class index >= 0, so it never equals the ignore index.
+        hits = k.sum(k.cast(k.equal(k.argmax(logits, axis=-1), targets), dtype))
+        counted = k.sum(k.cast(k.greater(targets, IGNORE_INDEX), dtype))
+        return k.div(hits, k.maximum(counted, 1.0))
+
+    def generate(
+        self,
+        k: Any,
+        params: Mapping[str, Any],
+        images: Tensor,
+        max_len: int | None = None,
+        bos_id: int = 1,
+        eos_id: int = 2,
+        pad_id: int = 0,
+    ) -> Tensor:
+        """Greedy captions: int64 ``(B, max_len)`` of the tokens after ``<bos>``.
+
+        Each row holds its caption, ``eos_id``, then ``pad_id`` to the end (no ``eos_id`` if the
+        caption did not end within ``max_len``). ``max_len`` defaults to ``max_caption_len - 1``.
+        The decoder reruns on the whole prefix each step: at this size that beats keeping a cache,
+        and the loop runs a fixed number of steps so it traces into a static graph.
+        """
+        steps = self.config.max_caption_len - 1 if max_len is None else max_len
+        image_tokens = self.encode_images(k, params, images)
+        batch_size = k.shape(image_tokens)[0]
+        tokens = k.full((batch_size, 1), bos_id, "int64")
+        finished = k.zeros((batch_size,), "int64")
+        produced = []
+        for step in range(steps):
+            logits = k.take(self.decode(k, params, image_tokens, tokens), step, axis=1)
+            chosen = k.where(k.greater(finished, 0), pad_id, k.argmax(logits, axis=-1))
+            finished = k.maximum(finished, k.cast(k.equal(chosen, eos_id), "int64"))
+            column = k.reshape(chosen, (batch_size, 1))
+            produced.append(column)
+            tokens = k.concat([tokens, column], axis=1)
+        if not produced:
+            return k.zeros((batch_size, 0), "int64")
+        return k.concat(produced, axis=1)
+
+
+__all__ = ["CaptionerConfig", "TinyCaptioner", "prefix_lm_mask"]

@@ -1,0 +1,244 @@
+"""The tests of the backend conformance kit; :mod:`isthmus.testing.plugin` collects them into a backend's
+pytest session when ``--isthmus-backend`` is given. Not meant to be collected on its own."""
+
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from isthmus.registry.hookspecs import hookimpl
+from isthmus.testing.plugin import Kit, get_kit
+
+TINY = [
+    "model.d_model=32",
+    "model.n_heads=2",
+    "model.n_layers_vision=1",
+    "model.n_layers_text=1",
+    "model.patch_size=8",
+    "data.num_train=96",
+    "data.num_eval=16",
+    "train.batch_size=8",
+    "train.warmup_steps=2",
+    "train.lr=3e-3",
+    "train.log_every=1",
+    "train.eval_every=0",
+    "train.precision=fp32",
+]
+SMOKE_STEPS = 12
+
+
+@lru_cache(maxsize=1)
+def _conformance_cases() -> tuple:
+    from isthmus.verify.conformance import all_cases
+
+    return tuple(all_cases())
+
+
+@lru_cache(maxsize=1)
+def _onnx_cases() -> tuple:
+    try:
+        import onnx  # noqa: F401
+    except ImportError:
+        return ()
+    from isthmus.verify import onnx_oracle
+
+    return onnx_oracle.plan_all()[0]
+
+
+def _first_per(items: Any, key: Any) -> list:
+    seen: set = set()
+    return [i for i in items if not (key(i) in seen or seen.add(key(i)))]
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    kit = get_kit(metafunc.config)
+    if kit is None:
+        return
+    if "case" in metafunc.fixturenames and "dtype" in metafunc.fixturenames:
+        cases = _conformance_cases()
+        if kit.quick:
+            cases = _first_per(cases, lambda c: c.op)
+        params = [pytest.param(c, d, id=f"{c.id}-{d}") for c in cases for d in kit.dtypes()]
+        metafunc.parametrize(("case", "dtype"), params)
+    elif "onnx_case" in metafunc.fixturenames:
+        mapped = _onnx_cases()
+        if kit.quick:
+            mapped = _first_per(mapped, lambda m: m.case.op_type)
+        params = [pytest.param(m, id=m.case.name) for m in mapped]
+        metafunc.parametrize("onnx_case", params or [pytest.param(None, id="onnx-not-installed")])
+
+
+@pytest.fixture(scope="session")
+def kit(request: pytest.FixtureRequest) -> Kit:
+    """The kit's state: backend name, exclusions, and the built backend (``kit.build()``)."""
+    return get_kit(request.config)
+
+
+@pytest.fixture(scope="session")
+def reference() -> tuple[Any, Any]:
+    """``(kernels, engine)`` of the NumPy float64 golden model."""
+    from isthmus.backends.reference.engine import ReferenceEngine
+    from isthmus.backends.reference.kernels import kernel_table
+    from isthmus.kernels.routing import KernelSet
+
+    engine = ReferenceEngine(seed=0)
+    return KernelSet("reference", "numpy", kernel_table(engine)), engine
+
+
+def _excluded_up_front(kit: Kit, ops: list[str], ids: list[str]) -> None:
+    entry = kit.exclusions.match(ops, ids)
+    if entry is not None and entry.skip:
+        pytest.skip(f"excluded ({entry.op}): {entry.reason}")
+
+
+def _settle(kit: Kit, test_id: str, ops: list[str], ids: list[str], ok: bool, message: str) -> None:
+    """Pass, fail, or xfail with the exclusion's reason when an entry covers the failure."""
+    if ok:
+        kit.note_pass(test_id, ops, ids)
+        return
+    entry = kit.excused_failure(test_id, ops, ids)
+    if entry is not None:
+        pytest.xfail(f"excluded ({entry.op}): {entry.reason}; failed with: {message}")
+    pytest.fail(message, pytrace=False)
+
+
+def test_kernel_conformance(kit: Kit, reference: tuple, case: Any, dtype: str,
+                            request: pytest.FixtureRequest) -> None:
+    """One conformance case under one dtype against the float64 reference."""
+    from isthmus.verify.conformance import run_case
+
+    ids = [case.id, case.name]
+    _excluded_up_front(kit, [case.op], ids)
+    backend = kit.build()[2]
+    result = run_case(backend.kernels, backend.engine, *reference, case, dtype)
+    if result.skipped:
+        pytest.skip(result.skipped_reason)
+    message = f"{case.id} [{dtype}]: {result.message} (max abs err {result.max_abs_err:.3g})"
+    _settle(kit, request.node.nodeid, [case.op], ids, result.ok, message)
+
+
+class _Recording:
+    """Kernels that note which ops a call path used (to match exclusions by op)."""
+
+    def __init__(self, kernels: Any) -> None:
+        from isthmus.kernels.interface import OPS
+
+        self._kernels, self._ops, self.used = kernels, set(OPS), []
+
+    def __getattr__(self, name: str) -> Any:
+        if name in self._ops and name not in self.used:
+            self.used.append(name)
+        return getattr(self._kernels, name)
+
+
+def test_onnx_oracle(kit: Kit, reference: tuple, onnx_case: Any, request: pytest.FixtureRequest) -> None:
+    """One ONNX operator test case: our kernels on this backend against ONNX's expected outputs."""
+    if onnx_case is None:
+        pytest.skip("onnx is not installed: no oracle cases (pip install onnx)")
+    from isthmus.verify import onnx_oracle
+
+    name = onnx_case.case.name
+    traced = _Recording(reference[0])  # the ops this case calls, traced on the reference
+    onnx_oracle.check(onnx_case, traced, reference[1])
+    _excluded_up_front(kit, traced.used, [name])
+    backend = kit.build()[2]
+    result = onnx_oracle.check(onnx_case, backend.kernels, backend.engine)
+    if result.extra.get("skipped"):
+        pytest.skip(result.extra["skipped"])
+    _settle(kit, request.node.nodeid, traced.used, [name], result.ok,
+            f"{name} (ops {', '.join(traced.used)}): {result.message}")
+
+
+class _Losses:
+    def __init__(self) -> None:
+        self.values: list[float] = []
+
+    @hookimpl
+    def on_step_end(self, trainer: Any, step: int, metrics: dict) -> None:
+        self.values.append(float(metrics["loss"]))
+
+
+class _StopAfter:
+    """Ends the run abruptly after the checkpoint of ``step``, as a crash would."""
+
+    class Stop(Exception):
+        pass
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    @hookimpl
+    def on_checkpoint(self, trainer: Any, step: int, path: Any) -> None:
+        if step == self.step:
+            raise self.Stop(f"stopped after step {step}")
+
+
+def _run(kit: Kit, run_dir: Path, *overrides: str, plugins: tuple = ()) -> tuple[Any, Any]:
+    from isthmus.config.composer import compose
+    from isthmus.registry.manager import load_plugins
+    from isthmus.train.run import prepare
+
+    extra = [*kit.plugins(), *((type(p).__name__, p) for p in plugins)]
+    manager, registry = load_plugins(extra=extra)
+    backend = [f"backend.name={kit.name}", f"backend.engine={kit.engine or 'null'}"]
+    cfg = compose([*TINY, *backend, f"output_dir={run_dir}", *overrides], config_dirs=registry.config_dirs,
+                  known={"backend.name": ["auto", *registry.names("backend")]})
+    return prepare(cfg, registry), manager
+
+
+def _integration(kit: Kit, which: str) -> None:
+    entry = kit.exclusions.match([which])
+    if entry is not None and entry.skip:
+        pytest.skip(f"excluded ({which}): {entry.reason}")
+
+
+def test_training_smoke(kit: Kit, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    """A few steps of the tiny captioner through the real trainer: loss finite and falling."""
+    from isthmus.train.trainer import Trainer
+
+    _integration(kit, "training")
+    losses = _Losses()
+    try:
+        run, manager = _run(kit, tmp_path, f"train.steps={SMOKE_STEPS}", "train.checkpoint_every=0",
+                            "model.dropout=0.0", plugins=(losses,))
+        result = Trainer(run, tmp_path, manager).fit()
+        values = losses.values
+        finite = len(values) == SMOKE_STEPS and all(math.isfinite(v) for v in values)
+        falls = finite and np.mean(values[-3:]) < np.mean(values[:3]) - 0.05
+        ok, message = finite and falls and result.skipped_steps == 0, f"losses {np.round(values, 4).tolist()}"
+    except Exception as error:
+        ok, message = False, f"{type(error).__name__}: {error}"
+    _settle(kit, request.node.nodeid, ["training"], [], ok, f"training smoke: {message}")
+
+
+def test_checkpoint_round_trip(kit: Kit, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    """Save at step 1, load, resume one step: weights identical to an uninterrupted second step."""
+    from isthmus.train.checkpoint import load_checkpoint
+    from isthmus.train.trainer import Trainer
+
+    _integration(kit, "checkpoint")
+    common = ("train.steps=2", "train.checkpoint_every=1", "model.dropout=0.1")  # dropout: RNG restored too
+    try:
+        straight, manager = _run(kit, tmp_path / "straight", *common)
+        Trainer(straight, tmp_path / "straight", manager).fit()
+        stopped, manager = _run(kit, tmp_path / "resumed", *common, plugins=(_StopAfter(1),))
+        try:
+            Trainer(stopped, tmp_path / "resumed", manager).fit()
+        except _StopAfter.Stop:
+            pass
+        saved = load_checkpoint(tmp_path / "resumed")
+        resumed, manager = _run(kit, tmp_path / "resumed", *common)
+        Trainer(resumed, tmp_path / "resumed", manager, resume=tmp_path / "resumed").fit()
+        a = load_checkpoint(tmp_path / "straight").params
+        b = load_checkpoint(tmp_path / "resumed").params
+        differ = sorted(n for n in a if n not in b or not np.array_equal(a[n], b[n]))
+        ok = saved.state.step == 1 and a.keys() == b.keys() and not differ
+        message = f"saved at step {saved.state.step}; weights differ after resuming: {differ[:5]}"
+    except Exception as error:
+        ok, message = False, f"{type(error).__name__}: {error}"
+    _settle(kit, request.node.nodeid, ["checkpoint"], [], ok, f"checkpoint round trip: {message}")

@@ -1,0 +1,104 @@
+"""A trained model back from its checkpoint, without a backend; backends named by label.
+
+``export`` and ``portability`` run the same weights on several backends, so unlike
+:func:`isthmus.cli.run.checkpoint_run` the model, data and host (numpy) parameters come first and
+backends are built afterwards, one per ``name[:engine]`` label (``cpu``, ``cpu:mindspore``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from isthmus.registry.backend import Backend
+from isthmus.train.checkpoint import Loaded, load_checkpoint
+from isthmus.registry.store import Registry
+from isthmus.registry.selection import BackendStatus, build, select, status
+
+
+@dataclass
+class Restored:
+    """What a checkpoint holds, ready to run: config, model, float32 host parameters and data."""
+
+    config: Any
+    model: Any
+    params: dict[str, np.ndarray]
+    tokenizer: Any
+    train_data: Any
+    eval_data: Any
+    loaded: Loaded
+
+    @property
+    def run_dir(self) -> Path:
+        """The run directory the checkpoint belongs to (``<run>/checkpoints/step-N``)."""
+        path = self.loaded.path
+        return path.parent.parent if path.parent.name == "checkpoints" else path
+
+
+def restore(registry: Registry, path: str | Path) -> Restored:
+    """Load a checkpoint with its config and tokenizer and rebuild its model and data."""
+    import yaml
+
+    from isthmus.config.composer import from_yaml
+    from isthmus.data import Tokenizer
+    from isthmus.nn.params import manifest
+    from isthmus.train.run import bind_data, plain
+
+    loaded = load_checkpoint(Path(path))
+    cfg = from_yaml(yaml.safe_dump(loaded.state.config), source=f"{loaded.path}/state.json",
+                    schemas=registry.config_schemas())
+    tokenizer = Tokenizer.from_dict(loaded.state.extra["tokenizer"])
+    data_cfg = plain(cfg.data)
+    data_cfg.setdefault("max_len", None)
+    train, evaluation, tokenizer = registry.dataset(str(cfg.data.name)).factory(data_cfg, tokenizer)
+    model = registry.model(str(cfg.model.name)).factory(plain(cfg.model), tokenizer.vocab_size)
+    train, evaluation = bind_data(model, train, evaluation, int(cfg.seed), loaded.state.extra.get("model_data"))
+    loaded = load_checkpoint(loaded.path, expect=manifest(model.param_specs()), model_name=model.name)
+    # Master weights are float32 whatever the training precision (bfloat16 files widen exactly).
+    params = {n: a.astype(np.float32) if a.dtype.kind == "f" or a.dtype.name == "bfloat16" else a
+              for n, a in loaded.params.items()}
+    return Restored(cfg, model, params, tokenizer, train, evaluation, loaded)
+
+
+def parse_label(label: str) -> tuple[str, str | None]:
+    """``"cpu:mindspore"`` -> ``("cpu", "mindspore")``; ``"cpu"`` -> ``("cpu", None)``."""
+    name, _, engine = label.strip().partition(":")
+    return name, (engine or None)
+
+
+def label_status(registry: Registry, label: str) -> tuple[BackendStatus | None, str]:
+    """The registry's status row for the backend of ``label`` and, when it cannot run here, why."""
+    from isthmus.registry.store import suggest
+
+    name, engine = parse_label(label)
+    if name not in registry.names("backend"):
+        known = registry.names("backend")
+        return None, (f"no installed plugin registers backend '{name}'{suggest(name, known)}; "
+                      f"known: {', '.join(known)}")
+    row = status(registry, registry.backend(name))
+    if not row.usable:
+        return row, f"{row.reason}" + (f" (fix: {row.fix})" if row.fix else "")
+    if engine is not None and engine not in row.engines:
+        return row, f"'{engine}' is not an engine of backend '{name}' (engines: {', '.join(row.engines)})"
+    if engine is not None and engine not in row.installed:
+        hint = registry.backend(name).install_hints.get(engine, f"install engine {engine}")
+        return row, f"engine '{engine}' is not installed (fix: {hint})"
+    return row, ""
+
+
+def build_label(registry: Registry, label: str, options: Mapping[str, Any] | None = None) -> Backend:
+    """The backend ``name[:engine]``, built the way ``backend=<name>`` would build it (strict: a
+    named engine never falls back to another)."""
+    name, engine = parse_label(label)
+    return build(registry, select(registry, name, engine, strict=engine is not None), options)
+
+
+def batch_indices(count: int, available: int) -> np.ndarray:
+    """``count`` sample indices, cycling through a split smaller than ``count``."""
+    return np.arange(count) % max(available, 1)
+
+
+__all__ = ["Restored", "batch_indices", "build_label", "label_status", "parse_label", "restore"]

@@ -1,0 +1,257 @@
+"""The training loop, engine-neutral: precision, accumulation, clipping, schedule, NaN policy,
+evaluation, metrics, checkpoints and resume, with trainer events sent to plugins."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+
+from isthmus.train.checkpoint import CheckpointState, load_checkpoint, save_checkpoint
+from isthmus.errors import IsthmusError
+from isthmus.train.evaluate import evaluate_model, to_device
+from isthmus.nn.params import initialise, manifest
+from isthmus.nn.optim import AdamW, clip_by_global_norm, learning_rate
+from isthmus.train.parallel import NullLog, QuietProgress, RankSlice, token_count
+from isthmus.nn.precision import Policy
+from isthmus.train.run import Run, plain
+from isthmus.train.runlog import MetricsLog, Progress, plot_loss
+
+EVAL_SAMPLES_DURING_TRAINING = 128
+
+
+class TrainingStopped(IsthmusError):
+    """The NaN/inf policy ``stop`` ended the run; the message names the step and the value."""
+
+
+@dataclass
+class TrainResult:
+    """What a run did, for the CLI and the ``on_train_end`` event."""
+
+    run_dir: Path
+    steps: int
+    final_loss: float
+    skipped_steps: int
+    wall_s: float
+    steps_per_s: float
+    evaluation: dict[str, Any] = field(default_factory=dict)
+    checkpoint: Path | None = None
+    stopped: str = ""
+
+
+class Trainer:
+    """Trains ``run.model`` on ``run.backend``; ``resume`` is a checkpoint path or run dir."""
+
+    def __init__(self, run: Run, run_dir: Path, manager: Any = None, progress: bool = False, resume: Path | None = None,
+                 comm: Any = None) -> None:
+        self.run = run
+        self.cfg = run.config
+        self.run_dir = run_dir
+        self.manager = manager
+        self.show_progress = progress
+        self.resume = resume
+        self.policy = Policy(str(self.cfg.train.precision))
+        # The train section as plain values for the per-step path: an OmegaConf attribute read
+        # costs ~20 us and the loop reads about a dozen per step.
+        self.train_cfg = SimpleNamespace(**plain(self.cfg.train))
+        self.specs = run.model.param_specs()
+        self.step = 0
+        self.skipped = 0
+        # Data parallel (isthmus.train.parallel.Comm or None): only rank 0 writes checkpoints, logs and progress.
+        self.comm = comm
+        self.writer = comm is None or comm.rank == 0
+
+    # -- events --------------------------------------------------------------------------
+    def emit(self, event: str, **kwargs: Any) -> None:
+        if self.manager is not None:
+            getattr(self.manager.hook, event)(trainer=self, **kwargs)
+
+    # -- state ---------------------------------------------------------------------------
+    def start_state(self) -> None:
+        backend, t = self.run.backend, self.cfg.train
+        engine, k = backend.engine, backend.kernels
+        # An engine that can compile the step (cuda: torch.compile when backend.options.compile)
+        # wraps the loss; it falls back to eager itself and says why in its compile_status.
+        compile_step = getattr(engine, "compile_step", None)
+        self.loss_fn = compile_step(self.run.model.loss) if compile_step is not None else self.run.model.loss
+        self.optimizer = AdamW(betas=tuple(t.betas), eps=t.eps, weight_decay=t.weight_decay)
+        if self.resume is None:
+            self.params = engine.parameters(initialise(self.specs, int(self.cfg.seed)))
+            self.optimizer.init_state(k, self.params)
+            engine.seed(int(self.cfg.seed))
+            self.data = self.run.train_data.iter_batches(int(t.batch_size), seed=int(self.cfg.seed))
+            return
+        loaded = load_checkpoint(
+            self.resume,
+            expect=manifest(self.specs),
+            must_match={"model": plain(self.cfg.model), "data": plain(self.cfg.data)},
+            model_name=self.run.model.name,
+        )
+        self.params = engine.parameters(loaded.params)
+        self.optimizer.load_tensors({n: engine.asarray(a) for n, a in loaded.optimizer_tensors.items()}, list(self.specs))
+        self.optimizer.step = int(loaded.state.optimizer["step"])
+        if self.policy.loss_scale is not None and "loss_scale" in loaded.state.optimizer:
+            self.policy.loss_scale.load(loaded.state.optimizer["loss_scale"])
+        if loaded.state.rng.get("engine") == backend.engine_name:
+            engine.set_rng_state(loaded.state.rng["state"])
+        else:
+            engine.seed(int(self.cfg.seed) + loaded.state.step)
+        self.data = self.run.train_data.resume(loaded.state.data_position)
+        self.step = loaded.state.step
+        self.skipped = int(loaded.state.extra.get("skipped_steps", 0))
+
+    def save(self) -> Path | None:
+        if not self.writer:
+            return None
+        engine = self.run.backend.engine
+        optimizer_scalars = self.optimizer.scalars()
+        if self.policy.loss_scale is not None:
+            optimizer_scalars["loss_scale"] = self.policy.loss_scale.state()
+        path = save_checkpoint(
+            self.run_dir,
+            {n: engine.to_numpy(p) for n, p in self.params.items()},
+            {n: engine.to_numpy(t) for n, t in self.optimizer.tensors().items()},
+            CheckpointState(
+                step=self.step,
+                model_name=self.run.model.name,
+                config=plain(self.cfg),
+                engine=self.run.backend.engine_name,
+                versions=engine.versions(),
+                optimizer=optimizer_scalars,
+                rng={"engine": self.run.backend.engine_name, "state": engine.rng_state()},
+                data_position=self.data.state(),
+                extra={"tokenizer": self.run.tokenizer.to_dict(), "backend": self.run.backend.name, "skipped_steps": self.skipped,
+                       **({"model_data": self.run.model.data_state()} if hasattr(self.run.model, "data_state") else {})},
+            ),
+            keep_last=int(self.cfg.train.keep_last),
+        )
+        self.emit("on_checkpoint", step=self.step, path=path)
+        return path
+
+    # -- one step ------------------------------------------------------------------------
+    def train_step(self, lr: float) -> tuple[float, float, str]:
+        """Returns (loss, grad norm, skip reason or '')."""
+        backend, t = self.run.backend, self.train_cfg
+        k, engine, policy = backend.kernels, backend.engine, self.policy
+        scale = policy.scale
+        total = None
+        losses = []
+        weight = 0.0
+        for _ in range(int(t.grad_accum)):
+            raw = next(self.data)
+            weight += token_count(raw) if self.comm is not None else 0.0
+            batch = policy.cast_batch(k, to_device(backend, raw))
+
+            def objective(params: dict[str, Any]) -> tuple[Any, Any]:
+                loss, metrics = self.loss_fn(k, policy.cast_params(k, params), batch, training=True)
+                return (k.mul(loss, scale) if scale != 1.0 else loss), loss
+
+            _, loss, grads = engine.value_and_grad(objective, self.params)
+            losses.append(loss)
+            total = grads if total is None else {n: k.add(total[n], g) for n, g in grads.items()}
+        factor = 1.0 / (int(t.grad_accum) * scale)
+        if factor != 1.0:
+            total = {n: k.mul(g, factor) for n, g in total.items()}
+        loss_value = float(np.mean([float(engine.to_numpy(l)) for l in losses]))
+        if self.comm is not None:  # data parallel: token-weighted mean of loss and gradients over ranks
+            total, loss_value = self.comm.weighted_mean(k, total, loss_value, weight)
+        grads, norm = clip_by_global_norm(k, total, t.clip_norm)
+        norm_value = float(engine.to_numpy(norm))
+        if policy.loss_scale is not None:
+            policy.loss_scale.update(math.isfinite(norm_value))
+            if math.isfinite(loss_value) and not math.isfinite(norm_value):
+                return loss_value, norm_value, f"fp16 overflow (loss scale now {policy.loss_scale.scale:g})"
+        if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
+            return loss_value, norm_value, f"non-finite {'loss' if not math.isfinite(loss_value) else 'gradient norm'}"
+        with engine.no_grad():
+            self.params = self.optimizer.update(k, self.params, grads, lr, self.specs)
+        return loss_value, norm_value, ""
+
+    # -- the loop ------------------------------------------------------------------------
+    def fit(self) -> TrainResult:
+        t = self.train_cfg
+        self.start_state()
+        start_step = self.step
+        if self.comm is not None:  # data parallel: this rank's slice of each global batch; own dropout stream
+            self.data = RankSlice(self.data, self.comm.rank, self.comm.world_size)
+            if self.comm.rank:
+                self.run.backend.engine.seed(int(self.cfg.seed) + 1_000_003 * self.comm.rank + start_step)
+        metrics_log = MetricsLog(self.run_dir / "metrics.jsonl", truncate_after_step=start_step if self.resume else None) if self.writer else NullLog()
+        progress = Progress(int(t.steps), start_step, self.show_progress) if self.writer else QuietProgress()
+        self.emit("on_train_start")
+        # Device memory (cuda): the peak over each logging window goes into that window's row.
+        memory_stats = getattr(self.run.backend.engine, "memory_stats", None)
+        if memory_stats is not None:
+            memory_stats()
+        tokens_per_sample = getattr(self.run.train_data, "tokens_per_sample", self.run.train_data.max_len)
+        started = window_start = time.perf_counter()
+        window_steps = 0
+        last_loss = float("nan")
+        checkpoint = None
+        stopped = ""
+        try:
+            while self.step < int(t.steps):
+                self.step += 1
+                lr = learning_rate(self.step, float(t.lr), int(t.warmup_steps), int(t.steps), str(t.schedule))
+                loss, norm, skip = self.train_step(lr)
+                window_steps += 1
+                if skip:
+                    self.skipped += 1
+                    if not skip.startswith("fp16") and str(t.nan_policy) == "stop":
+                        stopped = f"step {self.step}: {skip} ({loss=}, grad_norm={norm}); train.nan_policy=stop"
+                        progress.print(f"stopping: {stopped}")
+                        break
+                    progress.print(f"step {self.step}: skipped, {skip}")
+                else:
+                    last_loss = loss
+                row = {"split": "train", "step": self.step, "loss": loss, "lr": lr, "grad_norm": norm, "skipped": bool(skip)}
+                if self.policy.loss_scale is not None:
+                    row["loss_scale"] = self.policy.loss_scale.scale
+                if self.step % max(1, int(t.log_every)) == 0 or self.step == int(t.steps):
+                    elapsed = time.perf_counter() - window_start
+                    samples = window_steps * int(t.batch_size) * int(t.grad_accum)
+                    row.update(steps_per_s=window_steps / elapsed, samples_per_s=samples / elapsed, tokens_per_s=samples * tokens_per_sample / elapsed)
+                    if memory_stats is not None:
+                        row.update(memory_stats())
+                    metrics_log.write(row)
+                    progress.update(self.step, f"loss {loss:.4f} | {row['samples_per_s']:.0f} samples/s")
+                    window_start, window_steps = time.perf_counter(), 0
+                self.emit("on_step_end", step=self.step, metrics=row)
+                final = self.step == int(t.steps)
+                if int(t.eval_every) and self.step % int(t.eval_every) == 0 and not final:
+                    self.eval_and_log(metrics_log, progress, EVAL_SAMPLES_DURING_TRAINING)
+                if (int(t.checkpoint_every) and self.step % int(t.checkpoint_every) == 0) or final:
+                    checkpoint = self.save()
+        finally:
+            progress.close()
+        wall = time.perf_counter() - started
+        if stopped:
+            metrics_log.close()
+            result = TrainResult(self.run_dir, self.step, last_loss, self.skipped, wall, (self.step - start_step) / wall, {}, checkpoint, stopped)
+            self.emit("on_train_end", result=result)
+            raise TrainingStopped(stopped + f"; last checkpoint: {checkpoint or 'none written'}")
+        evaluation = self.eval_and_log(metrics_log, progress, None)
+        metrics_log.close()
+        if self.writer:
+            plot_loss(self.run_dir / "metrics.jsonl", self.run_dir / "loss.png", f"{self.run.model.name} on {self.run.backend.name}/{self.run.backend.engine_name}")
+        result = TrainResult(self.run_dir, self.step, last_loss, self.skipped, wall, (self.step - start_step) / max(wall, 1e-9), evaluation, checkpoint)
+        self.emit("on_train_end", result=result)
+        return result
+
+    def eval_and_log(self, metrics_log: MetricsLog, progress: Progress, max_samples: int | None) -> dict[str, Any]:
+        run = self.run
+        final = max_samples is None
+        result = evaluate_model(run.model, run.backend, self.params, run.eval_data, run.tokenizer, batch_size=128,
+                                max_samples=max_samples, policy=self.policy, final=final,
+                                out_dir=self.run_dir if self.writer else None)
+        row = {"split": "eval", "step": self.step,
+               **{k: v for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}}
+        metrics_log.write(row)
+        progress.print(f"step {self.step}: {result['headline']}")
+        self.emit("on_eval_end", step=self.step, metrics=row)
+        return result
