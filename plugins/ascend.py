@@ -57,6 +57,7 @@ def register_backends(register):
                 "torch": "on an Ascend host with CANN: pip install 'isthmus[ascend]' -c constraints.txt "
                          "(torch_npu pairs with the CPU build of torch)",
             },
+            visible_devices_env="ASCEND_RT_VISIBLE_DEVICES",
             description="Huawei Ascend NPU through CANN (MindSpore or torch_npu)",
         )
     )

@@ -47,6 +47,7 @@ def register_backends(register):
             engine_modules={"torch": ("torch",)},
             install_hints={"torch": "pip install 'isthmus[torch]' -c constraints.txt with a CUDA build of "
                                     "torch 2.13.0 (the PyTorch wheel index for your CUDA 12.x driver)"},
+            visible_devices_env="CUDA_VISIBLE_DEVICES",
             description="NVIDIA GPU through torch (CUDA, NCCL)",
         )
     )

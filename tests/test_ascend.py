@@ -20,10 +20,19 @@ from isthmus.backends.ascend.detect import detect, visible_mapping
 from isthmus.backends.ascend.guard import guard_torch_import, refuse_cuda_torch, torch_cuda_version_on_disk
 from isthmus.backends.ascend.npu_smi import parse_npu_smi
 from isthmus.backends.ascend.options import PRECISION_MODES, parse_options
-from isthmus.config.composer import ConfigError, compose
+from isthmus.config.composer import ConfigError
 from isthmus.errors import BackendUnavailableError
 
 RECORDINGS = Path(__file__).parent / "data" / "npu_smi"
+
+
+def compose(overrides=(), **ignored):
+    """A config composed as the command line composes it, over the built-in plugins."""
+    from isthmus.registry.manager import load_plugins
+    from isthmus.train.run import compose_run
+
+    return compose_run(load_plugins(autoload=False)[1], overrides)
+
 
 
 def run(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:

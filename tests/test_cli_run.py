@@ -40,7 +40,7 @@ def trained(tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("run")
     result = isthmus("train", *TINY, "train.steps=3", "train.eval_every=0", "train.checkpoint_every=0", f"output_dir={run_dir}", "--no-progress")
     assert result.returncode == 0, result.stderr
-    assert "held-out caption exact match" in result.stdout
+    assert "held-out: caption exact match" in result.stdout
     return run_dir
 
 
@@ -64,8 +64,12 @@ def test_eval_and_caption_use_the_checkpoint(trained, tmp_path):
 
 
 def test_eval_on_the_reference_backend_matches_torch(trained):
-    torch_out = isthmus("eval", "--checkpoint", str(trained), "--max-samples", "8").stdout.splitlines()[-1]
-    reference_out = isthmus("eval", "--checkpoint", str(trained), "--max-samples", "8", "backend=reference").stdout.splitlines()[-1]
+    def evaluation(*backend: str) -> list[str]:
+        lines = isthmus("eval", "--checkpoint", str(trained), "--max-samples", "8", *backend).stdout.splitlines()
+        return lines[1:]  # the headline and the examples, after the line naming the backend
+
+    torch_out, reference_out = evaluation(), evaluation("backend=reference")
+    assert torch_out[0].startswith("held-out: caption exact match")
     assert torch_out == reference_out  # printed to 0.1% / 4 decimals
 
 
@@ -77,7 +81,8 @@ def test_overwrite_keeps_the_old_run_when_the_new_one_cannot_start(trained):
     before = {p.relative_to(trained): p.read_bytes() for p in trained.rglob("*") if p.is_file()}
     # The data options are read after the run directory is checked: an error there must not have
     # removed the run that --overwrite would replace.
-    result = isthmus("train", *TINY, "data.path=/nonexistent/scenes", f"output_dir={trained}", "--overwrite")
+    result = isthmus("train", *TINY, "data=image-folder", "data.path=/nonexistent/scenes", f"output_dir={trained}",
+                     "--overwrite")
     one_line_error(result, "/nonexistent/scenes")
     after = {p.relative_to(trained): p.read_bytes() for p in trained.rglob("*") if p.is_file()}
     assert after == before

@@ -199,7 +199,11 @@ def test_bad_options_fail_with_one_line_naming_the_key(options, message):
 
 
 def test_shipped_cuda_config_composes_and_states_tf32_off():
-    from isthmus.config.composer import compose
+    from isthmus.registry.manager import load_plugins
+    from isthmus.train.run import compose_run
+
+    def compose(overrides):
+        return compose_run(load_plugins(autoload=False)[1], overrides)
     from isthmus.train.run import plain
 
     cfg = compose(["backend=cuda"])
@@ -307,7 +311,11 @@ def cuda_registry():
 
 def test_auto_picks_cuda_over_cpu_on_a_fake_gpu_machine_and_refuses_bf16_on_a_t4(
         tmp_path, monkeypatch, fake_cuda_torch):
-    from isthmus.config.composer import compose
+    from isthmus.registry.manager import load_plugins
+    from isthmus.train.run import compose_run
+
+    def compose(overrides):
+        return compose_run(load_plugins(autoload=False)[1], overrides)
     from isthmus.train.run import CapabilityError, check_capabilities
     from isthmus.registry.selection import build, select
 

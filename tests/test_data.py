@@ -44,7 +44,7 @@ def scenes():
 def test_public_names():
     assert sorted(data.__all__) == sorted([
         "BOS", "CAPTIONS_FILE", "COLOURS", "DATA_DEFAULTS", "EOS", "IGNORE_INDEX", "PAD", "RELATIONS", "SHAPES",
-        "SPECIAL_TOKENS", "UNK", "WORDS", "Batch", "BatchIterator", "Caption", "CaptionDataset", "DataError",
+        "SPECIAL_TOKENS", "UNK", "WORDS", "Batch", "BatchIterator", "Batches", "DataSplits", "Dataset", "Caption", "CaptionDataset", "DataError",
         "FolderData", "Scene", "Shape", "Tokenizer", "canonical", "caption_matches", "generate_scenes",
         "load_folder", "load_image", "make_dataset", "normalise_pixels", "parse_caption", "relation_between", "render_scenes",
         "split_indices", "split_words",

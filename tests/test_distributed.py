@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from isthmus.train.checkpoint import load_checkpoint
-from isthmus.config.composer import ConfigError, compose
+from isthmus.config.composer import ConfigError
 from isthmus.train.parallel import RankSlice, device_index, launch_env, token_count
 
 TINY = [
@@ -23,6 +23,15 @@ TINY = [
     "model.dropout=0.0", "data.num_train=64", "data.num_eval=16", "train.batch_size=8", "train.warmup_steps=1",
     "train.eval_every=0", "train.log_every=1",
 ]
+
+
+def compose(overrides=(), **ignored):
+    """A config composed as the command line composes it, over the built-in plugins."""
+    from isthmus.registry.manager import load_plugins
+    from isthmus.train.run import compose_run
+
+    return compose_run(load_plugins(autoload=False)[1], overrides)
+
 
 
 def isthmus(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -61,9 +70,10 @@ def test_launch_env_and_device_mapping():
     assert launch_env({}) is None
     env = launch_env({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1"})
     assert (env.rank, env.world_size, env.local_rank) == (3, 4, 1)
-    assert device_index(1, {}) == 1
-    assert device_index(1, {"CUDA_VISIBLE_DEVICES": "2,3"}) == 1
-    assert device_index(1, {"ASCEND_RT_VISIBLE_DEVICES": "5"}) == 0  # one device shown per process
+    assert device_index(1, None, {}) == 1
+    assert device_index(1, "CUDA_VISIBLE_DEVICES", {"CUDA_VISIBLE_DEVICES": "2,3"}) == 1
+    assert device_index(1, "ASCEND_RT_VISIBLE_DEVICES", {"ASCEND_RT_VISIBLE_DEVICES": "5"}) == 0  # one device shown per process
+    assert device_index(1, "CUDA_VISIBLE_DEVICES", {"ASCEND_RT_VISIBLE_DEVICES": "5"}) == 1  # another device's variable
 
 
 def test_distributed_is_a_checked_choice():

@@ -22,14 +22,13 @@ pytest.importorskip("torch")
 import isthmus.backends.mindspore.engine  # noqa: E402,F401  (quiets MindSpore before it loads)
 
 from isthmus.train.checkpoint import load_checkpoint  # noqa: E402
-from isthmus.config.composer import compose  # noqa: E402
 from isthmus.verify.conformance import all_cases, run_case  # noqa: E402
 from isthmus.data import make_dataset  # noqa: E402
 from isthmus.registry.hookspecs import hookimpl  # noqa: E402
 from isthmus.models.captioner.model import TinyCaptioner  # noqa: E402
 from isthmus.nn.params import initialise  # noqa: E402
 from isthmus.registry.manager import get_registry, load_plugins  # noqa: E402
-from isthmus.train.run import CapabilityError, prepare  # noqa: E402
+from isthmus.train.run import CapabilityError, compose_run, prepare  # noqa: E402
 from isthmus.registry.selection import Selection, build  # noqa: E402
 from isthmus.train.trainer import Trainer  # noqa: E402
 
@@ -99,8 +98,7 @@ def test_conformance_skips_bfloat16_on_mindspore_cpu_with_the_reason(mindspore_c
 
 def test_bf16_training_is_refused_before_anything_runs(tmp_path):
     _, registry = load_plugins(autoload=False)
-    cfg = compose([*TINY, "backend.engine=mindspore", "train.precision=bf16", f"output_dir={tmp_path}"],
-                  known={"backend.name": ["auto", *registry.names("backend")]})
+    cfg = compose_run(registry, [*TINY, "backend.engine=mindspore", "train.precision=bf16", f"output_dir={tmp_path}"])
     with pytest.raises(CapabilityError, match="engine mindspore.*has no bfloat16"):
         prepare(cfg, registry)
 
@@ -165,7 +163,7 @@ def test_dropout_rng_state_restores_masks_through_json(mindspore_cpu):
 
 def captioner_outputs(engine_name: str, overrides: dict) -> dict:
     train, _, tokenizer = make_dataset({"num_train": 6, "num_eval": 1, "seed": 3})
-    model = TinyCaptioner({"dropout": 0.0, **overrides}, tokenizer.vocab_size)
+    model = TinyCaptioner({"dropout": 0.0, **overrides}, tokenizer)
     weights = initialise(model.param_specs(), 5)
     host = train.batch(list(range(4)))
     b = backend(engine_name)
@@ -206,7 +204,7 @@ def test_captioner_forward_loss_and_grads_agree_with_torch(variant):
 def test_float64_gradients_match_finite_differences():
     # float64 is in the manifest: the whole stack (conv2d through im2col included) must keep it.
     train, _, tokenizer = make_dataset({"num_train": 2, "num_eval": 1, "seed": 3})
-    model = TinyCaptioner({"dropout": 0.0}, tokenizer.vocab_size)
+    model = TinyCaptioner({"dropout": 0.0}, tokenizer)
     weights = initialise(model.param_specs(), 5)
     b = backend("mindspore")
     k, engine = b.kernels, b.engine
@@ -250,8 +248,7 @@ class StopAt:
 
 def train(run_dir, engine: str, *overrides: str, plugins=(), resume=None):
     manager, registry = load_plugins(autoload=False, extra=[(type(p).__name__, p) for p in plugins])
-    cfg = compose([*TINY, f"backend.engine={engine}", f"output_dir={run_dir}", *overrides],
-                  known={"backend.name": ["auto", *registry.names("backend")]})
+    cfg = compose_run(registry, [*TINY, f"backend.engine={engine}", f"output_dir={run_dir}", *overrides])
     run = prepare(cfg, registry)
     assert run.backend.engine_name == engine
     return Trainer(run, run_dir, manager, resume=resume).fit()

@@ -3,7 +3,6 @@ correct gradients) and generates; the captioner's names, mask and config rules a
 
 from __future__ import annotations
 
-import importlib.resources
 import math
 import re
 from pathlib import Path
@@ -13,13 +12,13 @@ import numpy as np
 import pytest
 import yaml
 
-from isthmus.data import EOS, PAD, make_dataset
+from isthmus.data import EOS, PAD, DataSplits, make_dataset
 from isthmus.kernels.interface import OPS
-from isthmus.models.captioner.model import TinyCaptioner, prefix_lm_mask
+from isthmus.kernels.routing import KernelSet
+from isthmus.models.captioner.model import TinyCaptioner
+from isthmus.nn.layers import prefix_lm_mask
 from isthmus.nn.params import initialise
 from isthmus.registry.manager import load_plugins
-from isthmus.kernels.routing import KernelSet
-from isthmus.train.run import bind_data
 
 torch = pytest.importorskip("torch")
 
@@ -30,7 +29,8 @@ from isthmus.backends.torch.kernels import kernel_table as torch_table  # noqa: 
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL_SOURCES = [REPO / "core" / "nn" / "layers.py", *sorted((REPO / "core" / "models").glob("*/model.py"))]
-MODEL_NAMES = sorted(load_plugins(autoload=False)[1].names("model"))
+BUILTIN = load_plugins(autoload=False)[1]
+MODEL_NAMES = sorted(BUILTIN.names("model"))
 SEED = 5
 
 
@@ -38,9 +38,12 @@ SEED = 5
 
 
 def default_config(name: str) -> dict[str, Any]:
-    """The model's shipped config file ``configs/model/<name>.yaml``, or just its name."""
-    file = importlib.resources.files("isthmus.configs") / "model" / f"{name}.yaml"
-    return yaml.safe_load(file.read_text()) if file.is_file() else {"name": name}
+    """The model's shipped option file ``model/<name>.yaml`` (from its package's config directory)."""
+    for directory in BUILTIN.config_dirs:
+        file = Path(directory) / "model" / f"{name}.yaml"
+        if file.is_file():
+            return yaml.safe_load(file.read_text())
+    return {"name": name}
 
 
 @pytest.fixture(scope="module")
@@ -50,8 +53,8 @@ def scenes():
 
 
 def build(name: str, tokenizer, **overrides: Any) -> Any:
-    spec = load_plugins(autoload=False)[1].specs["model"][name]
-    return spec.factory({**default_config(name), **overrides}, tokenizer.vocab_size)
+    spec = BUILTIN.specs["model"][name]
+    return spec.factory({**default_config(name), **overrides}, DataSplits([], [], tokenizer=tokenizer))
 
 
 def reference() -> tuple[KernelSet, ReferenceEngine]:
@@ -71,7 +74,7 @@ def on(engine: Any, arrays: dict[str, np.ndarray], dtype: str | None = None) -> 
 def batch_of(train, count: int = 4, model: Any = None) -> dict[str, np.ndarray]:
     """A batch as ``model`` consumes it (through its ``bind_data``, e.g. with visual codes), without
     the bookkeeping entries no model reads."""
-    data = bind_data(model, train, train, SEED)[0] if model is not None else train
+    data = model.bind_data(DataSplits(train, train, tokenizer=train.tokenizer), SEED, None).train if model else train
     batch = data.batch(list(range(count)))
     return {key: value for key, value in batch.items() if key not in ("indices", "lengths")}
 
@@ -270,11 +273,11 @@ def test_generate_shapes_agree_across_engines_and_match_forward(scenes):
     generated = []
     for k, engine in (reference(), torch_cpu()):
         with engine.no_grad():
-            out = model.generate(k, engine.parameters(weights), engine.asarray(images), max_len=6)
+            out = model.caption(k, engine.parameters(weights), engine.asarray(images), max_len=6)
         assert k.shape(out) == (3, 6) and k.dtype(out) == "int64"
         generated.append(engine.to_numpy(out))
     np.testing.assert_array_equal(generated[0], generated[1])
-    assert k.shape(model.generate(k, engine.parameters(weights), engine.asarray(images))) == (3, 15)
+    assert k.shape(model.caption(k, engine.parameters(weights), engine.asarray(images))) == (3, 15)
     # Teacher forcing on the generated tokens predicts them again, up to the first <eos>.
     k, engine = reference()
     tokens = np.concatenate([np.ones((3, 1), np.int64), generated[0]], axis=1)
@@ -300,7 +303,7 @@ def test_generate_pads_after_eos(scenes):
 
     model.decode = decode
     params = engine.parameters(initialise(model.param_specs(), SEED))
-    out = model.generate(k, params, engine.asarray(train.batch([0, 1, 2])["images"]), max_len=5)
+    out = model.caption(k, params, engine.asarray(train.batch([0, 1, 2])["images"]), max_len=5)
     assert out.tolist() == [[5, 6, EOS, PAD, PAD], [5, 5, 5, 5, 5], [EOS, PAD, PAD, PAD, PAD]]
 
 
@@ -310,7 +313,7 @@ def test_config_comes_from_the_tokenizer_and_is_checked():
     assert TinyCaptioner({"vocab_size": 30}, vocab_size=20).config.vocab_size == 30
     with pytest.raises(ValueError, match="vocab_size"):
         TinyCaptioner({})
-    with pytest.raises(ValueError, match="d_model 60 is not divisible by n_heads 8.*patch_size 5"):
+    with pytest.raises(ValueError, match=r"d_model: 60 is not divisible by n_heads \(8\).*patch_size \(5\)"):
         TinyCaptioner({"d_model": 60, "n_heads": 8, "patch_size": 5}, vocab_size=20)
     with pytest.raises(ValueError, match="unknown tiny-captioner option 'depth'"):
         TinyCaptioner({"depth": 3}, vocab_size=20)

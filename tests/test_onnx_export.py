@@ -17,7 +17,8 @@ pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
 from isthmus.export import pipeline as export_module  # noqa: E402
-from isthmus.export.pipeline import export_checkpoint, greedy_with_runner  # noqa: E402
+from isthmus.export.pipeline import export_checkpoint  # noqa: E402
+from isthmus.models.captioner.export_check import greedy_with_runner  # noqa: E402
 
 TINY = [
     "backend=cpu", "model.d_model=32", "model.n_heads=2", "model.n_layers_vision=1", "model.n_layers_text=1",
@@ -96,7 +97,8 @@ def test_greedy_captions_through_onnx_equal_the_source(trained, registry, tmp_pa
                                 echo=lambda line: None)
     check = next(c for c in outcome.checks if c.name == "greedy captions")
     assert check.ok and check.detail.startswith("5/5 captions identical"), check
-    assert len(outcome.captions) == 5 and all(mine == theirs for mine, theirs in outcome.captions)
+    # Each example line shows the file's caption, and the source's only where they differ.
+    assert len(check.examples) == 5 and not any("source:" in line for line in check.examples), check.examples
 
 
 def test_torch_exporter_with_a_dynamic_batch(trained, registry, tmp_path):
@@ -218,14 +220,14 @@ def test_greedy_loop_matches_generate_on_the_reference(trained, registry):
     backend = build_label(registry, "reference")
     k, engine = backend.kernels, backend.engine
     params = engine.parameters(restored.params)
-    host = restored.eval_data.batch(np.arange(3))
-    tok = restored.tokenizer
+    host = restored.data.eval.batch(np.arange(3))
+    tok = restored.model.tokenizer
 
     def run(feeds):
         return {"logits": restored.model.forward(k, params, {n: engine.asarray(a) for n, a in feeds.items()})}
 
-    steps = restored.eval_data.max_len
+    steps = restored.data.eval.max_len
     ids, _ = greedy_with_runner(run, {"images": host["images"], "tokens": host["tokens"]}, steps,
                                 tok.bos_id, tok.eos_id, tok.pad_id)
-    expected = restored.model.generate(k, params, engine.asarray(host["images"]), steps, tok.bos_id, tok.eos_id)
+    expected = restored.model.caption(k, params, engine.asarray(host["images"]), steps, tok.bos_id, tok.eos_id)
     np.testing.assert_array_equal(ids, expected)

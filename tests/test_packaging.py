@@ -31,8 +31,17 @@ def test_every_package_folder_is_listed():
 def test_configs_ship_as_package_data():
     root = resources.files("isthmus.configs")
     assert root.joinpath("defaults.yaml").is_file()
-    for group in ("backend", "model", "data", "train"):
+    for group in ("backend", "data", "train"):
         assert any(p.name.endswith(".yaml") for p in root.joinpath(group).iterdir()), group
+
+
+def test_each_built_in_model_ships_its_option_file_in_its_package():
+    from isthmus.registry.manager import load_plugins
+
+    registry = load_plugins(autoload=False)[1]
+    for name in registry.names("model"):
+        package = registry.model(name).factory.__module__.rsplit(".", 1)[0]
+        assert resources.files(package).joinpath("configs", "model", f"{name}.yaml").is_file(), name
 
 
 def test_no_source_imports_a_top_level_folder_by_name():

@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from isthmus.data import make_dataset
+from isthmus.data import DataSplits, make_dataset
 from isthmus.models.t2i.model import TinyT2I
 from isthmus.models.t2i.coded import CodedDataset, empty_captions
 from isthmus.models.t2i.visual_tokenizer import VisualTokenizer, tiles, untile
@@ -115,8 +115,8 @@ def test_coded_batches_are_a_function_of_seed_and_indices(scenes):
 @pytest.fixture(scope="module")
 def model_and_batch(scenes):
     train, _, tokenizer = scenes
-    model = TinyT2I(TINY_MODEL, tokenizer.vocab_size)
-    coded, _ = model.bind_data(train, scenes[1], seed=0)
+    model = TinyT2I(TINY_MODEL, tokenizer)
+    coded = model.bind_data(DataSplits(train, scenes[1], tokenizer=tokenizer), seed=0, saved=None).train
     params = initialise(model.param_specs(), 0)
     # A decoder that starts at zero output would hide its inputs from the comparisons below.
     rng = np.random.default_rng(1)
@@ -282,14 +282,14 @@ def test_generate_refuses_bad_input_in_one_line(trained, judge, tmp_path):
                            "--out", str(tmp_path / "x.jpg")), ".png")
     one_line_error(isthmus("generate", "--checkpoint", str(judge), "--prompt", "a red circle"),
                    "tiny-captioner", "model=tiny-t2i")
-    one_line_error(isthmus("eval", "--checkpoint", str(run_dir), "--judge", str(tmp_path / "missing")), "missing")
+    one_line_error(isthmus("eval", "--checkpoint", str(run_dir), "--option", f"judge={tmp_path / 'missing'}"), "missing")
     one_line_error(isthmus("caption", "--checkpoint", str(run_dir), "--image", str(tmp_path / "x.png")),
                    "tiny-t2i", "does not caption")
 
 
 def test_eval_reports_the_closed_loop_with_a_given_judge(trained, judge, tmp_path):
     run_dir, _ = trained
-    result = isthmus("eval", "--checkpoint", str(run_dir), "--judge", str(judge), "--out", str(tmp_path), "--max-samples", "4")
+    result = isthmus("eval", "--checkpoint", str(run_dir), "--option", f"judge={judge}", "--out", str(tmp_path), "--max-samples", "4")
     assert result.returncode == 0, result.stderr
     assert "closed loop" in result.stdout and "of 4 generated images" in result.stdout
     assert (tmp_path / "samples.png").is_file()

@@ -9,10 +9,9 @@ import numpy as np
 import pytest
 
 from isthmus.train.checkpoint import load_checkpoint
-from isthmus.config.composer import compose
 from isthmus.registry.hookspecs import hookimpl
 from isthmus.registry.manager import load_plugins
-from isthmus.train.run import prepare
+from isthmus.train.run import compose_run, prepare
 from isthmus.train.trainer import Trainer, TrainingStopped
 
 TINY = [
@@ -74,7 +73,7 @@ class Recorder:
 
 def make_run(tmp_path, *overrides, plugins=()):
     manager, registry = load_plugins(autoload=False, extra=[(type(p).__name__, p) for p in plugins])
-    cfg = compose([*TINY, f"output_dir={tmp_path}", *overrides], known={"backend.name": ["auto", *registry.names("backend")]})
+    cfg = compose_run(registry, [*TINY, f"output_dir={tmp_path}", *overrides])
     return prepare(cfg, registry), manager
 
 
@@ -128,7 +127,7 @@ def test_events_reach_plugins_in_order(tmp_path):
 
 def poison(run, at_step):
     """Make the batch of ``at_step`` carry a NaN pixel, as corrupt data would."""
-    original = run.train_data.batch
+    original = run.data.train.batch
     calls = {"n": 0}
 
     def batch(indices):
@@ -139,7 +138,7 @@ def poison(run, at_step):
             out["images"][0, 0, 0, 0] = np.nan
         return out
 
-    run.train_data.batch = batch
+    run.data.train.batch = batch
 
 
 def test_nan_policy_skip_skips_the_step_and_reports_it(tmp_path):
@@ -177,7 +176,7 @@ def test_low_precision_policies_train_like_fp32(tmp_path, precision):
 
 
 def run_vocab(run) -> int:
-    return run.tokenizer.vocab_size
+    return run.model.tokenizer.vocab_size
 
 
 class StepHooks:

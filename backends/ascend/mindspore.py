@@ -106,7 +106,10 @@ def build_mindspore(request: BackendRequest, soc_name: str | None) -> BackendPar
         "jit_level": f"{options.jit_level} ({jit_note})",
         "comm_backend": COMM_BACKEND,
     })
-    return BackendParts(engine=engine, kernel_table=kernel_table(inner), capabilities=capabilities(soc, devices))
+    from isthmus.backends.mindspore.distributed import DataParallel
+
+    return BackendParts(engine=engine, kernel_table=kernel_table(inner), capabilities=capabilities(soc, devices),
+                        data_parallel=DataParallel)
 
 
 __all__ = ["COMM_BACKEND", "NO_FLOAT64", "apply_precision", "build_mindspore", "capabilities",

@@ -33,6 +33,7 @@ def _cpu_threads() -> int:
 
 def build_cpu(request: BackendRequest) -> BackendParts:
     """A :class:`~isthmus.backends.mindspore.engine.MindSporeEngine` on ``CPU`` and its kernels."""
+    from isthmus.backends.mindspore.distributed import DataParallel
     from isthmus.backends.mindspore.engine import MindSporeEngine, configure_cpu
     from isthmus.backends.mindspore.kernels import kernel_table
 
@@ -41,4 +42,4 @@ def build_cpu(request: BackendRequest) -> BackendParts:
     # over the cores. Default to the cores this process may run on.
     configure_cpu(int(request.threads) if request.threads else _cpu_threads(), request.deterministic)
     return BackendParts(engine=engine, kernel_table=kernel_table(engine),
-                        capabilities=CPU_CAPABILITIES)
+                        capabilities=CPU_CAPABILITIES, data_parallel=DataParallel)

@@ -9,6 +9,7 @@ from isthmus.registry.specs import BackendParts, BackendRequest
 def build_cpu(request: BackendRequest) -> BackendParts:
     import torch
 
+    from isthmus.backends.torch.distributed import DataParallel
     from isthmus.backends.torch.engine import TorchEngine
     from isthmus.backends.torch.kernels import kernel_table
 
@@ -28,4 +29,5 @@ def build_cpu(request: BackendRequest) -> BackendParts:
             comm_backend="gloo",
             max_devices=1,
         ),
+        data_parallel=DataParallel,
     )

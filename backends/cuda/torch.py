@@ -232,7 +232,10 @@ def build_cuda(request: BackendRequest) -> BackendParts:
         engine.options = replace(options, compile=False)
         engine.compile_status = f"eager (backend.options.compile: true, but {why})"
         log.warning("backend 'cuda': torch.compile unavailable, running eagerly: %s", why)
-    return BackendParts(engine=engine, kernel_table=kernel_table(inner), capabilities=manifest)
+    from isthmus.backends.torch.distributed import DataParallel
+
+    return BackendParts(engine=engine, kernel_table=kernel_table(inner), capabilities=manifest,
+                        data_parallel=DataParallel)
 
 
 def autocast(dtype: str = "bfloat16") -> Any:

@@ -16,6 +16,7 @@ from typing import Any, Callable, Mapping
 os.environ.setdefault("GLOG_v", "3")  # before the import: glog reads it once, at load time
 
 import numpy as np  # noqa: E402
+from isthmus.registry.backend import Engine
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", DeprecationWarning)
@@ -71,7 +72,7 @@ def set_device(device_target: str, device_id: int) -> None:
 
     ``launch_blocking`` makes each op finish before the next starts: without it a failing kernel
     reports its error at a later op, and the conformance suite would blame the wrong case. On a
-    2-core host it also trains the tiny captioner ~10x faster (the asynchronous launch threads
+    2-core host it also trains the demo's image-captioning model ~10x faster (the asynchronous launch threads
     compete with the kernels for the cores).
     """
     ms.set_context(mode=ms.PYNATIVE_MODE)
@@ -97,7 +98,7 @@ def configure_cpu(threads: int, deterministic: bool) -> None:
             pass
 
 
-class MindSporeEngine:
+class MindSporeEngine(Engine):
     """:class:`isthmus.registry.backend.Engine` over MindSpore on ``device_target`` (``"CPU"``, ``"GPU"``,
     ``"Ascend"``) and ``device_id``.
 

@@ -20,6 +20,7 @@ import numpy as np
 from isthmus.backends.onnx.kernels import kernel_table as emitting_table
 from isthmus.backends.onnx.graph import ONNX_TYPES, Graph, Value, dtype_name, numpy_dtype
 from isthmus.kernels.interface import OPS
+from isthmus.registry.backend import Engine
 
 DEFAULT_OPSET = 17
 EAGER_CACHE_SIZE = 2048
@@ -53,7 +54,7 @@ def runner(model: Any) -> Runner:
     return run
 
 
-class OnnxRuntimeEngine:
+class OnnxRuntimeEngine(Engine):
     """:class:`isthmus.registry.backend.Engine` for the ``onnxruntime`` backend: numpy arrays on the host.
 
     ``generator`` draws training-mode dropout masks (fed to the graph as an input).
@@ -70,6 +71,13 @@ class OnnxRuntimeEngine:
         self.device = "cpu"
         self.opset = opset
         self.generator = np.random.default_rng(seed)
+
+    def run_graph(self, fn: Any, params: Mapping[str, np.ndarray], batch: Mapping[str, np.ndarray],
+                  name: str = "isthmus") -> dict[str, np.ndarray]:
+        """``fn(k, params, batch)`` exported by the engine-free exporter and run in one session."""
+        from isthmus.backends.onnx.trace import trace
+
+        return runner(trace(fn, params, batch, self.opset, name=name))(batch)
 
     def seed(self, n: int) -> None:
         """Reset the dropout generator."""

@@ -8,9 +8,10 @@ from typing import Any
 import numpy as np
 
 from isthmus.backends.reference.kernels import to_reference
+from isthmus.registry.backend import Engine
 
 
-class ReferenceEngine:
+class ReferenceEngine(Engine):
     """:class:`isthmus.registry.backend.Engine` for the float64 golden model.
 
     Tensors are numpy arrays: floats float64 (narrower dtypes only round values), integers int64,

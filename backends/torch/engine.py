@@ -9,6 +9,7 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 import torch
+from isthmus.registry.backend import Engine
 
 TORCH_DTYPES: dict[str, torch.dtype] = {
     "float64": torch.float64,
@@ -35,7 +36,7 @@ def dtype_name(dtype: torch.dtype) -> str:
     return _NAMES.get(dtype, str(dtype).removeprefix("torch."))
 
 
-class TorchEngine:
+class TorchEngine(Engine):
     """:class:`isthmus.registry.backend.Engine` over torch on ``device`` (``"cpu"``, ``"cuda:0"``, ``"npu"``).
 
     ``generator`` feeds ``dropout``. It lives on the device when torch can make one there and on the

@@ -26,14 +26,9 @@ def registry():
 
 
 def compose_config(overrides: Sequence[str]):
-    from isthmus.config.composer import compose
+    from isthmus.train.run import compose_run
 
-    reg = registry()
-    known = {"backend.name": ["auto", *reg.names("backend")]}
-    for section, kind in (("model", "model"), ("data", "dataset")):
-        if reg.names(kind):
-            known[f"{section}.name"] = reg.names(kind)
-    return compose(list(overrides), config_dirs=reg.config_dirs, known=known, schemas=reg.config_schemas())
+    return compose_run(registry(), overrides)
 
 
 def cmd_backends(args: argparse.Namespace) -> int:
@@ -213,15 +208,31 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     s.set_defaults(run=cmd_kernels)
 
+    from isthmus.cli.export import add_commands as add_export_commands
     from isthmus.cli.run import add_commands
     from isthmus.cli.selftest import add_commands as add_selftest_commands
-
-    from isthmus.cli.export import add_commands as add_export_commands
 
     add_commands(sub)
     add_selftest_commands(sub)
     add_export_commands(sub)
+    add_plugin_commands(sub)
     return p
+
+
+def add_plugin_commands(sub: Any) -> None:
+    """The commands models and plugins registered (``register_commands``); a name a built-in
+    command already has is left out and the plugin is marked failed, naming the clash."""
+    reg = registry()
+    for name in reg.names("command"):
+        spec = reg.specs["command"][name]
+        if reg.conflict("command", name) or name in sub.choices:
+            owner = reg.plugins.get(spec.plugin)
+            if owner is not None and not owner.error:
+                owner.error = f"register_commands: command '{name}' is already taken"
+            continue
+        s = sub.add_parser(name, help=spec.help, description=spec.description or None)
+        spec.configure(s)
+        s.set_defaults(run=spec.run)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -9,10 +9,10 @@ an optional ``check()`` method that returns ``(key, message)`` pairs, key relati
 ``check_tree`` applies both, after the types, and reports every problem it finds rather than the
 first. Nothing here reads files; ``isthmus.config.composer`` does that and calls in.
 
-A plugin model (or dataset, or backend) with its own hyperparameters declares a dataclass that
-subclasses ``ModelBase`` (``DataBase``, ``BackendConfig``) and hands it to ``compose`` through the
-``schemas`` argument, keyed by the section's ``name``: ``{"model": {"tiny-t2i": TinyT2IConfig}}``.
-A name without a schema of its own is validated against the built-in default of its section.
+Models and datasets declare their own section schemas, dataclasses that subclass ``ModelBase``
+(``DataBase``) registered with their spec; ``compose`` receives them through the ``schemas``
+argument, keyed by the section's ``name``: ``{"model": {"my-model": MyModelConfig}}``. A name
+without a schema of its own is validated against the section's base (``name`` only).
 """
 
 from __future__ import annotations
@@ -36,15 +36,12 @@ from omegaconf.errors import OmegaConfBaseException
 __all__ = [
     "BackendConfig",
     "DataBase",
-    "DataConfig",
     "Mlp",
     "ModelBase",
-    "ModelConfig",
     "NanPolicy",
     "Norm",
     "Precision",
     "RunConfig",
-    "T2IModelConfig",
     "Schedule",
     "TrainConfig",
     "bounds",
@@ -136,101 +133,10 @@ class ModelBase:
 
 
 @dataclass
-class ModelConfig(ModelBase):
-    """Hyperparameters of ``tiny-captioner``: a patch-embedding vision encoder feeding a causal text
-    decoder that reads the image tokens as a prefix."""
-
-    name: str = "tiny-captioner"
-    image_size: int = field(default=32, metadata=bounds(ge=1))
-    patch_size: int = field(default=8, metadata=bounds(ge=1))
-    channels: int = field(default=3, metadata=bounds(ge=1))
-    d_model: int = field(default=64, metadata=bounds(ge=1))
-    n_heads: int = field(default=4, metadata=bounds(ge=1))
-    n_layers_vision: int = field(default=2, metadata=bounds(ge=1))
-    n_layers_text: int = field(default=2, metadata=bounds(ge=1))
-    mlp: Mlp = Mlp.gelu
-    mlp_ratio: int = field(default=4, metadata=bounds(ge=1))  # hidden width = mlp_ratio * d_model
-    max_caption_len: int = field(default=16, metadata=bounds(ge=2))  # tokens, BOS and EOS included
-    dropout: float = field(default=0.0, metadata=bounds(ge=0, lt=1))
-    vocab_size: int | None = field(default=None, metadata=bounds(ge=2))  # None: from the tokenizer
-    norm: Norm = Norm.layer
-    norm_eps: float = field(default=1e-5, metadata=bounds(gt=0))
-
-    def check(self) -> list[tuple[str, str]]:
-        """Rules that involve two fields."""
-        problems = []
-        if self.d_model % self.n_heads:
-            problems.append(("d_model", f"{self.d_model} is not divisible by n_heads ({self.n_heads})"))
-        if self.image_size % self.patch_size:
-            size, patch = self.image_size, self.patch_size
-            problems.append(("image_size", f"{size} is not divisible by patch_size ({patch})"))
-        return problems
-
-
-@dataclass
-class T2IModelConfig(ModelBase):
-    """Hyperparameters of ``tiny-t2i``: a visual codebook, a caption-to-codes transformer and a
-    diffusion decoder from codes to pixels (see ``isthmus.models.t2i.model``)."""
-
-    name: str = "tiny-t2i"
-    image_size: int = field(default=32, metadata=bounds(ge=1))
-    channels: int = field(default=3, metadata=bounds(ge=1))
-    patch_size: int = field(default=4, metadata=bounds(ge=1))  # pixels per side of the tile a code stands for
-    codebook_size: int = field(default=1024, metadata=bounds(ge=2))
-    codebook_iterations: int = field(default=30, metadata=bounds(ge=0))  # k-means rounds when fitting it
-    max_caption_len: int = field(default=16, metadata=bounds(ge=2))  # caption tokens, BOS and EOS included
-    d_model: int = field(default=128, metadata=bounds(ge=2))
-    n_heads: int = field(default=4, metadata=bounds(ge=1))
-    n_layers: int = field(default=4, metadata=bounds(ge=1))
-    mlp: Mlp = Mlp.gelu
-    mlp_ratio: int = field(default=4, metadata=bounds(ge=1))
-    decoder_d_model: int = field(default=64, metadata=bounds(ge=2))
-    decoder_heads: int = field(default=4, metadata=bounds(ge=1))
-    decoder_layers: int = field(default=2, metadata=bounds(ge=1))
-    diffusion_weight: float = field(default=1.0, metadata=bounds(gt=0))
-    sampling_steps: int = field(default=12, metadata=bounds(ge=1))  # denoising steps when rendering
-    caption_dropout: float = field(default=0.1, metadata=bounds(ge=0, lt=1))  # training captions replaced by the empty one
-    guidance: float = field(default=1.5, metadata=bounds(ge=0))  # classifier-free guidance when sampling; 1: none
-    temperature: float = field(default=0.4, metadata=bounds(ge=0))  # 0: always the likeliest code
-    top_k: int = field(default=0, metadata=bounds(ge=0))  # 0: every code may be sampled
-    dropout: float = field(default=0.0, metadata=bounds(ge=0, lt=1))
-    norm: Norm = Norm.layer
-    norm_eps: float = field(default=1e-5, metadata=bounds(gt=0))
-    vocab_size: int | None = field(default=None, metadata=bounds(ge=2))  # None: from the tokenizer
-    judge: str | None = None  # a tiny-captioner checkpoint that captions the generated images
-
-    def check(self) -> list[tuple[str, str]]:
-        """Rules that involve two fields."""
-        problems = []
-        for width, heads, prefix in ((self.d_model, self.n_heads, ""), (self.decoder_d_model, self.decoder_heads, "decoder_")):
-            key = "d_model" if not prefix else "decoder_d_model"
-            if width % heads:
-                problems.append((key, f"{width} is not divisible by {prefix or 'n_'}heads ({heads})"))
-            elif (width // heads) % 2:
-                problems.append((key, f"head size {width // heads} must be even for rotary positions"))
-        if self.image_size % self.patch_size:
-            problems.append(("image_size", f"{self.image_size} is not divisible by patch_size ({self.patch_size})"))
-        return problems
-
-
-@dataclass
 class DataBase:
     """What every data section has. A plugin dataset's schema subclasses this."""
 
     name: str = MISSING
-
-
-@dataclass
-class DataConfig(DataBase):
-    """The procedural scenes dataset, or a user folder of images plus ``captions.jsonl``."""
-
-    name: str = "scenes"
-    path: str | None = None  # None: generate scenes in code
-    num_train: int = field(default=20000, metadata=bounds(ge=1))
-    num_eval: int = field(default=256, metadata=bounds(ge=1))
-    seed: int = field(default=0, metadata=bounds(ge=0))
-    image_size: int = field(default=32, metadata=bounds(ge=1))
-    max_shapes: int = field(default=3, metadata=bounds(ge=1, le=3))
 
 
 @dataclass
@@ -267,8 +173,8 @@ class RunConfig:
     schema chosen by their ``name``."""
 
     backend: BackendConfig = field(default_factory=BackendConfig)
-    model: ModelBase = field(default_factory=ModelConfig)
-    data: DataBase = field(default_factory=DataConfig)
+    model: ModelBase = field(default_factory=ModelBase)
+    data: DataBase = field(default_factory=DataBase)
     train: TrainConfig = field(default_factory=TrainConfig)
     seed: int = field(default=0, metadata=bounds(ge=0))
     name: str = "run"

@@ -1,7 +1,9 @@
-"""Data: the bundled procedural scenes, user folders, the word tokenizer and numpy batches.
+"""Data: the contract (:class:`Dataset`, :class:`DataSplits`), the bundled procedural scenes, user
+image folders, the word tokenizer and numpy batches.
 
-``make_dataset(config)`` returns ``(train, eval, tokenizer)``; ``train.iter_batches(...)`` yields
-dicts of numpy arrays that a backend moves to its device.
+A dataset factory returns ``DataSplits``; ``splits.train.iter_batches(...)`` yields dicts of numpy
+arrays that a backend moves to its device. ``make_dataset(config)`` builds the scenes (or a
+captioned folder) as ``(train, eval, tokenizer)``.
 """
 
 from isthmus.data.batches import (
@@ -14,6 +16,7 @@ from isthmus.data.batches import (
     normalise_pixels,
 )
 from isthmus.data.errors import DataError
+from isthmus.data.splits import Batches, DataSplits, Dataset
 from isthmus.data.folder import CAPTIONS_FILE, FolderData, load_folder, load_image, split_indices
 from isthmus.data.scenes import (
     COLOURS,
@@ -47,9 +50,12 @@ __all__ = [
     "WORDS",
     "Batch",
     "BatchIterator",
+    "Batches",
     "Caption",
     "CaptionDataset",
     "DataError",
+    "DataSplits",
+    "Dataset",
     "FolderData",
     "Scene",
     "Shape",

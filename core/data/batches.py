@@ -19,10 +19,10 @@ from isthmus.data.scenes import (
     render_arrays,
     sample_scene_block,
 )
+from isthmus.data.splits import Batch, Dataset
 from isthmus.data.tokenizer import PAD, Tokenizer
 
 IGNORE_INDEX = -100
-Batch = dict[str, np.ndarray]
 
 
 def normalise_pixels(images: np.ndarray) -> np.ndarray:
@@ -30,7 +30,7 @@ def normalise_pixels(images: np.ndarray) -> np.ndarray:
     return images.astype(np.float32) * np.float32(2.0 / 255.0) - np.float32(1.0)
 
 
-class CaptionDataset:
+class CaptionDataset(Dataset):
     """Images with one caption each, ready to batch.
 
     ``batch(indices)`` returns numpy arrays (the backend moves them to its device):
@@ -80,6 +80,11 @@ class CaptionDataset:
 
     def __len__(self) -> int:
         return len(self.captions)
+
+    @property
+    def tokens_per_sample(self) -> int:
+        """The caption length: each sample is that many tokens of text."""
+        return self.max_len
 
     @property
     def image_size(self) -> int:
@@ -132,7 +137,7 @@ class BatchIterator(Iterator[Batch]):
     JSON-able; an iterator rebuilt from it yields exactly the batches the original would have.
     """
 
-    def __init__(self, dataset: CaptionDataset, batch_size: int, *, seed: int = 0, epoch: int = 0, step: int = 0,
+    def __init__(self, dataset: Dataset, batch_size: int, *, seed: int = 0, epoch: int = 0, step: int = 0,
                  shuffle: bool = True, drop_last: bool = True, epochs: int | None = None) -> None:
         if batch_size < 1:
             raise DataError(f"batch_size must be at least 1, got {batch_size}")
@@ -179,7 +184,7 @@ class BatchIterator(Iterator[Batch]):
         }
 
     @classmethod
-    def from_state(cls, dataset: CaptionDataset, state: Mapping[str, Any], *, epochs: int | None = None) -> BatchIterator:
+    def from_state(cls, dataset: Dataset, state: Mapping[str, Any], *, epochs: int | None = None) -> BatchIterator:
         """Rebuild the iterator at a saved position; refuses a dataset of another size."""
         if state.get("num_samples") != len(dataset):
             raise DataError(

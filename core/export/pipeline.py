@@ -2,8 +2,9 @@
 
 The format (a plugin's :class:`~isthmus.registry.specs.ExporterSpec`, e.g. ``onnx``) writes and checks the
 file and returns a runner for it. This module, format-neutral, then compares the file's outputs
-with the source backend's on the same held-out inputs (each batch size asked for), runs the greedy
-caption loop on the file, and prints the errors. A breach of the tolerance makes the command exit 1.
+with the source backend's on the same held-out inputs (each batch size asked for), runs the model's
+own checks of the file (``Model.export_checks``: a generation loop through it, say), and prints the
+errors. A breach of the tolerance makes the command exit 1.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ class Check:
     bound: float
     ok: bool
     detail: str = ""
+    examples: list[str] = field(default_factory=list)  # a few lines showing what was compared
 
 
 @dataclass
@@ -76,7 +78,6 @@ class ExportOutcome:
     exporter: str
     source: str
     checks: list[Check] = field(default_factory=list)
-    captions: list[tuple[str, str]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -139,66 +140,6 @@ def compare(name: str, got: np.ndarray, want: np.ndarray, tolerance: float) -> C
     return Check(name, error, bound, bool(np.isfinite(error) and error <= bound))
 
 
-def greedy_with_runner(run: Callable[[Mapping[str, np.ndarray]], Mapping[str, np.ndarray]],
-                       inputs: Mapping[str, np.ndarray], steps: int, bos: int, eos: int, pad: int
-                       ) -> tuple[np.ndarray, list[np.ndarray]]:
-    """The model's greedy loop (:meth:`TinyCaptioner.generate` semantics) driven from Python
-    through the exported forward: the token buffer has the file's fixed length, and a causal
-    decoder's logits at step ``s`` do not depend on the padding after it. Returns the tokens and
-    the logits each step chose from."""
-    tokens = np.full_like(inputs["tokens"], pad)
-    tokens[:, 0] = bos
-    batch, length = tokens.shape
-    finished = np.zeros(batch, dtype=bool)
-    produced, step_logits = [], []
-    for step in range(min(steps, length)):
-        logits = np.asarray(run({**inputs, "tokens": tokens})["logits"])[:, step]
-        chosen = np.where(finished, pad, np.argmax(logits, axis=-1))
-        finished |= chosen == eos
-        produced.append(chosen)
-        step_logits.append(logits)
-        if step + 1 < length:
-            tokens[:, step + 1] = chosen
-    return np.stack(produced, axis=1).astype(np.int64), step_logits
-
-
-def caption_check(restored: Restored, backend: Any, run: Callable[..., Any], host: Mapping[str, np.ndarray],
-                  tolerance: float) -> tuple[Check, list[tuple[str, str]]]:
-    """Greedy captions from the file against the source backend's ``model.generate``.
-
-    Rows may part at a near-tie (the two top logits closer than the tolerance): that is
-    rounding, not a breach, and is reported as such.
-    """
-    model, tok = restored.model, restored.tokenizer
-    steps = int(restored.eval_data.max_len)
-    engine, k = backend.engine, backend.kernels
-    with engine.no_grad():
-        params = {n: engine.asarray(a) for n, a in restored.params.items()}
-        source = np.asarray(engine.to_numpy(model.generate(k, params, engine.asarray(host["images"]), steps,
-                                                          tok.bos_id, tok.eos_id, tok.pad_id)))
-    ids, step_logits = greedy_with_runner(run, host, steps, tok.bos_id, tok.eos_id, tok.pad_id)
-    same, near_ties, worst_gap = 0, 0, 0.0
-    captions = []
-    for row in range(len(ids)):
-        mine, theirs = ids[row], source[row, : ids.shape[1]]
-        captions.append((tok.decode([int(t) for t in mine]), tok.decode([int(t) for t in theirs])))
-        differ = np.flatnonzero(mine != theirs)
-        if not differ.size:
-            same += 1
-            continue
-        step = int(differ[0])
-        logits = step_logits[step][row]
-        gap = abs(float(logits[mine[step]]) - float(logits[theirs[step]]))
-        worst_gap = max(worst_gap, gap)
-        near_ties += gap <= tolerance * max(1.0, float(np.max(np.abs(logits))))
-    rows = len(ids)
-    detail = f"{same}/{rows} captions identical"
-    if near_ties:
-        detail += f", {near_ties} part at a near-tie (logit gap {worst_gap:.1e})"
-    ok = same + near_ties == rows
-    return Check("greedy captions", 0.0 if ok else worst_gap, 0.0, ok, detail), captions
-
-
 def export_checkpoint(registry: Registry, checkpoint: str | Path, fmt: str = "onnx", exporter: str = "kernel",
                       opset: int | None = None, dynamic_batch: bool = False, output: str | Path | None = None,
                       batch_size: int = 1, source: str | None = None,
@@ -225,7 +166,7 @@ def export_checkpoint(registry: Registry, checkpoint: str | Path, fmt: str = "on
         raise ExportOptionError(f"--batch-size must be at least 1, got {batch_size}")
     sizes = DYNAMIC_BATCH_SIZES if dynamic_batch else (batch_size,)
     example_size = 2 if dynamic_batch else batch_size  # torch.export pins a size-1 dim
-    host = restored.eval_data.batch(batch_indices(max(*sizes, example_size), len(restored.eval_data)))
+    host = restored.data.eval.batch(batch_indices(max(*sizes, example_size), len(restored.data.eval)))
     recorder = _ReadKeys({n: backend.engine.asarray(a[:1]) for n, a in host.items()})
     run_source(backend, model, restored.params, recorder)  # the entries it reads become the inputs
     example = {n: host[n][:example_size] for n in recorder.read}
@@ -248,13 +189,12 @@ def export_checkpoint(registry: Registry, checkpoint: str | Path, fmt: str = "on
         outcome.checks.append(check)
         echo(f"  {check.name}: max |onnx - source| = {check.max_abs_err:.2e} (bound {check.bound:.1e}) "
              f"{'ok' if check.ok else 'BREACH'}{' ' + check.detail if check.detail else ''}")
-    if getattr(model, "task", "") == "captioning":  # decode greedily through the file too
-        captions_host = {n: host[n][: max(sizes)] for n in recorder.read}
-        check, outcome.captions = caption_check(restored, backend, exported.run, captions_host, tolerance)
+    model_host = {n: host[n][: max(sizes)] for n in recorder.read}
+    for check in model.export_checks(backend, restored.params, exported.run, model_host, tolerance):
         outcome.checks.append(check)
-        echo(f"  greedy captions through ONNX Runtime vs {label}: {check.detail} {'ok' if check.ok else 'BREACH'}")
-        for mine, theirs in outcome.captions[:3]:
-            echo(f"    onnx: {mine!r}" + ("" if mine == theirs else f"   source: {theirs!r}"))
+        echo(f"  {check.name} through the file vs {label}: {check.detail} {'ok' if check.ok else 'BREACH'}")
+        for line in check.examples[:3]:
+            echo(f"    {line}")
     shapes = {n: example[n].shape for n in recorder.read}
     outcome.notes = writer.deployment_notes(exported, shapes, dynamic_batch)
     for line in outcome.notes:
@@ -265,5 +205,5 @@ def export_checkpoint(registry: Registry, checkpoint: str | Path, fmt: str = "on
 
 
 __all__ = ["Check", "ExportOptionError", "ExportOutcome", "ExportRequest", "Exported", "TOLERANCE",
-           "caption_check", "compare", "default_source", "export_checkpoint", "forward_fn", "greedy_with_runner",
+           "compare", "default_source", "export_checkpoint", "forward_fn",
            "run_source"]

@@ -248,6 +248,20 @@ def patch_embed(k: Any, scope: Scope, images: Tensor, patch: int) -> Tensor:
     return k.transpose(k.reshape(features, (batch, dim, rows * cols)), (0, 2, 1))
 
 
+# ---- masks ---------------------------------------------------------------------------------------
+
+
+def prefix_lm_mask(k: Any, prefix: int, total: int) -> Tensor:
+    """Bool ``(total, total)``: query ``i`` may attend key ``j`` iff ``j < max(i + 1, prefix)``.
+
+    The first ``prefix`` positions see each other (bidirectional) and nothing after; each later
+    position sees the whole prefix and itself and the positions before it (causal).
+    """
+    rows = k.reshape(k.arange(total), (total, 1))
+    cols = k.reshape(k.arange(total), (1, total))
+    return k.less(cols, k.maximum(k.add(rows, 1), prefix))
+
+
 __all__ = [
     "BlockConfig",
     "attention_specs",
@@ -266,6 +280,7 @@ __all__ = [
     "norm_specs",
     "patch_embed",
     "patch_embed_specs",
+    "prefix_lm_mask",
     "rms_norm",
     "rms_norm_specs",
     "rotary_tables",

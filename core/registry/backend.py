@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Protocol
 
 from isthmus.kernels.routing import KernelSet
 
@@ -12,20 +13,27 @@ if TYPE_CHECKING:  # numpy stays out of `isthmus backends` start-up
 
 
 class Engine(Protocol):
-    """The engine-specific half of a backend (torch, MindSpore, NumPy reference).
+    """The engine-specific half of a backend (torch, MindSpore, NumPy reference, ONNX Runtime).
 
     Arrays cross the boundary as numpy: ``asarray`` moves a numpy array onto the engine's device,
-    ``to_numpy`` brings a tensor back. Dtype names are the strings of ``isthmus.kernels.interface.DTYPES``.
+    ``to_numpy`` brings a tensor back. Dtype names are the strings of ``isthmus.kernels.DTYPES``.
+    Every method the trainer, evaluation, export and verification call is declared here; an engine
+    class derives from this protocol and gets working defaults for the optional ones
+    (``compile_step``, ``memory_stats``). A forward-only engine (``Capabilities.autodiff`` false)
+    may leave the training methods as they are: they refuse.
     """
 
     name: str
     device: str
+    compile_status: str = ""
+    """How the train step runs (``"eager"``, ``"torch.compile (mode default)"``, a fallback's reason);
+    empty when the engine does not compile."""
 
-    def asarray(self, array: "np.ndarray", dtype: str | None = None) -> Any:
+    def asarray(self, array: np.ndarray, dtype: str | None = None) -> Any:
         """Copy ``array`` onto the device, optionally casting to ``dtype``."""
         ...
 
-    def to_numpy(self, tensor: Any) -> "np.ndarray":
+    def to_numpy(self, tensor: Any) -> np.ndarray:
         """Copy ``tensor`` to host memory as numpy (bfloat16 comes back as float32)."""
         ...
 
@@ -36,6 +44,49 @@ class Engine(Protocol):
     def runtime_info(self) -> dict[str, Any]:
         """Threads, device names and counts, as the engine sees them."""
         ...
+
+    def seed(self, n: int) -> None:
+        """Seed the engine's own generator (dropout draws)."""
+        ...
+
+    def no_grad(self) -> AbstractContextManager[Any]:
+        """A context in which ops record nothing to differentiate (evaluation, optimizer updates)."""
+        ...
+
+    # ---- training ----------------------------------------------------------------------------
+    def parameters(self, arrays: Mapping[str, np.ndarray], dtype: str = "float32") -> dict[str, Any]:
+        """Device tensors that gradients can be taken with respect to, one per named numpy array."""
+        raise NotImplementedError(f"engine {self.name} does not train")
+
+    def value_and_grad(self, fn: Callable[[dict[str, Any]], tuple[Any, Any]], params: dict[str, Any]
+                       ) -> tuple[Any, Any, dict[str, Any]]:
+        """``fn(params) -> (loss, aux)``; returns the loss, ``aux`` and d loss / d params (a zero
+        gradient for a parameter the loss does not reach)."""
+        raise NotImplementedError(f"engine {self.name} does not train")
+
+    def rng_state(self) -> dict[str, Any]:
+        """The dropout generator's state as JSON-able data, for checkpoints."""
+        return {}
+
+    def set_rng_state(self, state: Mapping[str, Any]) -> None:
+        """Restore what :meth:`rng_state` returned."""
+
+    def compile_step(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        """``fn`` (the model's loss) compiled for this engine when its options ask for it; the
+        default runs it as it is."""
+        return fn
+
+    def run_graph(self, fn: Callable[[Any, Mapping[str, Any], Mapping[str, Any]], Mapping[str, Any]],
+                  params: Mapping[str, np.ndarray], batch: Mapping[str, np.ndarray], name: str = "isthmus"
+                  ) -> dict[str, np.ndarray] | None:
+        """``fn(k, params, batch)`` run as one graph (a whole exported model), its outputs as numpy;
+        None when the engine runs op by op, which is the default."""
+        return None
+
+    def memory_stats(self) -> dict[str, float]:
+        """Device memory figures in MiB since the last call (peak, allocated, reserved), for the
+        metrics log; the default has none."""
+        return {}
 
 
 @dataclass(frozen=True)
@@ -70,6 +121,7 @@ class Backend:
     kernels: KernelSet
     capabilities: Capabilities
     extras: dict[str, Any] = field(default_factory=dict)
+    data_parallel: Callable[..., Any] | None = None  # see BackendParts.data_parallel
 
     @property
     def device(self) -> str:

@@ -40,6 +40,11 @@ def register_exporters(register: Register) -> None:
 
 
 @hookspec
+def register_commands(register: Register) -> None:
+    """Add subcommands to ``isthmus``: call ``register(CommandSpec(...))`` once per command."""
+
+
+@hookspec
 def register_config_dirs() -> Any:
     """Return a directory (or a list of them) holding ``<group>/<option>.yaml`` config files."""
 
@@ -57,7 +62,7 @@ def on_step_end(trainer: Any, step: int, metrics: dict) -> None:
 
 @hookspec
 def on_eval_end(trainer: Any, step: int, metrics: dict) -> None:
-    """An evaluation finished; ``metrics`` holds eval loss, token accuracy and exact match."""
+    """An evaluation finished; ``metrics`` holds the numbers the model's ``evaluate`` returned."""
 
 
 @hookspec

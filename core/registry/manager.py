@@ -15,7 +15,7 @@ import pluggy
 from isthmus.registry import hookspecs
 from isthmus.registry.store import PluginRecord, Registry
 from isthmus.kernels.routing import KernelRoute
-from isthmus.registry.specs import BackendSpec, DatasetSpec, ExporterSpec, ModelSpec
+from isthmus.registry.specs import BackendSpec, CommandSpec, DatasetSpec, ExporterSpec, ModelSpec
 
 ENTRY_POINT_GROUP = "isthmus"
 BUILTIN_PLUGINS = (
@@ -23,9 +23,10 @@ BUILTIN_PLUGINS = (
     "isthmus.plugins.ascend",
     "isthmus.plugins.cuda",
     "isthmus.plugins.reference",
-    "isthmus.plugins.models",
+    "isthmus.plugins.data",
     "isthmus.plugins.onnx",
 )
+MODEL_PACKAGES = "isthmus.models"  # each package in it registers itself through its ``plugin`` module
 DISABLE_AUTOLOAD_ENV = "ISTHMUS_DISABLE_PLUGIN_AUTOLOAD"
 TRACE_ENV = "ISTHMUS_TRACE_PLUGINS"
 
@@ -35,6 +36,7 @@ REGISTER_HOOKS: dict[str, tuple[str, type]] = {
     "register_models": ("model", ModelSpec),
     "register_datasets": ("dataset", DatasetSpec),
     "register_exporters": ("exporter", ExporterSpec),
+    "register_commands": ("command", CommandSpec),
     "register_kernels": ("kernel", KernelRoute),
 }
 
@@ -72,6 +74,20 @@ def new_manager() -> pluggy.PluginManager:
     return manager
 
 
+def builtin_plugins() -> list[tuple[str, str]]:
+    """``(module, plugin name)`` of every built-in plugin: the modules of ``isthmus.plugins``, then
+    the ``plugin`` module of each model package, named after its package. The built-in models are
+    found, not listed, so adding one is adding a package."""
+    import pkgutil
+
+    found = [(module, module.rsplit(".", 1)[-1]) for module in BUILTIN_PLUGINS]
+    package = importlib.import_module(MODEL_PACKAGES)
+    for info in sorted(pkgutil.iter_modules(package.__path__), key=lambda info: info.name):
+        if info.ispkg:
+            found.append((f"{MODEL_PACKAGES}.{info.name}.plugin", info.name))
+    return found
+
+
 def load_plugins(
     autoload: bool | None = None,
     extra: Iterable[tuple[str, Any]] = (),
@@ -89,8 +105,7 @@ def load_plugins(
     registry = Registry()
     from isthmus import __version__
 
-    for module_name in BUILTIN_PLUGINS:
-        short = module_name.rsplit(".", 1)[-1]
+    for module_name, short in builtin_plugins():
         record = PluginRecord(name=short, source="builtin", version=__version__, module=module_name)
         registry.plugins[short] = record
         try:

@@ -202,4 +202,5 @@ def build(registry: Registry, selection: Selection, request: Mapping[str, Any] |
         engine=parts.engine,
         kernels=kernels,
         capabilities=parts.capabilities,
+        data_parallel=parts.data_parallel,
     )

@@ -37,6 +37,9 @@ class BackendParts:
     engine: Engine
     kernel_table: Mapping[str, Callable[..., Any]]
     capabilities: Capabilities
+    data_parallel: Callable[..., Any] | None = None
+    """``(comm_backend, timeout_s, engine, launch env) -> isthmus.train.parallel.Comm``: how this
+    backend joins a data-parallel group; None when it cannot."""
 
 
 @dataclass(frozen=True)
@@ -45,7 +48,9 @@ class BackendSpec:
 
     ``engine_modules`` names, per engine, the top-level modules that must be importable for that
     engine to count as installed (checked with ``importlib.util.find_spec``, nothing imported).
-    ``auto`` says whether ``backend: auto`` may pick this backend.
+    ``auto`` says whether ``backend: auto`` may pick this backend. ``visible_devices_env``: the
+    environment variable that limits which devices a process sees (``CUDA_VISIBLE_DEVICES``), which
+    data-parallel launchers set per process; None for a device without one.
     """
 
     name: str
@@ -59,6 +64,7 @@ class BackendSpec:
     description: str = ""
     auto: bool = True
     plugin: str = ""
+    visible_devices_env: str | None = None
 
     def __post_init__(self) -> None:
         if self.default_engine not in self.engines:
@@ -70,12 +76,40 @@ class BackendSpec:
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """A model family: ``factory(model_config)`` returns the engine-neutral model object.
+    """A model: ``factory(model_config, data)`` returns an object implementing
+    :class:`isthmus.nn.model.Model`.
+
+    ``model_config`` is the run's ``model`` section as a plain dict (checked against ``schema``
+    first); ``data`` is the :class:`isthmus.data.DataSplits` the run's dataset returned, from which a
+    model reads what it needs to know about the data (``data.tokenizer.vocab_size``,
+    ``len(data.classes)``).
 
     ``schema``: a dataclass based on :class:`isthmus.config.schema.ModelBase` that a ``model``
     section with this ``name`` is checked against, or its ``"module:attribute"`` path (imported
-    only when a config is checked, so registering stays cheap); ``None`` checks it as the built-in
-    captioner's.
+    only when a config is checked, so registering stays cheap). It is the one place the
+    hyperparameters, their defaults and ranges are written; a model's YAML option file holds values
+    only. ``None``: the section may hold ``name`` only.
+
+    ``smoke``: config overrides that make the model small enough for a few-second check (the
+    conformance kit's training test, ``isthmus selftest``), e.g. ``("model.width=16",)``.
+    """
+
+    name: str
+    factory: Callable[..., Any]
+    description: str = ""
+    plugin: str = ""
+    schema: type | str | None = None
+    smoke: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """A dataset: ``factory(data_config, saved)`` returns :class:`isthmus.data.DataSplits`.
+
+    ``data_config`` is the run's ``data`` section as a plain dict; ``saved`` is ``None`` for a new
+    run, or the ``DataSplits.state()`` a checkpoint kept (the vocabulary, the class names), which the
+    factory must honour so that ids mean what they meant in training. ``schema`` is as for
+    :class:`ModelSpec`, based on :class:`isthmus.config.schema.DataBase`.
     """
 
     name: str
@@ -86,11 +120,16 @@ class ModelSpec:
 
 
 @dataclass(frozen=True)
-class DatasetSpec:
-    """A dataset: ``factory(data_config)`` returns an object yielding numpy batches."""
+class CommandSpec:
+    """A subcommand of ``isthmus``: ``configure(parser)`` adds its arguments to an
+    ``argparse.ArgumentParser``; ``run(args)`` does the work and returns the exit code (0 success,
+    1 a check failed). User mistakes are raised as :class:`isthmus.errors.IsthmusError`, which the
+    command line prints on one line with exit code 2."""
 
     name: str
-    factory: Callable[..., Any]
+    help: str
+    configure: Callable[[Any], None]
+    run: Callable[[Any], int]
     description: str = ""
     plugin: str = ""
 

@@ -10,9 +10,9 @@ from typing import Any
 
 from isthmus.errors import PluginConflictError, UnknownNameError
 from isthmus.kernels.routing import KernelRoute
-from isthmus.registry.specs import BackendSpec, DatasetSpec, ExporterSpec, ModelSpec
+from isthmus.registry.specs import BackendSpec, CommandSpec, DatasetSpec, ExporterSpec, ModelSpec
 
-KINDS = ("backend", "model", "dataset", "exporter")
+KINDS = ("backend", "model", "dataset", "exporter", "command")
 
 
 @dataclass
@@ -105,16 +105,20 @@ class Registry:
     def exporter(self, name: str) -> ExporterSpec:
         return self.get("exporter", name)
 
+    def command(self, name: str) -> CommandSpec:
+        return self.get("command", name)
+
     def config_schemas(self) -> dict[str, dict[str, type]]:
-        """Section -> ``{name: schema}`` for the models that declare a config schema."""
-        schemas = {}
-        for spec in self.specs["model"].values():
-            if isinstance(spec.schema, str):
-                module, _, attribute = spec.schema.partition(":")
-                schemas[spec.name] = getattr(importlib.import_module(module), attribute)
-            elif spec.schema is not None:
-                schemas[spec.name] = spec.schema
-        return {"model": schemas}
+        """Section -> ``{name: schema}`` for the models and datasets that declare a config schema."""
+        schemas: dict[str, dict[str, type]] = {"model": {}, "data": {}}
+        for section, kind in (("model", "model"), ("data", "dataset")):
+            for spec in self.specs[kind].values():
+                if isinstance(spec.schema, str):
+                    module, _, attribute = spec.schema.partition(":")
+                    schemas[section][spec.name] = getattr(importlib.import_module(module), attribute)
+                elif spec.schema is not None:
+                    schemas[section][spec.name] = spec.schema
+        return schemas
 
     def errors(self) -> dict[str, str]:
         """Plugin name -> load or hook error, for plugins that failed."""

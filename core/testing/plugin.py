@@ -7,8 +7,9 @@ A third-party backend package runs::
 and its session gets the kit's tests, collected under the node ``isthmus-kit``: every kernel
 conformance case under float32 and bfloat16 (where the backend's capabilities list the dtype)
 against the float64 reference, every mapped ONNX operator test case, a training smoke test of
-the tiny captioner through the real trainer (loss finite and falling) and a checkpoint round trip
-(save, load, resume one step: weights identical to an uninterrupted step). The tests live in
+the default model at its smoke size (``ModelSpec.smoke``) through the real trainer (loss finite
+and falling) and a checkpoint round trip (save, load, resume one step: weights identical to an
+uninterrupted step). The tests live in
 :mod:`isthmus.testing.suite`. Without ``--isthmus-backend`` the plugin does nothing.
 
 An exclusions file (:mod:`isthmus.testing.exclusions`) turns known gaps into xfails with their

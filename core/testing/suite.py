@@ -14,14 +14,9 @@ import pytest
 from isthmus.registry.hookspecs import hookimpl
 from isthmus.testing.plugin import Kit, get_kit
 
-TINY = [
-    "model.d_model=32",
-    "model.n_heads=2",
-    "model.n_layers_vision=1",
-    "model.n_layers_text=1",
-    "model.patch_size=8",
+# The run the kit trains: the default model at its smoke size (ModelSpec.smoke), then these.
+TRAIN = [
     "data.num_train=96",
-    "data.num_eval=16",
     "train.batch_size=8",
     "train.warmup_steps=2",
     "train.lr=3e-3",
@@ -82,12 +77,9 @@ def kit(request: pytest.FixtureRequest) -> Kit:
 @pytest.fixture(scope="session")
 def reference() -> tuple[Any, Any]:
     """``(kernels, engine)`` of the NumPy float64 golden model."""
-    from isthmus.backends.reference.engine import ReferenceEngine
-    from isthmus.backends.reference.kernels import kernel_table
-    from isthmus.kernels.routing import KernelSet
+    from isthmus.verify.conformance import reference_backend
 
-    engine = ReferenceEngine(seed=0)
-    return KernelSet("reference", "numpy", kernel_table(engine)), engine
+    return reference_backend(seed=0)
 
 
 def _excluded_up_front(kit: Kit, ops: list[str], ids: list[str]) -> None:
@@ -178,16 +170,19 @@ class _StopAfter:
             raise self.Stop(f"stopped after step {step}")
 
 
-def _run(kit: Kit, run_dir: Path, *overrides: str, plugins: tuple = ()) -> tuple[Any, Any]:
-    from isthmus.config.composer import compose
+def _run(kit: Kit, run_dir: Path, *overrides: str, plugins: tuple = (), dropout: float | None = None
+         ) -> tuple[Any, Any]:
+    """The kit's run on the backend under test; ``dropout`` sets ``model.dropout`` when the model has one."""
     from isthmus.registry.manager import load_plugins
-    from isthmus.train.run import prepare
+    from isthmus.train.run import compose_run, prepare
 
     extra = [*kit.plugins(), *((type(p).__name__, p) for p in plugins)]
     manager, registry = load_plugins(extra=extra)
     backend = [f"backend.name={kit.name}", f"backend.engine={kit.engine or 'null'}"]
-    cfg = compose([*TINY, *backend, f"output_dir={run_dir}", *overrides], config_dirs=registry.config_dirs,
-                  known={"backend.name": ["auto", *registry.names("backend")]})
+    items = [*TRAIN, *backend, f"output_dir={run_dir}", *overrides]
+    cfg = compose_run(registry, items, smoke=True)
+    if dropout is not None and "dropout" in cfg.model:
+        cfg = compose_run(registry, [*items, f"model.dropout={dropout}"], smoke=True)
     return prepare(cfg, registry), manager
 
 
@@ -198,14 +193,14 @@ def _integration(kit: Kit, which: str) -> None:
 
 
 def test_training_smoke(kit: Kit, tmp_path: Path, request: pytest.FixtureRequest) -> None:
-    """A few steps of the tiny captioner through the real trainer: loss finite and falling."""
+    """A few steps of the default model at its smoke size through the real trainer: loss finite and falling."""
     from isthmus.train.trainer import Trainer
 
     _integration(kit, "training")
     losses = _Losses()
     try:
         run, manager = _run(kit, tmp_path, f"train.steps={SMOKE_STEPS}", "train.checkpoint_every=0",
-                            "model.dropout=0.0", plugins=(losses,))
+                            plugins=(losses,), dropout=0.0)
         result = Trainer(run, tmp_path, manager).fit()
         values = losses.values
         finite = len(values) == SMOKE_STEPS and all(math.isfinite(v) for v in values)
@@ -222,17 +217,18 @@ def test_checkpoint_round_trip(kit: Kit, tmp_path: Path, request: pytest.Fixture
     from isthmus.train.trainer import Trainer
 
     _integration(kit, "checkpoint")
-    common = ("train.steps=2", "train.checkpoint_every=1", "model.dropout=0.1")  # dropout: RNG restored too
+    common = ("train.steps=2", "train.checkpoint_every=1")
+    dropout = 0.1  # the engine's RNG must be restored too
     try:
-        straight, manager = _run(kit, tmp_path / "straight", *common)
+        straight, manager = _run(kit, tmp_path / "straight", *common, dropout=dropout)
         Trainer(straight, tmp_path / "straight", manager).fit()
-        stopped, manager = _run(kit, tmp_path / "resumed", *common, plugins=(_StopAfter(1),))
+        stopped, manager = _run(kit, tmp_path / "resumed", *common, plugins=(_StopAfter(1),), dropout=dropout)
         try:
             Trainer(stopped, tmp_path / "resumed", manager).fit()
         except _StopAfter.Stop:
             pass
         saved = load_checkpoint(tmp_path / "resumed")
-        resumed, manager = _run(kit, tmp_path / "resumed", *common)
+        resumed, manager = _run(kit, tmp_path / "resumed", *common, dropout=dropout)
         Trainer(resumed, tmp_path / "resumed", manager, resume=tmp_path / "resumed").fit()
         a = load_checkpoint(tmp_path / "straight").params
         b = load_checkpoint(tmp_path / "resumed").params

@@ -29,7 +29,7 @@ from isthmus.train import atomic
 from isthmus.errors import IsthmusError
 
 __all__ = ["CheckpointError", "check_fit", "CheckpointState", "Loaded", "save_checkpoint", "load_checkpoint",
-           "latest_checkpoint", "list_checkpoints", "FORMAT_VERSION"]
+           "latest_checkpoint", "list_checkpoints", "read_state", "FORMAT_VERSION"]
 
 FORMAT = "isthmus-checkpoint"
 FORMAT_VERSION = 1
@@ -258,6 +258,13 @@ def load_checkpoint(path: str | os.PathLike,
     return Loaded(params=_read_tensors(ckpt, MODEL_FILE, files[MODEL_FILE]),
                   optimizer_tensors=_read_tensors(ckpt, OPTIMIZER_FILE, files[OPTIMIZER_FILE]),
                   state=state, path=ckpt)
+
+
+def read_state(path: str | os.PathLike) -> CheckpointState:
+    """The sidecar state of the checkpoint at ``path`` (as :func:`load_checkpoint` resolves it),
+    without reading its tensors."""
+    doc = _read_sidecar(_resolve(Path(path)))
+    return CheckpointState(**{f.name: doc[f.name] for f in fields(CheckpointState) if f.name in doc})
 
 
 def check_fit(loaded: Loaded, expect: Mapping[str, tuple[tuple[int, ...], Any]], model_name: str | None = None) -> None:

@@ -9,7 +9,6 @@ batch, and the data position in a checkpoint is the same for any world size.
 
 from __future__ import annotations
 
-import importlib
 import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -20,7 +19,6 @@ import numpy as np
 from isthmus.errors import IsthmusError
 
 IGNORE_INDEX = -100
-VISIBLE_DEVICES = ("CUDA_VISIBLE_DEVICES", "ASCEND_RT_VISIBLE_DEVICES")
 
 
 class DistributedError(IsthmusError):
@@ -49,19 +47,20 @@ def launch_env(environ: Mapping[str, str] | None = None) -> LaunchEnv | None:
     return LaunchEnv(rank, world, int(env.get("LOCAL_RANK", rank)))
 
 
-def device_index(local_rank: int, environ: Mapping[str, str] | None = None) -> int:
+def device_index(local_rank: int, visible_devices_env: str | None,
+                 environ: Mapping[str, str] | None = None) -> int:
     """The device of a local rank: its index among the visible devices, or 0 when the launcher
-    shows each process a single device (``CUDA_VISIBLE_DEVICES=3``)."""
+    shows each process a single device through the backend's variable (``CUDA_VISIBLE_DEVICES=3``)."""
     env = os.environ if environ is None else environ
-    for name in VISIBLE_DEVICES:
-        visible = [d for d in env.get(name, "").split(",") if d.strip()]
+    if visible_devices_env:
+        visible = [d for d in env.get(visible_devices_env, "").split(",") if d.strip()]
         if len(visible) == 1:
             return 0
     return local_rank
 
 
 class Comm(Protocol):
-    """An engine's collectives for data parallel (``isthmus.backends.<engine>.distributed``)."""
+    """An engine's collectives for data parallel (what ``Backend.data_parallel`` makes)."""
 
     rank: int
     world_size: int
@@ -97,11 +96,10 @@ def start(cfg: Any, backend: Any) -> Comm | None:
         raise DistributedError(
             f"train.batch_size={global_batch} is the global batch and must divide by the world size {env.world_size}"
         )
-    try:
-        module = importlib.import_module(f"isthmus.backends.{backend.engine_name}.distributed")
-    except ModuleNotFoundError:
-        raise DistributedError(f"distributed=ddp: engine {backend.engine_name} has no data-parallel support") from None
-    comm: Comm = module.DataParallel(comm_backend, float(cfg.distributed_timeout_s), backend.engine, env)
+    if backend.data_parallel is None:
+        raise DistributedError(f"distributed=ddp: backend '{backend.name}' (engine {backend.engine_name}) has no "
+                               f"data-parallel support")
+    comm: Comm = backend.data_parallel(comm_backend, float(cfg.distributed_timeout_s), backend.engine, env)
     return comm
 
 

@@ -26,9 +26,7 @@ class Restored:
     config: Any
     model: Any
     params: dict[str, np.ndarray]
-    tokenizer: Any
-    train_data: Any
-    eval_data: Any
+    data: Any  # DataSplits, as the model consumes it
     loaded: Loaded
 
     @property
@@ -39,28 +37,23 @@ class Restored:
 
 
 def restore(registry: Registry, path: str | Path) -> Restored:
-    """Load a checkpoint with its config and tokenizer and rebuild its model and data."""
+    """Load a checkpoint with its config and data state and rebuild its model and data."""
     import yaml
 
     from isthmus.config.composer import from_yaml
-    from isthmus.data import Tokenizer
     from isthmus.nn.params import manifest
-    from isthmus.train.run import bind_data, plain
+    from isthmus.train.run import model_and_data, saved_data_state
 
     loaded = load_checkpoint(Path(path))
     cfg = from_yaml(yaml.safe_dump(loaded.state.config), source=f"{loaded.path}/state.json",
                     schemas=registry.config_schemas())
-    tokenizer = Tokenizer.from_dict(loaded.state.extra["tokenizer"])
-    data_cfg = plain(cfg.data)
-    data_cfg.setdefault("max_len", None)
-    train, evaluation, tokenizer = registry.dataset(str(cfg.data.name)).factory(data_cfg, tokenizer)
-    model = registry.model(str(cfg.model.name)).factory(plain(cfg.model), tokenizer.vocab_size)
-    train, evaluation = bind_data(model, train, evaluation, int(cfg.seed), loaded.state.extra.get("model_data"))
+    model, data = model_and_data(cfg, registry, saved_data_state(loaded.state.extra),
+                                 loaded.state.extra.get("model_data"))
     loaded = load_checkpoint(loaded.path, expect=manifest(model.param_specs()), model_name=model.name)
     # Master weights are float32 whatever the training precision (bfloat16 files widen exactly).
     params = {n: a.astype(np.float32) if a.dtype.kind == "f" or a.dtype.name == "bfloat16" else a
               for n, a in loaded.params.items()}
-    return Restored(cfg, model, params, tokenizer, train, evaluation, loaded)
+    return Restored(cfg, model, params, data, loaded)
 
 
 def parse_label(label: str) -> tuple[str, str | None]:

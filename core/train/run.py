@@ -1,13 +1,15 @@
-"""Assemble a run from a composed config: backend, model, data, tokenizer, run directory."""
+"""Assemble a run from a composed config: backend, data, model, run directory."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
-from isthmus.registry.backend import Backend
+from isthmus.data.splits import DataSplits
 from isthmus.errors import IsthmusError
+from isthmus.nn.model import Model
+from isthmus.registry.backend import Backend
 from isthmus.registry.store import Registry
 from isthmus.registry.selection import Selection, build, select
 
@@ -24,10 +26,8 @@ class Run:
     registry: Registry
     selection: Selection
     backend: Backend
-    model: Any
-    train_data: Any
-    eval_data: Any
-    tokenizer: Any
+    model: Model
+    data: DataSplits  # as the model consumes it (after Model.bind_data)
 
 
 def plain(cfg: Any) -> dict[str, Any]:
@@ -71,34 +71,81 @@ def build_backend(cfg: Any, registry: Registry) -> tuple[Selection, Backend]:
     return selection, backend
 
 
-def bind_data(model: Any, train: Any, evaluation: Any, seed: int, saved: Mapping[str, Any] | None = None
-              ) -> tuple[Any, Any]:
-    """The datasets as ``model`` consumes them.
+class ModelContractError(IsthmusError):
+    """A plugin's model or dataset factory returned something that breaks the contract."""
 
-    A model whose batches need more than the dataset gives (``tiny-t2i``: visual codes) defines
-    ``bind_data(train, evaluation, seed, saved)``; what it fits on the data (a codebook) it returns
-    from ``data_state()``, which a checkpoint keeps and hands back here as ``saved``.
+
+def saved_data_state(extra: Mapping[str, Any]) -> dict[str, Any]:
+    """The data state a checkpoint's sidecar ``extra`` holds (``DataSplits.state()``); checkpoints
+    from before it had a data state kept the tokenizer alone."""
+    if isinstance(extra.get("data"), Mapping):
+        return dict(extra["data"])
+    return {"tokenizer": extra["tokenizer"]} if extra.get("tokenizer") else {}
+
+
+def model_and_data(cfg: Any, registry: Registry, saved_data: Mapping[str, Any] | None = None,
+                   model_data: Mapping[str, Any] | None = None) -> tuple[Model, DataSplits]:
+    """The dataset's splits, the model built for them, and the data as the model consumes it.
+
+    ``saved_data``: a checkpoint's data state (vocabulary, class names), so ids keep their
+    meaning; ``model_data``: what the model fitted on the data then (``Model.data_state()``).
     """
-    hook = getattr(model, "bind_data", None)
-    return hook(train, evaluation, seed, saved) if hook is not None else (train, evaluation)
+    dataset = registry.dataset(str(cfg.data.name))
+    data = dataset.factory(plain(cfg.data), saved_data)
+    if not isinstance(data, DataSplits):
+        raise ModelContractError(f"dataset '{dataset.name}' (plugin {dataset.plugin or '?'}) returned "
+                                 f"{type(data).__name__}; a dataset factory returns isthmus.DataSplits")
+    spec = registry.model(str(cfg.model.name))
+    model = spec.factory(plain(cfg.model), data)
+    if Model not in type(model).__mro__:
+        raise ModelContractError(f"model '{spec.name}' (plugin {spec.plugin or '?'}) returned {type(model).__name__}, "
+                                 f"which does not derive from isthmus.Model")
+    bound = model.bind_data(data, int(cfg.seed), model_data)
+    return model, bound
 
 
-def prepare(cfg: Any, registry: Registry, tokenizer: Any = None, for_training: bool = True,
+def prepare(cfg: Any, registry: Registry, for_training: bool = True, saved_data: Mapping[str, Any] | None = None,
             model_data: Mapping[str, Any] | None = None) -> Run:
     """Backend first (cheapest to fail), then data (gives the vocabulary), then the model.
 
-    ``model_data``: what a checkpoint saved of the model's view of the data (see :func:`bind_data`).
+    ``saved_data`` and ``model_data``: what a checkpoint kept of the data (see :func:`model_and_data`).
     """
     selection, backend = build_backend(cfg, registry)
     if for_training:
         check_capabilities(cfg, backend)
-    dataset = registry.dataset(str(cfg.data.name))
-    data_cfg = plain(cfg.data)
-    data_cfg.setdefault("max_len", None)
-    train, evaluation, tokenizer = dataset.factory(data_cfg, tokenizer)
-    model = registry.model(str(cfg.model.name)).factory(plain(cfg.model), tokenizer.vocab_size)
-    train, evaluation = bind_data(model, train, evaluation, int(cfg.seed), model_data)
-    return Run(cfg, registry, selection, backend, model, train, evaluation, tokenizer)
+    model, data = model_and_data(cfg, registry, saved_data, model_data)
+    return Run(cfg, registry, selection, backend, model, data)
+
+
+def compose_run(registry: Registry, overrides: Sequence[str], smoke: bool = False) -> Any:
+    """A run config composed with what ``registry`` knows: plugin config directories, registered
+    names and the models' and datasets' schemas. ``smoke``: the chosen model's ``ModelSpec.smoke``
+    overrides go first, so the run is a few-second one (the user's overrides still win)."""
+    from isthmus.config.composer import compose
+
+    def composed(items: Sequence[str]) -> Any:
+        known = {"backend.name": ["auto", *registry.names("backend")]}
+        for section, kind in (("model", "model"), ("data", "dataset")):
+            if registry.names(kind):
+                known[f"{section}.name"] = registry.names(kind)
+        return compose(list(items), config_dirs=registry.config_dirs, known=known, schemas=registry.config_schemas())
+
+    cfg = composed(overrides)
+    if smoke:
+        cfg = composed([*registry.model(str(cfg.model.name)).smoke, *overrides])
+    return cfg
+
+
+def compose(overrides: Sequence[str] = (), registry: Registry | None = None, smoke: bool = False) -> Any:
+    """A run config, composed as ``isthmus train`` composes it: the shipped and plugin config files,
+    then ``overrides`` (``group=option`` or ``key=value``), checked against every registered schema.
+    ``registry`` defaults to the process's plugins; ``smoke`` is as in :func:`compose_run`. Raises
+    :class:`isthmus.config.ConfigError` naming every problem."""
+    if registry is None:
+        from isthmus.registry.manager import get_registry
+
+        registry = get_registry()
+    return compose_run(registry, overrides, smoke)
 
 
 def run_dir(cfg: Any) -> Path:

@@ -14,7 +14,7 @@ import numpy as np
 
 from isthmus.train.checkpoint import CheckpointState, load_checkpoint, save_checkpoint
 from isthmus.errors import IsthmusError
-from isthmus.train.evaluate import evaluate_model, to_device
+from isthmus.train.evaluate import to_device
 from isthmus.nn.params import initialise, manifest
 from isthmus.nn.optim import AdamW, clip_by_global_norm, learning_rate
 from isthmus.train.parallel import NullLog, QuietProgress, RankSlice, token_count
@@ -77,14 +77,13 @@ class Trainer:
         engine, k = backend.engine, backend.kernels
         # An engine that can compile the step (cuda: torch.compile when backend.options.compile)
         # wraps the loss; it falls back to eager itself and says why in its compile_status.
-        compile_step = getattr(engine, "compile_step", None)
-        self.loss_fn = compile_step(self.run.model.loss) if compile_step is not None else self.run.model.loss
+        self.loss_fn = engine.compile_step(self.run.model.loss)
         self.optimizer = AdamW(betas=tuple(t.betas), eps=t.eps, weight_decay=t.weight_decay)
         if self.resume is None:
             self.params = engine.parameters(initialise(self.specs, int(self.cfg.seed)))
             self.optimizer.init_state(k, self.params)
             engine.seed(int(self.cfg.seed))
-            self.data = self.run.train_data.iter_batches(int(t.batch_size), seed=int(self.cfg.seed))
+            self.data = self.run.data.train.iter_batches(int(t.batch_size), seed=int(self.cfg.seed))
             return
         loaded = load_checkpoint(
             self.resume,
@@ -101,7 +100,7 @@ class Trainer:
             engine.set_rng_state(loaded.state.rng["state"])
         else:
             engine.seed(int(self.cfg.seed) + loaded.state.step)
-        self.data = self.run.train_data.resume(loaded.state.data_position)
+        self.data = self.run.data.train.resume(loaded.state.data_position)
         self.step = loaded.state.step
         self.skipped = int(loaded.state.extra.get("skipped_steps", 0))
 
@@ -125,8 +124,8 @@ class Trainer:
                 optimizer=optimizer_scalars,
                 rng={"engine": self.run.backend.engine_name, "state": engine.rng_state()},
                 data_position=self.data.state(),
-                extra={"tokenizer": self.run.tokenizer.to_dict(), "backend": self.run.backend.name, "skipped_steps": self.skipped,
-                       **({"model_data": self.run.model.data_state()} if hasattr(self.run.model, "data_state") else {})},
+                extra={"data": self.run.data.state(), "model_data": self.run.model.data_state(),
+                       "backend": self.run.backend.name, "skipped_steps": self.skipped},
             ),
             keep_last=int(self.cfg.train.keep_last),
         )
@@ -185,10 +184,9 @@ class Trainer:
         progress = Progress(int(t.steps), start_step, self.show_progress) if self.writer else QuietProgress()
         self.emit("on_train_start")
         # Device memory (cuda): the peak over each logging window goes into that window's row.
-        memory_stats = getattr(self.run.backend.engine, "memory_stats", None)
-        if memory_stats is not None:
-            memory_stats()
-        tokens_per_sample = getattr(self.run.train_data, "tokens_per_sample", self.run.train_data.max_len)
+        memory_stats = self.run.backend.engine.memory_stats
+        memory_stats()
+        tokens_per_sample = self.run.data.train.tokens_per_sample
         started = window_start = time.perf_counter()
         window_steps = 0
         last_loss = float("nan")
@@ -216,8 +214,7 @@ class Trainer:
                     elapsed = time.perf_counter() - window_start
                     samples = window_steps * int(t.batch_size) * int(t.grad_accum)
                     row.update(steps_per_s=window_steps / elapsed, samples_per_s=samples / elapsed, tokens_per_s=samples * tokens_per_sample / elapsed)
-                    if memory_stats is not None:
-                        row.update(memory_stats())
+                    row.update(memory_stats())
                     metrics_log.write(row)
                     progress.update(self.step, f"loss {loss:.4f} | {row['samples_per_s']:.0f} samples/s")
                     window_start, window_steps = time.perf_counter(), 0
@@ -246,9 +243,8 @@ class Trainer:
     def eval_and_log(self, metrics_log: MetricsLog, progress: Progress, max_samples: int | None) -> dict[str, Any]:
         run = self.run
         final = max_samples is None
-        result = evaluate_model(run.model, run.backend, self.params, run.eval_data, run.tokenizer, batch_size=128,
-                                max_samples=max_samples, policy=self.policy, final=final,
-                                out_dir=self.run_dir if self.writer else None)
+        result = run.model.evaluate(run.backend, self.params, run.data.eval, batch_size=128, max_samples=max_samples,
+                                    policy=self.policy, final=final, out_dir=self.run_dir if self.writer else None)
         row = {"split": "eval", "step": self.step,
                **{k: v for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}}
         metrics_log.write(row)

@@ -137,7 +137,7 @@ class Run:
 
 def rounded(array: np.ndarray, dtype: str) -> np.ndarray:
     """Float ``array`` rounded to ``dtype`` (float64 values), the same for both sides of a check."""
-    from isthmus.backends.reference.kernels import round_to_dtype
+    from isthmus.kernels.rounding import round_to_dtype
 
     return round_to_dtype(array, dtype)
 
@@ -331,14 +331,22 @@ def all_cases() -> list[Case]:
     return list(CASES)
 
 
+def reference_backend(seed: int = 0, registry: Any = None) -> tuple[Any, Any]:
+    """``(kernels, engine)`` of the registered ``reference`` backend (NumPy float64, the golden
+    model), built through its plugin's factory like any backend, its generator seeded."""
+    from isthmus.registry.manager import get_registry
+    from isthmus.registry.selection import build, select
+
+    registry = registry if registry is not None else get_registry()
+    backend = build(registry, select(registry, "reference", strict=True))
+    backend.engine.seed(seed)
+    return backend.kernels, backend.engine
+
+
 def run_suite(kernels: Any, engine: Any, dtypes: Sequence[str] = ("float32", "bfloat16"),
               ops: Iterable[str] | None = None, seed: int = 0) -> list[CaseResult]:
     """Run every case (of ``ops``, if given) under each dtype against a fresh reference engine."""
-    from isthmus.backends.reference.engine import ReferenceEngine
-    from isthmus.backends.reference.kernels import ReferenceKernels
-
-    reference_engine = ReferenceEngine(seed)
-    reference_kernels = ReferenceKernels(reference_engine)
+    reference_kernels, reference_engine = reference_backend(seed)
     wanted = set(ops) if ops is not None else None
     return [
         run_case(kernels, engine, reference_kernels, reference_engine, case, dtype, seed)

@@ -98,7 +98,7 @@ def _is_tensor(value: Any) -> bool:
 
 def _round(value: Any, dtype: str) -> Any:
     """Reference (float64) data rounded to ``dtype``, kept as float64 for the reference."""
-    from isthmus.backends.reference.kernels import round_to_dtype
+    from isthmus.kernels.rounding import round_to_dtype
 
     if _is_tensor(value):
         return round_to_dtype(value, dtype) if value.dtype.kind == "f" else value

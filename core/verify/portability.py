@@ -200,8 +200,7 @@ def train_curve(registry: Registry, restored: Restored, backend: Any, steps: int
 
     selection = Selection(registry.backend(backend.name), backend.engine_name)
     cfg = OmegaConf.merge(restored.config, {"train": {"precision": "fp32", "grad_accum": 1}})
-    run = Run(cfg, registry, selection, backend, restored.model, restored.train_data, restored.eval_data,
-              restored.tokenizer)
+    run = Run(cfg, registry, selection, backend, restored.model, restored.data)
     with tempfile.TemporaryDirectory() as scratch:
         trainer = Trainer(run, Path(scratch), resume=restored.loaded.path)
         trainer.start_state()
@@ -219,22 +218,15 @@ def _compute_dtype(backend: Any) -> str:
     return "float32" if "float32" in dtypes else sorted(dtypes)[0]
 
 
-def _whole_graph(backend: Any, model: Any) -> Callable[..., tuple[np.ndarray, np.ndarray]] | None:
-    """For the onnxruntime backend: forward and loss as one exported graph, run in one session."""
-    if backend.engine_name != "onnxruntime":
-        return None
-    from isthmus.backends.onnx.engine import runner
-    from isthmus.backends.onnx.trace import trace
+def _as_one_graph(backend: Any, model: Any, params: Mapping[str, np.ndarray], batch: Mapping[str, np.ndarray]
+                  ) -> tuple[np.ndarray, np.ndarray] | None:
+    """Forward and loss as one graph in one session, for an engine that runs graphs (ONNX Runtime);
+    None for an engine that runs op by op."""
+    def fn(k: Any, p: Mapping[str, Any], b: Mapping[str, Any]) -> dict[str, Any]:
+        return {"logits": model.forward(k, p, b), "loss": model.loss(k, p, b, training=False)[0]}
 
-    def run(params: Mapping[str, np.ndarray], batch: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-        def fn(k: Any, p: Mapping[str, Any], b: Mapping[str, Any]) -> dict[str, Any]:
-            return {"logits": model.forward(k, p, b), "loss": model.loss(k, p, b, training=False)[0]}
-
-        graph = trace(fn, params, batch, backend.engine.opset, name=model.name)
-        out = runner(graph)(batch)
-        return out["logits"], out["loss"]
-
-    return run
+    out = backend.engine.run_graph(fn, params, batch, name=model.name)
+    return None if out is None else (out["logits"], out["loss"])
 
 
 def run_portability(registry: Registry, checkpoint: str | Path, labels: list[str], out_dir: Path | None = None,
@@ -246,7 +238,7 @@ def run_portability(registry: Registry, checkpoint: str | Path, labels: list[str
 
     restored = restore(registry, checkpoint)
     model = restored.model
-    batch = restored.eval_data.batch(batch_indices(batch_size, len(restored.eval_data)))
+    batch = restored.data.eval.batch(batch_indices(batch_size, len(restored.data.eval)))
     reference = build_label(registry, "reference")
     ref_params = reference.engine.parameters(restored.params)
     recorder = Recorder(reference.kernels, ref_params)
@@ -279,10 +271,10 @@ def run_portability(registry: Registry, checkpoint: str | Path, labels: list[str
         result.dtype = _compute_dtype(backend)
         tol = TOLERANCES[result.dtype]
         try:
-            whole = _whole_graph(backend, model)
-            logits, loss = whole(restored.params, batch) if whole else forward_and_loss(
+            whole = _as_one_graph(backend, model, restored.params, batch)
+            logits, loss = whole if whole is not None else forward_and_loss(
                 backend, model, restored.params, batch, result.dtype)
-            if whole:
+            if whole is not None:
                 result.notes.append("forward and loss ran as one graph from the engine-free ONNX export")
             result.tensors += [compare_tensor("logits", "forward", logits, ref_logits, tol),
                                compare_tensor("loss", "loss", loss, ref_loss, tol)]

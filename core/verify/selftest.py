@@ -7,7 +7,7 @@ tested). Stages, each reported even when an earlier one failed:
 1. detection: the backend's probe, and its full report when it has one (the ascend probe lists
    every missing piece of CANN, driver and devices with its fix);
 2. kernel conformance against the NumPy float64 reference (:func:`isthmus.verify.conformance.run_suite`);
-3. a short training run of a tiny captioner (config composition, trainer, checkpoint);
+3. a short training run of the default model at its smoke size (config composition, trainer, checkpoint);
 4. a checkpoint round trip: saved tensors equal the live ones bitwise, and reloaded weights give
    the same forward output;
 5. portability: the same weights and batch on this backend, on ``cpu`` and on the float64
@@ -35,8 +35,6 @@ from typing import Any, Callable, TextIO
 import numpy as np
 
 EXIT_PASS, EXIT_FAIL, EXIT_NOT_USABLE = 0, 1, 3
-TINY_MODEL = ["model.d_model=32", "model.n_heads=2", "model.n_layers_vision=1", "model.n_layers_text=1",
-              "model.patch_size=8", "model.dropout=0.0", "data.num_train=64", "data.num_eval=16"]
 PORTABILITY_TOL = 1e-3  # float32 logits, relative to max |reference|: room for HF32-free device math
 
 
@@ -132,16 +130,17 @@ def conformance(backend: Any) -> Check:
 
 
 def compose_tiny(registry: Any, name: str, engine: str | None, steps: int, out: Path) -> Any:
-    from isthmus.config.composer import compose, group_options
+    """The default model at its smoke size (``ModelSpec.smoke``) for a few steps on backend ``name``."""
+    from isthmus.config.composer import group_options
+    from isthmus.train.run import compose_run
 
     shipped = group_options(registry.config_dirs).get("backend", [])
     choice = f"backend={name}" if name in shipped else f"backend.name={name}"  # plugins may ship no file
-    overrides = [choice, "backend.strict=true", *TINY_MODEL, "train=quick", f"train.steps={steps}",
+    overrides = [choice, "backend.strict=true", "train=quick", f"train.steps={steps}",
                  "train.eval_every=0", "train.checkpoint_every=0", "train.log_every=1", f"output_dir={out}"]
     if engine:
         overrides.append(f"backend.engine={engine}")
-    return compose(overrides, config_dirs=registry.config_dirs,
-                   known={"backend.name": ["auto", *registry.names("backend")]})
+    return compose_run(registry, overrides, smoke=True)
 
 
 def training(registry: Any, name: str, engine: str | None, steps: int, out: Path, state: dict) -> Check:
@@ -184,7 +183,7 @@ def checkpoint_round_trip(state: dict, out: Path) -> Check:
     loaded = load_checkpoint(out, expect=manifest(run.model.param_specs()), model_name=run.model.name)
     live = {n: engine.to_numpy(p) for n, p in trainer.params.items()}
     differ = [n for n in live if not np.array_equal(live[n], loaded.params[n])]
-    batch = run.eval_data.batch(np.arange(min(8, len(run.eval_data))))
+    batch = run.data.eval.batch(np.arange(min(8, len(run.data.eval))))
     state["params"], state["batch"] = loaded.params, batch
     before, _ = _forward(run.backend, run.model, live, batch)
     after, _ = _forward(run.backend, run.model, loaded.params, batch)
@@ -204,7 +203,7 @@ def forward_only(registry: Any, name: str, engine: str | None, steps: int, out: 
     cfg = compose_tiny(registry, name, engine, steps, out)
     run = prepare(cfg, registry, for_training=False)
     state.update(run=run, params=initialise(run.model.param_specs(), int(cfg.seed)),
-                 batch=run.eval_data.batch(np.arange(min(8, len(run.eval_data)))))
+                 batch=run.data.eval.batch(np.arange(min(8, len(run.data.eval)))))
 
 
 def portability(registry: Any, state: dict) -> Check:
@@ -214,7 +213,7 @@ def portability(registry: Any, state: dict) -> Check:
     if "params" not in state:  # the checkpoint stage failed before reading the weights back
         engine = run.backend.engine
         state["params"] = {n: engine.to_numpy(p) for n, p in state["trainer"].params.items()}
-        state["batch"] = run.eval_data.batch(np.arange(min(8, len(run.eval_data))))
+        state["batch"] = run.data.eval.batch(np.arange(min(8, len(run.data.eval))))
     this = f"{run.backend.name}/{run.backend.engine_name}"
     cpu = build(registry, select(registry, "cpu"))
     backends = {this: run.backend, "reference": build(registry, select(registry, "reference"))}
@@ -238,14 +237,14 @@ def portability(registry: Any, state: dict) -> Check:
 
 
 def routes(report: Report, backend: Any) -> None:
-    """How often each torch_npu fused route ran or fell back (ascend / torch only)."""
-    if backend.name != "ascend" or backend.engine_name != "torch":
+    """How often each fused kernel route ran or fell back, for a backend whose engine counts them
+    (``runtime_info()`` keys ``route_calls`` and ``route_fallbacks``: ascend with torch_npu)."""
+    info = backend.engine.runtime_info()
+    if "route_calls" not in info and "route_fallbacks" not in info:
         return
-    from isthmus.backends.ascend import routes as routed
-
     report.add("## Fused routes", "", f"- routed ops: {', '.join(sorted(backend.kernels.routed)) or 'none'}")
-    report.add(*[f"- {op}: fused {n} call(s)" for op, n in sorted(routed.taken.items())])
-    report.add(*[f"- {op}: fallback {n} call(s): {why}" for (op, why), n in sorted(routed.fallbacks.items())], "")
+    report.add(*[f"- {op}: fused {n} call(s)" for op, n in sorted(info.get("route_calls", {}).items())])
+    report.add(*[f"- {op}: fallback {n} call(s): {why}" for (op, why), n in sorted(info.get("route_fallbacks", {}).items())], "")
 
 
 def run_selftest(name: str, engine: str | None = None, steps: int = 8, stream: TextIO | None = sys.stdout,

@@ -10,101 +10,53 @@ text positions only, so ``logits[:, i]`` predicts ``targets[:, i]`` (the token a
 
 from __future__ import annotations
 
-import dataclasses
-import math
-from dataclasses import dataclass
 from typing import Any, Mapping
 
+from isthmus.config.values import build
+from isthmus.models.captioner.config import CaptionerConfig
 from isthmus.nn import layers
-from isthmus.nn.layers import BlockConfig
-from isthmus.config.values import config_values, head_problems, layer_problems
+from isthmus.nn.layers import prefix_lm_mask
+from isthmus.nn.model import Model
 from isthmus.nn.params import ParamSpec, Scope, add_specs
 
 Tensor = Any
 IGNORE_INDEX = -100
 
 
-@dataclass(frozen=True)
-class CaptionerConfig:
-    """Hyperparameters of the captioner; the fields and defaults of ``configs/model/tiny-captioner.yaml``."""
-
-    image_size: int = 32
-    patch_size: int = 8
-    channels: int = 3
-    d_model: int = 64
-    n_heads: int = 4
-    n_layers_vision: int = 2
-    n_layers_text: int = 2
-    mlp: str = "gelu"
-    mlp_ratio: int = 4
-    max_caption_len: int = 16  # tokens, <bos> and <eos> included: the default generation length
-    dropout: float = 0.0
-    vocab_size: int = 0
-    norm: str = "layer"
-    norm_eps: float = 1e-5
-
-    @classmethod
-    def from_mapping(cls, config: Mapping[str, Any], vocab_size: int | None = None) -> CaptionerConfig:
-        """Read a model config section (plain dict or OmegaConf); ``vocab_size`` fills a null one.
-
-        Missing keys take the defaults above; ``name`` is ignored; an unknown key raises ``ValueError``.
-        """
-        return cls(**config_values(cls, config, vocab_size, "tiny-captioner")).checked()
-
-    def checked(self) -> CaptionerConfig:
-        """This config, or a ``ValueError`` listing every rule it breaks."""
-        problems = [*head_problems(self.d_model, self.n_heads),
-                    *layer_problems(self.image_size, self.patch_size, self.mlp, self.norm)]
-        if self.vocab_size < 2:
-            problems.append(f"vocab_size must be at least 2, got {self.vocab_size}")
-        if problems:
-            raise ValueError("tiny-captioner config: " + "; ".join(problems))
-        return self
-
-    @property
-    def num_patches(self) -> int:
-        """Image tokens per image."""
-        return (self.image_size // self.patch_size) ** 2
-
-    def block(self, n_layers: int) -> BlockConfig:
-        """The block hyperparameters of a stack of ``n_layers`` blocks."""
-        # Residual projections start smaller in deeper stacks so the stream's variance at init
-        # does not grow with depth (GPT-2's scheme).
-        return BlockConfig(
-            dim=self.d_model,
-            n_heads=self.n_heads,
-            mlp=self.mlp,
-            mlp_hidden=self.mlp_ratio * self.d_model,
-            norm=self.norm,
-            norm_eps=self.norm_eps,
-            dropout=self.dropout,
-            out_std=layers.INIT_STD / math.sqrt(2 * n_layers),
-        )
-
-
-def prefix_lm_mask(k: Any, prefix: int, total: int) -> Tensor:
-    """Bool ``(total, total)``: query ``i`` may attend key ``j`` iff ``j < max(i + 1, prefix)``.
-
-    The first ``prefix`` positions see each other (bidirectional) and nothing after; each later
-    position sees the whole prefix and itself and the positions before it (causal).
-    """
-    rows = k.reshape(k.arange(total), (total, 1))
-    cols = k.reshape(k.arange(total), (1, total))
-    return k.less(cols, k.maximum(k.add(rows, 1), prefix))
-
-
-class TinyCaptioner:
-    """The ``tiny-captioner`` model (see the module docstring); implements :class:`isthmus.nn.model.Model`."""
+class TinyCaptioner(Model):
+    """The ``tiny-captioner`` model (see the module docstring)."""
 
     name = "tiny-captioner"
     task = "captioning"
 
-    def __init__(self, config: Mapping[str, Any] | CaptionerConfig, vocab_size: int | None = None) -> None:
-        if isinstance(config, CaptionerConfig):
-            config = dataclasses.asdict(config)
-        self.config = CaptionerConfig.from_mapping(config, vocab_size)
+    def __init__(self, config: Mapping[str, Any] | CaptionerConfig, tokenizer: Any = None,
+                 vocab_size: int | None = None) -> None:
+        """``tokenizer`` gives the vocabulary size (unless the config or ``vocab_size`` sets it) and
+        the ids of ``<bos>``, ``<eos>`` and ``<pad>`` that generation uses."""
+        self.tokenizer = tokenizer
+        size = vocab_size if vocab_size is not None else (tokenizer.vocab_size if tokenizer is not None else None)
+        self.config = build(CaptionerConfig, config, self.name, size)
         self.vision_block = self.config.block(self.config.n_layers_vision)
         self.text_block = self.config.block(self.config.n_layers_text)
+
+    # ---- evaluation and export ---------------------------------------------------------------
+    def evaluate(self, backend: Any, params: Mapping[str, Any], dataset: Any, *, batch_size: int = 128,
+                 max_samples: int | None = None, policy: Any = None, final: bool = True,
+                 out_dir: Any = None, **options: Any) -> dict[str, Any]:
+        """Loss, token accuracy and caption exact match (see :mod:`.evaluate`)."""
+        from isthmus.errors import IsthmusError
+        from isthmus.models.captioner.evaluate import evaluate
+
+        if options:
+            raise IsthmusError(f"--option {next(iter(options))}: {self.name} takes no evaluation options")
+        return evaluate(self, backend, params, dataset, batch_size=batch_size, max_samples=max_samples, policy=policy)
+
+    def export_checks(self, backend: Any, params: Mapping[str, Any], run_file: Any, host_batch: Mapping[str, Any],
+                      tolerance: float) -> list[Any]:
+        """Greedy captions decoded through the exported file equal the source backend's."""
+        from isthmus.models.captioner.export_check import caption_check
+
+        return [caption_check(self, backend, params, run_file, host_batch, tolerance)]
 
     # ---- parameters ------------------------------------------------------------------------
     def param_specs(self) -> dict[str, ParamSpec]:
@@ -182,7 +134,17 @@ class TinyCaptioner:
         counted = k.sum(k.cast(k.greater(targets, IGNORE_INDEX), dtype))
         return k.div(hits, k.maximum(counted, 1.0))
 
-    def generate(
+    def generate(self, k: Any, params: Mapping[str, Any], batch: Mapping[str, Any], max_len: int | None = None,
+                 **options: Any) -> Tensor:
+        """Greedy captions of ``batch["images"]`` as token ids (see :meth:`caption`), with the
+        tokenizer's special ids."""
+        if options:
+            raise ValueError(f"{self.name} generate takes max_len only, not {', '.join(options)}")
+        tok = self.tokenizer
+        ids = (tok.bos_id, tok.eos_id, tok.pad_id) if tok is not None else (1, 2, 0)
+        return self.caption(k, params, batch["images"], max_len, *ids)
+
+    def caption(
         self,
         k: Any,
         params: Mapping[str, Any],
@@ -217,4 +179,4 @@ class TinyCaptioner:
         return k.concat(produced, axis=1)
 
 
-__all__ = ["CaptionerConfig", "TinyCaptioner", "prefix_lm_mask"]
+__all__ = ["TinyCaptioner"]

@@ -13,6 +13,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from isthmus.data import BOS, EOS, PAD, BatchIterator, CaptionDataset, normalise_pixels
+from isthmus.data.splits import Dataset
 from isthmus.models.t2i.model import MAX_NOISE_LEVEL, MIN_NOISE_LEVEL
 from isthmus.models.t2i.visual_tokenizer import VisualTokenizer
 
@@ -24,7 +25,7 @@ def empty_captions(count: int, length: int) -> np.ndarray:
     return rows
 
 
-class CodedDataset:
+class CodedDataset(Dataset):
     """``dataset`` with each image's visual codes. ``batch(indices)`` gives numpy arrays:
 
     - ``tokens``: int64 ``(B, L)``, the caption as ``<bos> words <eos>`` then padding; with
@@ -47,8 +48,11 @@ class CodedDataset:
         self.codes: np.ndarray = tokenizer.encode(dataset.images)
         self.captions: list[str] = dataset.captions
         self.max_len: int = dataset.max_len
-        # Per sample the generator reads the caption and predicts every code.
-        self.tokens_per_sample: int = dataset.max_len + self.codes.shape[1]
+
+    @property
+    def tokens_per_sample(self) -> int:
+        """Per sample the generator reads the caption and predicts every code."""
+        return self.max_len + int(self.codes.shape[1])
 
     def __len__(self) -> int:
         return len(self.source)

@@ -9,7 +9,8 @@ from typing import Any, Mapping
 import numpy as np
 
 from isthmus.data import caption_matches, normalise_pixels
-from isthmus.train.evaluate import to_device
+from isthmus.errors import IsthmusError
+from isthmus.train.evaluate import loss_evaluation
 from isthmus.models.t2i.sampling import text_to_image
 
 GRID_PROMPTS = 16
@@ -18,48 +19,32 @@ PARTS = ("count", "colours", "shapes", "relations")
 LABEL_CHARS = 68
 
 
-def held_out_losses(model: Any, backend: Any, params: Mapping[str, Any], dataset: Any, batch_size: int, count: int,
-                    policy: Any = None) -> dict[str, float]:
-    """Sample-weighted means of the loss and its metrics over the first ``count`` samples."""
-    k, engine = backend.kernels, backend.engine
-    totals: dict[str, float] = {}
-    with engine.no_grad():
-        for start in range(0, count, batch_size):
-            indices = np.arange(start, min(count, start + batch_size))
-            batch = to_device(backend, dataset.batch(indices))
-            use = params
-            if policy is not None:
-                batch, use = policy.cast_batch(k, batch), policy.cast_params(k, params)
-            loss, metrics = model.loss(k, use, batch, training=False)
-            for name, value in {"eval_loss": loss, **metrics}.items():
-                totals[name] = totals.get(name, 0.0) + float(engine.to_numpy(value)) * len(indices)
-    return {name: value / max(count, 1) for name, value in totals.items()}
-
-
 class Judge:
-    """A trained ``tiny-captioner`` checkpoint that captions images on a given backend."""
+    """A trained captioning checkpoint (a model whose ``task`` is ``"captioning"``) that captions
+    images on a given backend."""
 
     def __init__(self, checkpoint: str | Path, backend: Any) -> None:
         from isthmus.registry.manager import get_registry
         from isthmus.train.restore import restore
 
         self.restored = restore(get_registry(), checkpoint)
-        if getattr(self.restored.model, "task", "") != "captioning":
-            raise ValueError(f"judge {checkpoint}: a tiny-captioner checkpoint is needed, this one holds "
-                             f"{self.restored.model.name}")
+        if self.restored.model.task != "captioning":
+            raise IsthmusError(f"judge {checkpoint}: a captioning checkpoint is needed, this one holds "
+                               f"{self.restored.model.name}")
         self.backend = backend
         self.params = {n: backend.engine.asarray(a) for n, a in self.restored.params.items()}
 
     def captions(self, images: np.ndarray, batch_size: int = 128) -> list[str]:
         """Captions of uint8 images ``(N, C, H, W)``."""
         k, engine = self.backend.kernels, self.backend.engine
-        model, tokenizer = self.restored.model, self.restored.tokenizer
-        steps = int(self.restored.eval_data.max_len)
+        model = self.restored.model
+        tokenizer = model.tokenizer
+        steps = int(self.restored.data.eval.max_len)
         out: list[str] = []
         with engine.no_grad():
             for start in range(0, len(images), batch_size):
                 pixels = engine.asarray(normalise_pixels(images[start : start + batch_size]))
-                ids = engine.to_numpy(model.generate(k, self.params, pixels, steps, tokenizer.bos_id, tokenizer.eos_id))
+                ids = engine.to_numpy(model.generate(k, self.params, {"images": pixels}, steps))
                 out += [tokenizer.decode([int(t) for t in row]) for row in ids]
         return out
 
@@ -104,15 +89,27 @@ def write_grid(path: Path, images: np.ndarray, prompts: list[str], captions: lis
     return path
 
 
-def evaluate(model: Any, backend: Any, params: Mapping[str, Any], dataset: Any, tokenizer: Any, *,
+OPTIONS = ("judge", "seed")
+
+
+def evaluate(model: Any, backend: Any, params: Mapping[str, Any], dataset: Any, *,
              batch_size: int = 128, max_samples: int | None = None, policy: Any = None, final: bool = False,
-             out_dir: Path | None = None, judge: str | None = None, seed: int = SAMPLE_SEED) -> dict[str, Any]:
+             out_dir: Path | None = None, **options: Any) -> dict[str, Any]:
     """Held-out ``eval_loss``, ``code_loss``, ``code_accuracy`` and ``noise_mse``. With ``final``:
-    draw an image per held-out caption (seeded), write ``samples.png`` to ``out_dir``, and with a
-    ``judge`` checkpoint (default: the model config's) report the closed-loop match rates."""
-    count = len(dataset) if max_samples is None else min(len(dataset), max_samples)
-    result: dict[str, Any] = {**held_out_losses(model, backend, params, dataset, batch_size, count, policy),
-                              "samples": count}
+    draw an image per held-out caption (seeded by the ``seed`` option), write ``samples.png`` to
+    ``out_dir``, and with a ``judge`` checkpoint (option, else the model config's) report the
+    closed-loop match rates."""
+    unknown = [name for name in options if name not in OPTIONS]
+    if unknown:
+        raise IsthmusError(f"--option {unknown[0]}: {model.name} takes {', '.join(OPTIONS)}")
+    judge = options.get("judge")
+    try:
+        seed = int(options.get("seed", SAMPLE_SEED))
+    except ValueError:
+        raise IsthmusError(f"--option seed={options['seed']}: not an integer") from None
+    result = loss_evaluation(model, backend, params, dataset, batch_size=batch_size, max_samples=max_samples,
+                             policy=policy)
+    count = result["samples"]
     headline = (f"eval loss {result['eval_loss']:.4f}, code accuracy {result['code_accuracy']:.3f}, "
                 f"noise mse {result['noise_mse']:.4f}")
     if final:
@@ -131,7 +128,7 @@ def evaluate(model: Any, backend: Any, params: Mapping[str, Any], dataset: Any, 
             result.update(match_rates(read, prompts))
             result["judge_on_real"] = match_rates(reader.captions(dataset.source.images[:count]), prompts)["closed_loop_match"]
             result["judge"] = str(judge)
-            result["examples"] = [{"prompt": p, "read": r, "match": caption_matches(r, p)["exact"]}
+            result["examples"] = [{"target": p, "predicted": r, "match": caption_matches(r, p)["exact"]}
                                   for p, r in list(zip(prompts, read))[:8]]
             headline += (f"; closed loop: {result['closed_loop_match'] * 100:.1f}% of {count} generated images "
                          f"read back as their prompt (the judge reads {result['judge_on_real'] * 100:.1f}% of the real ones)")
@@ -146,4 +143,4 @@ def evaluate(model: Any, backend: Any, params: Mapping[str, Any], dataset: Any, 
     return result
 
 
-__all__ = ["Judge", "evaluate", "held_out_losses", "match_rates", "write_grid"]
+__all__ = ["Judge", "evaluate", "match_rates", "write_grid"]

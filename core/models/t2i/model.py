@@ -23,15 +23,14 @@ and ``codes[:, :i]``.
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from dataclasses import dataclass
 from typing import Any, Mapping
 
+from isthmus.config.values import build
+from isthmus.models.t2i.config import T2IConfig
 from isthmus.nn import layers
-from isthmus.nn.layers import BlockConfig
-from isthmus.models.captioner.model import prefix_lm_mask
-from isthmus.config.values import config_values, head_problems, layer_problems
+from isthmus.nn.layers import prefix_lm_mask
+from isthmus.nn.model import Model
 from isthmus.nn.params import ParamSpec, Scope, add_specs
 
 Tensor = Any
@@ -39,80 +38,6 @@ SCHEDULE_OFFSET = 0.008  # the cosine schedule's ``s``: keeps the smallest noise
 MAX_NOISE_LEVEL = 0.98  # the largest t trained and sampled; at t = 1 the signal would be exactly zero
 MIN_NOISE_LEVEL = 0.05  # the smallest; the noise loss weighs a residual error by cot(a)^2, 120 here
 RESIDUAL_SCALE = 0.25  # the decoder network's output unit, in [-1, 1] pixel units
-
-
-@dataclass(frozen=True)
-class T2IConfig:
-    """Hyperparameters of ``tiny-t2i``; the fields and defaults of ``configs/model/tiny-t2i.yaml``."""
-
-    image_size: int = 32
-    channels: int = 3
-    patch_size: int = 4  # the side of the tile one visual code stands for
-    codebook_size: int = 1024
-    codebook_iterations: int = 30
-    max_caption_len: int = 16  # caption tokens the generator reads, <bos> and <eos> included
-    d_model: int = 128
-    n_heads: int = 4
-    n_layers: int = 4
-    mlp: str = "gelu"
-    mlp_ratio: int = 4
-    decoder_d_model: int = 64
-    decoder_heads: int = 4
-    decoder_layers: int = 2
-    diffusion_weight: float = 1.0
-    sampling_steps: int = 12  # denoising steps when rendering
-    caption_dropout: float = 0.1  # share of training captions replaced by the empty one
-    guidance: float = 1.5  # classifier-free guidance scale when sampling codes; 1: none
-    temperature: float = 0.4
-    top_k: int = 0  # 0: sample from every code
-    dropout: float = 0.0
-    norm: str = "layer"
-    norm_eps: float = 1e-5
-    vocab_size: int = 0
-    judge: str | None = None  # a tiny-captioner checkpoint that reads the generated images back
-
-    @classmethod
-    def from_mapping(cls, config: Mapping[str, Any], vocab_size: int | None = None) -> T2IConfig:
-        """Read a model config section; ``vocab_size`` fills a null one; an unknown key raises ``ValueError``."""
-        return cls(**config_values(cls, config, vocab_size, "tiny-t2i")).checked()
-
-    def checked(self) -> T2IConfig:
-        """This config, or a ``ValueError`` listing every rule it breaks."""
-        problems = [
-            *head_problems(self.d_model, self.n_heads),
-            *head_problems(self.decoder_d_model, self.decoder_heads, "decoder_d_model", "decoder_heads"),
-            *layer_problems(self.image_size, self.patch_size, self.mlp, self.norm),
-        ]
-        if self.codebook_size < 2:
-            problems.append(f"codebook_size must be at least 2, got {self.codebook_size}")
-        if self.max_caption_len < 2:
-            problems.append(f"max_caption_len must be at least 2, got {self.max_caption_len}")
-        if self.sampling_steps < 1:
-            problems.append(f"sampling_steps must be at least 1, got {self.sampling_steps}")
-        if problems:
-            raise ValueError("tiny-t2i config: " + "; ".join(problems))
-        return self
-
-    @property
-    def grid(self) -> int:
-        """Tiles along each side."""
-        return self.image_size // self.patch_size
-
-    @property
-    def num_codes(self) -> int:
-        """Visual codes per image."""
-        return self.grid**2
-
-    @property
-    def tile_width(self) -> int:
-        """Values in one tile: ``channels * patch_size ** 2``."""
-        return self.channels * self.patch_size**2
-
-    def block(self, dim: int, heads: int, n_layers: int) -> BlockConfig:
-        return BlockConfig(
-            dim=dim, n_heads=heads, mlp=self.mlp, mlp_hidden=self.mlp_ratio * dim, norm=self.norm,
-            norm_eps=self.norm_eps, dropout=self.dropout, out_std=layers.INIT_STD / math.sqrt(2 * n_layers),
-        )
 
 
 def noise_angle(k: Any, levels: Tensor) -> Tensor:
@@ -135,31 +60,34 @@ def leading(k: Any, x: Tensor, n: int, axis: int = 0) -> Tensor:
     return k.split(x, [n, size - n], axis=axis)[0] if size > n else x
 
 
-class TinyT2I:
-    """The ``tiny-t2i`` model (see the module docstring); implements :class:`isthmus.nn.model.Model`."""
+class TinyT2I(Model):
+    """The ``tiny-t2i`` model (see the module docstring)."""
 
     name = "tiny-t2i"
     task = "text-to-image"
 
-    def __init__(self, config: Mapping[str, Any] | T2IConfig, vocab_size: int | None = None) -> None:
-        if isinstance(config, T2IConfig):
-            config = dataclasses.asdict(config)
-        self.config = T2IConfig.from_mapping(config, vocab_size)
+    def __init__(self, config: Mapping[str, Any] | T2IConfig, tokenizer: Any = None,
+                 vocab_size: int | None = None) -> None:
+        """``tokenizer``: the captions' tokenizer (its size is the text vocabulary unless the
+        config or ``vocab_size`` sets one)."""
+        self.tokenizer = tokenizer
+        size = vocab_size if vocab_size is not None else (tokenizer.vocab_size if tokenizer is not None else None)
+        self.config = build(T2IConfig, config, self.name, size)
         c = self.config
         self.gen_block = c.block(c.d_model, c.n_heads, c.n_layers)
         self.dec_block = c.block(c.decoder_d_model, c.decoder_heads, c.decoder_layers)
         self.visual: Any = None  # the VisualTokenizer, once bind_data has fitted or restored it
 
     # ---- data ------------------------------------------------------------------------------
-    def bind_data(self, train: Any, evaluation: Any, seed: int, saved: Mapping[str, Any] | None = None
-                  ) -> tuple[Any, Any]:
-        """Fit the visual codebook on ``train`` (or take the ``saved`` one) and return both splits
-        as :class:`~isthmus.models.t2i.coded.CodedDataset`."""
+    def bind_data(self, data: Any, seed: int, saved: Mapping[str, Any] | None = None) -> Any:
+        """Fit the visual codebook on the training images (or take the ``saved`` one) and return
+        both splits as :class:`~isthmus.models.t2i.coded.CodedDataset`."""
         from isthmus.models.t2i.coded import CodedDataset
         from isthmus.data.errors import DataError
         from isthmus.models.t2i.visual_tokenizer import VisualTokenizer
 
         c = self.config
+        train, evaluation = data.train, data.eval
         longest = max(train.max_len, evaluation.max_len)
         if longest > c.max_caption_len:
             raise DataError(f"the captions need {longest} tokens but model.max_caption_len is {c.max_caption_len}: "
@@ -171,20 +99,23 @@ class TinyT2I:
         if self.visual.patch != c.patch_size or self.visual.size > c.codebook_size:
             raise DataError(f"the saved visual tokenizer ({self.visual.size} codes of {self.visual.patch}px tiles) "
                             f"does not fit model.codebook_size={c.codebook_size}, model.patch_size={c.patch_size}")
-        return (CodedDataset(train, self.visual, seed, caption_dropout=c.caption_dropout),
-                CodedDataset(evaluation, self.visual, seed))
+        return data.with_splits(CodedDataset(train, self.visual, seed, caption_dropout=c.caption_dropout),
+                                CodedDataset(evaluation, self.visual, seed))
 
-    def data_state(self) -> dict[str, Any]:
+    def data_state(self) -> dict[str, Any] | None:
         """What a checkpoint keeps to rebuild the data view: the visual codebook."""
         return {"visual_tokenizer": self.visual.to_dict()}
 
-    def evaluate(self, backend: Any, params: Mapping[str, Any], dataset: Any, tokenizer: Any, **options: Any
-                 ) -> dict[str, Any]:
+    def evaluate(self, backend: Any, params: Mapping[str, Any], dataset: Any, *, batch_size: int = 128,
+                 max_samples: int | None = None, policy: Any = None, final: bool = True,
+                 out_dir: Any = None, **options: Any) -> dict[str, Any]:
         """Held-out losses; with ``final=True`` also images for the held-out captions, their grid
-        and the closed-loop match (see :func:`isthmus.models.t2i.evaluate.evaluate`)."""
+        and the closed-loop match (see :func:`isthmus.models.t2i.evaluate.evaluate`). Options:
+        ``judge`` (a captioning checkpoint; default ``model.judge``) and ``seed`` (of the draws)."""
         from isthmus.models.t2i.evaluate import evaluate
 
-        return evaluate(self, backend, params, dataset, tokenizer, **options)
+        return evaluate(self, backend, params, dataset, batch_size=batch_size, max_samples=max_samples,
+                        policy=policy, final=final, out_dir=out_dir, **options)
 
     # ---- parameters ------------------------------------------------------------------------
     def param_specs(self) -> dict[str, ParamSpec]:

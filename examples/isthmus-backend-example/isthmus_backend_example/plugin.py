@@ -18,6 +18,7 @@ def probe() -> ProbeResult:
 
 
 def factory(request: BackendRequest) -> BackendParts:
+    from isthmus.backends.torch.distributed import DataParallel
     from isthmus.backends.torch.engine import TorchEngine
     from isthmus.backends.torch.kernels import kernel_table
 
@@ -26,6 +27,7 @@ def factory(request: BackendRequest) -> BackendParts:
         engine=engine,
         kernel_table=kernel_table(engine),
         capabilities=Capabilities(dtypes=frozenset({"float32", "bfloat16"}), comm_backend="gloo"),
+        data_parallel=DataParallel,  # torch.distributed over gloo, as the cpu backend does
     )
 
 

@@ -1,6 +1,6 @@
 """The example's own tests; the kernel and training tests come from the kit (see README)."""
 
-from isthmus.config.composer import compose
+from isthmus import compose
 from isthmus.registry.manager import load_plugins
 from isthmus.registry.selection import build, select
 
@@ -14,6 +14,5 @@ def test_the_backend_is_registered_and_routes_attention():
 
 def test_backend_example_cpu_is_a_config_option():
     _, registry = load_plugins()
-    cfg = compose(["backend=example"], config_dirs=registry.config_dirs,
-                  known={"backend.name": ["auto", *registry.names("backend")]})
+    cfg = compose(["backend=example"], registry=registry)
     assert cfg.backend.name == "example"

@@ -1,0 +1,38 @@
+"""The ``scenes`` dataset: procedurally drawn scenes of coloured shapes with their captions,
+generated in code (no download), as registered by the built-in ``data`` plugin."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from isthmus.config.schema import DataBase, bounds
+from isthmus.data.batches import make_dataset
+from isthmus.data.scenes import MAX_SHAPES
+from isthmus.data.splits import DataSplits
+from isthmus.data.tokenizer import Tokenizer
+
+
+@dataclass
+class ScenesConfig(DataBase):
+    """How many scenes to draw, from which seed, at what size."""
+
+    name: str = "scenes"
+    num_train: int = field(default=20000, metadata=bounds(ge=1))
+    num_eval: int = field(default=256, metadata=bounds(ge=1))
+    seed: int = field(default=0, metadata=bounds(ge=0))
+    image_size: int = field(default=32, metadata=bounds(ge=4, le=4096))
+    max_shapes: int = field(default=MAX_SHAPES, metadata=bounds(ge=1, le=MAX_SHAPES))
+
+
+def scenes(config: Mapping[str, Any], saved: Mapping[str, Any] | None = None) -> DataSplits:
+    """Training and held-out scenes with their captions and the scene vocabulary; ``saved``: a
+    checkpoint's ``DataSplits.state()`` (its tokenizer is used)."""
+    tokenizer = Tokenizer.from_dict(saved["tokenizer"]) if saved and saved.get("tokenizer") else None
+    options = {key: value for key, value in config.items() if key != "name"}
+    train, evaluation, tokenizer = make_dataset(options, tokenizer)
+    return DataSplits(train, evaluation, tokenizer=tokenizer)
+
+
+__all__ = ["ScenesConfig", "scenes"]
