@@ -3,6 +3,7 @@ tests run on: every backend the plugin registry reports usable here, built as a 
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import pytest
@@ -36,6 +37,27 @@ def reference_kernel_set() -> tuple[str, Any, Any]:
 
     engine = ReferenceEngine(seed=0)
     return ("reference", KernelSet("reference", "numpy", kernel_table(engine)), engine)
+
+
+@functools.lru_cache(maxsize=1)
+def ascend_here() -> str:
+    """What of Ascend this machine has (device nodes, CANN, torch_npu), or ``""`` for none."""
+    import importlib.util
+
+    from isthmus.backends.ascend.detect import detect
+
+    found = detect()
+    present = [f"/dev/davinci{found.device_nodes[0]}"] if found.device_nodes else []
+    present += [f"CANN at {found.toolkit}"] if found.toolkit is not None else []
+    present += ["torch_npu installed"] if importlib.util.find_spec("torch_npu") is not None else []
+    return ", ".join(present)
+
+
+def pytest_runtest_setup(item):
+    """Tests marked ``without_ascend`` assert what a machine without Ascend reports: on an Ascend
+    host they are skipped with what was found, as the ``gpu`` tests are skipped without a GPU."""
+    if item.get_closest_marker("without_ascend") is not None and ascend_here():
+        pytest.skip(f"asserts what a machine without Ascend reports; this one has {ascend_here()}")
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
