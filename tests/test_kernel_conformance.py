@@ -8,6 +8,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -15,14 +16,12 @@ from isthmus.verify.conformance import TOLERANCES, Case, all_cases, compare, run
 from isthmus.kernels.interface import DTYPES, OPS, Kernels
 from isthmus.kernels.routing import KernelSet
 
-torch = pytest.importorskip("torch")
-
-from isthmus.backends.reference.kernels import ReferenceKernels  # noqa: E402
-from isthmus.backends.reference.kernels import kernel_table as reference_table  # noqa: E402
-from isthmus.backends.torch import optim as torch_optim  # noqa: E402
-from isthmus.backends.torch.engine import TorchEngine  # noqa: E402
-from isthmus.backends.torch.kernels import TorchKernels  # noqa: E402
-from isthmus.backends.torch.kernels import kernel_table as torch_table  # noqa: E402
+from isthmus.backends.reference.kernels import ReferenceKernels
+from isthmus.backends.reference.kernels import kernel_table as reference_table
+from isthmus.backends.torch import optim as torch_optim
+from isthmus.backends.torch.engine import TorchEngine
+from isthmus.backends.torch.kernels import TorchKernels
+from isthmus.backends.torch.kernels import kernel_table as torch_table
 
 CASES = all_cases()
 SUITE_DTYPES = ("float32", "bfloat16")

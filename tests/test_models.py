@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 import yaml
 
 from isthmus.data import EOS, PAD, make_dataset
@@ -21,12 +22,10 @@ from isthmus.registry.manager import load_plugins
 from isthmus.kernels.routing import KernelSet
 from isthmus.train.run import bind_data
 
-torch = pytest.importorskip("torch")
-
-from isthmus.backends.reference.engine import ReferenceEngine  # noqa: E402
-from isthmus.backends.reference.kernels import kernel_table as reference_table  # noqa: E402
-from isthmus.backends.torch.engine import TorchEngine  # noqa: E402
-from isthmus.backends.torch.kernels import kernel_table as torch_table  # noqa: E402
+from isthmus.backends.reference.engine import ReferenceEngine
+from isthmus.backends.reference.kernels import kernel_table as reference_table
+from isthmus.backends.torch.engine import TorchEngine
+from isthmus.backends.torch.kernels import kernel_table as torch_table
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL_SOURCES = [REPO / "core" / "nn" / "layers.py", *sorted((REPO / "core" / "models").glob("*/model.py"))]
