@@ -4,6 +4,8 @@ tests run on: every backend the plugin registry reports usable here, built as a 
 from __future__ import annotations
 
 import functools
+import os
+import random
 from typing import Any
 
 import pytest
@@ -37,6 +39,16 @@ def reference_kernel_set() -> tuple[str, Any, Any]:
 
     engine = ReferenceEngine(seed=0)
     return ("reference", KernelSet("reference", "numpy", kernel_table(engine)), engine)
+
+
+@pytest.fixture
+def kill_seed() -> int:
+    """The seed of a test's random SIGKILL step: ``ISTHMUS_KILL_SEED`` when set (to replay a
+    failure), else a fresh one. Printed, so a failing test's captured output names it."""
+    raw = os.environ.get("ISTHMUS_KILL_SEED", "")
+    seed = int(raw) if raw else random.SystemRandom().randrange(2**31)
+    print(f"kill seed {seed} (replay with ISTHMUS_KILL_SEED={seed})")
+    return seed
 
 
 @functools.lru_cache(maxsize=1)
