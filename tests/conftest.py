@@ -41,6 +41,21 @@ def reference_kernel_set() -> tuple[str, Any, Any]:
     return ("reference", KernelSet("reference", "numpy", kernel_table(engine)), engine)
 
 
+BACKEND_SKIPS = pytest.StashKey[list]()
+
+
+@pytest.fixture
+def record_backend_skip(request):
+    """``record(suite, label, dtype, op, reason)``: one backend did not run a case that the test ran
+    on the others. The test passes on those others; the skip is listed in the terminal summary."""
+    skips = request.config.stash.setdefault(BACKEND_SKIPS, [])
+
+    def record(suite: str, label: str, dtype: str, op: str, reason: str) -> None:
+        skips.append((suite, label, dtype, op, reason))
+
+    return record
+
+
 @pytest.fixture
 def kill_seed() -> int:
     """The seed of a test's random SIGKILL step: ``ISTHMUS_KILL_SEED`` when set (to replay a
@@ -73,11 +88,37 @@ def pytest_runtest_setup(item):
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
-    """Print the ONNX oracle's coverage (mapped / left out per operator) when its tests ran."""
+    """Print the ONNX oracle's coverage (mapped / left out per operator) when its tests ran, and
+    every case a backend skipped inside a test that ran on other backends, with the reason."""
     import sys
 
     oracle = sys.modules.get("isthmus.verify.onnx_oracle")
-    if oracle is None or not oracle.plan_all.cache_info().currsize:
-        return
-    terminalreporter.write_sep("-", "ONNX oracle coverage")
-    terminalreporter.write_line(oracle.report())
+    if oracle is not None and oracle.plan_all.cache_info().currsize:
+        terminalreporter.write_sep("-", "ONNX oracle coverage")
+        terminalreporter.write_line(oracle.report())
+    skips = config.stash.get(BACKEND_SKIPS, [])
+    if skips:
+        terminalreporter.write_sep("-", "cases skipped on one backend while others ran them")
+        for line in backend_skip_lines(skips):
+            terminalreporter.write_line(line)
+
+
+def backend_skip_lines(skips: list[tuple[str, str, str, str, str]]) -> list[str]:
+    """One heading per suite, backend, dtype and reason, then each op with its number of cases."""
+    from collections import Counter
+
+    groups: dict[tuple[str, str, str, str], Counter] = {}
+    for suite, label, dtype, op, reason in skips:
+        groups.setdefault((suite, label, dtype, reason), Counter())[op] += 1
+    lines = []
+    for (suite, label, dtype, reason), ops in sorted(groups.items()):
+        lines.append(f"{suite}: {label} {dtype}: {sum(ops.values())} cases of {len(ops)} ops: {reason}")
+        line = "   "
+        for op, n in sorted(ops.items()):
+            item = f" {op} ({n}),"
+            if len(line) + len(item) > 96:
+                lines.append(line)
+                line = "   "
+            line += item
+        lines.append(line.rstrip(","))
+    return lines
