@@ -24,7 +24,7 @@ from isthmus.backends.ascend.options import PRECISION_MODES, parse_options
 from isthmus.config.composer import ConfigError, compose
 from isthmus.errors import BackendUnavailableError
 
-from fakes import cann, npu_smi, torch_npu_without_cann
+from fakes import cann, npu_smi, torch_cuda, torch_npu_without_cann
 
 
 
@@ -192,15 +192,13 @@ def test_torch_npu_is_refused_beside_a_cuda_build_of_torch(monkeypatch, tmp_path
 
     # Read without importing, the installed torch's CUDA version is what the imported one says.
     assert torch_cuda_version_on_disk() == torch.version.cuda
-    monkeypatch.setattr(torch.version, "cuda", "12.8")
+    monkeypatch.setattr(torch.version, "cuda", torch_cuda.CUDA_VERSION)
     with pytest.raises(BackendUnavailableError) as err:
         refuse_cuda_torch(torch)
     message = str(err.value)
     assert "is a CUDA build (CUDA 12.8)" in message and "torch_npu cannot load beside" in message
     assert "engine=mindspore" in message and "download.pytorch.org/whl/cpu" in message
-    version = tmp_path / "version.py"
-    version.write_text("from typing import Optional\n__version__ = '2.13.0+cu128'\ncuda: Optional[str] = '12.8'\n")
-    assert torch_cuda_version_on_disk(version) == "12.8"
+    assert torch_cuda_version_on_disk(torch_cuda.version_file(tmp_path)) == "12.8"
 
 
 # ------------------------------------------------------------------------------ engines here

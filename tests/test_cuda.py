@@ -261,7 +261,7 @@ def test_auto_picks_cuda_over_cpu_on_a_fake_gpu_machine_and_refuses_bf16_on_a_t4
     monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}")
     monkeypatch.setenv("LD_LIBRARY_PATH", args["env"]["LD_LIBRARY_PATH"])
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
-    monkeypatch.setattr(detect_module, "installed_torch_version", lambda: "2.13.0+cu128")
+    monkeypatch.setattr(detect_module, "installed_torch_version", lambda: torch_cuda.TORCH_VERSION)
     registry = cuda_registry()
     spec = registry.backend("cuda")
     assert spec.priority == 50 and spec.engines == ("torch",)
