@@ -1,5 +1,8 @@
-"""Shared fixtures. ``usable_kernel_sets`` is the one place that decides which backends the kernel
-tests run on: every backend the plugin registry reports usable here, built as a user would get it."""
+"""Shared fixtures and hooks. ``usable_kernel_sets`` is the one place that decides which backends the
+kernel tests run on: every backend the plugin registry reports usable here, built as a user would get
+it. ``record_backend_skip`` collects the cases one of them skipped, for the terminal summary;
+``kill_seed`` seeds (and prints) random kill steps; the ``without_ascend`` marker skips, with the
+reason, tests of what a machine without Ascend reports when this one has Ascend."""
 
 from __future__ import annotations
 
