@@ -1,8 +1,14 @@
-"""Shared fixtures. ``usable_kernel_sets`` is the one place that decides which backends the kernel
-tests run on: every backend the plugin registry reports usable here, built as a user would get it."""
+"""Shared fixtures and hooks. ``usable_kernel_sets`` is the one place that decides which backends the
+kernel tests run on: every backend the plugin registry reports usable here, built as a user would get
+it. ``record_backend_skip`` collects the cases one of them skipped, for the terminal summary;
+``kill_seed`` seeds (and prints) random kill steps; the ``without_ascend`` marker skips, with the
+reason, tests of what a machine without Ascend reports when this one has Ascend."""
 
 from __future__ import annotations
 
+import functools
+import os
+import random
 from typing import Any
 
 import pytest
@@ -38,12 +44,84 @@ def reference_kernel_set() -> tuple[str, Any, Any]:
     return ("reference", KernelSet("reference", "numpy", kernel_table(engine)), engine)
 
 
+BACKEND_SKIPS = pytest.StashKey[list]()
+
+
+@pytest.fixture
+def record_backend_skip(request):
+    """``record(suite, label, dtype, op, reason)``: one backend did not run a case that the test ran
+    on the others. The test passes on those others; the skip is listed in the terminal summary."""
+    skips = request.config.stash.setdefault(BACKEND_SKIPS, [])
+
+    def record(suite: str, label: str, dtype: str, op: str, reason: str) -> None:
+        skips.append((suite, label, dtype, op, reason))
+
+    return record
+
+
+@pytest.fixture
+def kill_seed() -> int:
+    """The seed of a test's random SIGKILL step: ``ISTHMUS_KILL_SEED`` when set (to replay a
+    failure), else a fresh one. Printed, so a failing test's captured output names it."""
+    raw = os.environ.get("ISTHMUS_KILL_SEED", "")
+    seed = int(raw) if raw else random.SystemRandom().randrange(2**31)
+    print(f"kill seed {seed} (replay with ISTHMUS_KILL_SEED={seed})")
+    return seed
+
+
+@functools.lru_cache(maxsize=1)
+def ascend_here() -> str:
+    """What of Ascend this machine has (device nodes, CANN, torch_npu), or ``""`` for none."""
+    import importlib.util
+
+    from isthmus.backends.ascend.detect import detect
+
+    found = detect()
+    present = [f"/dev/davinci{found.device_nodes[0]}"] if found.device_nodes else []
+    present += [f"CANN at {found.toolkit}"] if found.toolkit is not None else []
+    present += ["torch_npu installed"] if importlib.util.find_spec("torch_npu") is not None else []
+    return ", ".join(present)
+
+
+def pytest_runtest_setup(item):
+    """Tests marked ``without_ascend`` assert what a machine without Ascend reports: on an Ascend
+    host they are skipped with what was found, as the ``gpu`` tests are skipped without a GPU."""
+    if item.get_closest_marker("without_ascend") is not None and ascend_here():
+        pytest.skip(f"asserts what a machine without Ascend reports; this one has {ascend_here()}")
+
+
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
-    """Print the ONNX oracle's coverage (mapped / left out per operator) when its tests ran."""
+    """Print the ONNX oracle's coverage (mapped / left out per operator) when its tests ran, and
+    every case a backend skipped inside a test that ran on other backends, with the reason."""
     import sys
 
     oracle = sys.modules.get("isthmus.verify.onnx_oracle")
-    if oracle is None or not oracle.plan_all.cache_info().currsize:
-        return
-    terminalreporter.write_sep("-", "ONNX oracle coverage")
-    terminalreporter.write_line(oracle.report())
+    if oracle is not None and oracle.plan_all.cache_info().currsize:
+        terminalreporter.write_sep("-", "ONNX oracle coverage")
+        terminalreporter.write_line(oracle.report())
+    skips = config.stash.get(BACKEND_SKIPS, [])
+    if skips:
+        terminalreporter.write_sep("-", "cases skipped on one backend while others ran them")
+        for line in backend_skip_lines(skips):
+            terminalreporter.write_line(line)
+
+
+def backend_skip_lines(skips: list[tuple[str, str, str, str, str]]) -> list[str]:
+    """One heading per suite, backend, dtype and reason, then each op with its number of cases."""
+    from collections import Counter
+
+    groups: dict[tuple[str, str, str, str], Counter] = {}
+    for suite, label, dtype, op, reason in skips:
+        groups.setdefault((suite, label, dtype, reason), Counter())[op] += 1
+    lines = []
+    for (suite, label, dtype, reason), ops in sorted(groups.items()):
+        lines.append(f"{suite}: {label} {dtype}: {sum(ops.values())} cases of {len(ops)} ops: {reason}")
+        line = "   "
+        for op, n in sorted(ops.items()):
+            item = f" {op} ({n}),"
+            if len(line) + len(item) > 96:
+                lines.append(line)
+                line = "   "
+            line += item
+        lines.append(line.rstrip(","))
+    return lines

@@ -1,8 +1,10 @@
 """The ascend backend without Ascend hardware: detection against FAKE CANN install trees and a FAKE
 ``npu-smi`` (recorded outputs), the autoload guard against a FAKE torch_npu package, the SoC table,
-the options, and what this machine (no Ascend) reports through the CLI.
+the options, and what a machine without Ascend reports through the CLI (``without_ascend``: skipped
+with the reason on an Ascend host).
 
-Every fake here stands in for Ascend silicon or its vendor software and is named as such.
+The fakes come from tests/fakes/: each stands in for Ascend silicon or its vendor software and is
+named as such.
 """
 
 from __future__ import annotations
@@ -11,7 +13,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -23,7 +24,8 @@ from isthmus.backends.ascend.options import PRECISION_MODES, parse_options
 from isthmus.config.composer import ConfigError
 from isthmus.errors import BackendUnavailableError
 
-RECORDINGS = Path(__file__).parent / "data" / "npu_smi"
+from fakes import cann, npu_smi, torch_cuda, torch_npu_without_cann
+
 
 
 def compose(overrides=(), **ignored):
@@ -38,45 +40,6 @@ def compose(overrides=(), **ignored):
 def run(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=300,
                           env={**os.environ, **(env or {})})
-
-
-# ------------------------------------------------------------------------------ fakes
-def fake_cann(root: Path, sourced: bool, devices: int = 2, recording: str | None = "a2_910b4-1.txt",
-              smi_exit: int = 0) -> tuple[dict, dict]:
-    """A FAKE Ascend machine under ``root``: CANN toolkit tree, driver tree, /dev nodes and an
-    npu-smi script printing a recorded output. Returns ``(env, detect keyword arguments)``."""
-    toolkit = root / "Ascend/ascend-toolkit/latest"
-    for lib in ("libascendcl.so", "libhccl.so", "libge_runner.so"):
-        (toolkit / "lib64").mkdir(parents=True, exist_ok=True)
-        (toolkit / "lib64" / lib).touch()
-    (toolkit / "x86_64-linux").mkdir()
-    info = toolkit / "x86_64-linux/ascend_toolkit_install.info"
-    info.write_text("package_name=Ascend-cann-toolkit\nversion=8.0.RC3\n")
-    (root / "Ascend/ascend-toolkit/set_env.sh").write_text("export ASCEND_HOME_PATH=...\n")
-    driver = root / "Ascend/driver"
-    (driver / "lib64/driver").mkdir(parents=True)
-    (driver / "lib64/driver/libascend_hal.so").touch()
-    (driver / "version.info").write_text("Version=24.1.rc2\n")
-    dev = root / "dev"
-    dev.mkdir()
-    for i in range(devices):
-        (dev / f"davinci{i}").touch()
-    if devices:
-        (dev / "davinci_manager").touch()
-    bin_dir = root / "bin"
-    bin_dir.mkdir()
-    if recording is not None:
-        script = bin_dir / "npu-smi"  # FAKE npu-smi: prints a recorded device table
-        script.write_text(f"#!/bin/sh\ncat '{RECORDINGS / recording}'\n"
-                          + ("" if not smi_exit else "echo 'dcmi module initialize failed. ret is -8005' >&2\n")
-                          + f"exit {smi_exit}\n")
-        script.chmod(0o755)
-    env = {"PATH": f"{bin_dir}:/usr/bin:/bin"}
-    if sourced:
-        env.update(ASCEND_HOME_PATH=str(toolkit), ASCEND_TOOLKIT_HOME=str(toolkit),
-                   LD_LIBRARY_PATH=f"{toolkit}/lib64:{driver}/lib64/driver")
-    kwargs = {"roots": (toolkit,), "driver_root": driver, "dev_dir": dev, "ld_conf": root / "no-ld.so.conf"}
-    return env, kwargs
 
 
 def shorts(found) -> list[str]:
@@ -96,7 +59,7 @@ def test_a_machine_without_ascend_lists_every_missing_layer(tmp_path):
 
 
 def test_installed_but_set_env_not_sourced_says_which_file_to_source(tmp_path):
-    env, kwargs = fake_cann(tmp_path, sourced=False)
+    env, kwargs = cann.machine(tmp_path, sourced=False)
     found = detect(env=env, **kwargs)
     assert shorts(found) == ["NPU driver library not on the library path",
                              "CANN environment not set (set_env.sh not sourced)"]
@@ -108,7 +71,7 @@ def test_installed_but_set_env_not_sourced_says_which_file_to_source(tmp_path):
 
 
 def test_a_complete_fake_a2_machine_is_usable(tmp_path):
-    env, kwargs = fake_cann(tmp_path, sourced=True)
+    env, kwargs = cann.machine(tmp_path, sourced=True)
     found = detect(env=env, **kwargs)
     assert found.missing == [] and found.usable
     assert found.device_count == 2 and found.soc == "910B4-1" and found.driver_version == "24.1.rc2"
@@ -117,7 +80,7 @@ def test_a_complete_fake_a2_machine_is_usable(tmp_path):
 
 
 def test_visible_devices_count_and_map_logical_to_physical(tmp_path):
-    env, kwargs = fake_cann(tmp_path, sourced=True)
+    env, kwargs = cann.machine(tmp_path, sourced=True)
     assert detect(env={**env, "ASCEND_RT_VISIBLE_DEVICES": "1"}, **kwargs).device_count == 1
     hidden = detect(env={**env, "ASCEND_RT_VISIBLE_DEVICES": "5"}, **kwargs)
     assert not hidden.usable and "ASCEND_RT_VISIBLE_DEVICES hides every device" in shorts(hidden)
@@ -128,14 +91,14 @@ def test_visible_devices_count_and_map_logical_to_physical(tmp_path):
 
 
 def test_a_failing_npu_smi_points_at_the_driver(tmp_path):
-    env, kwargs = fake_cann(tmp_path, sourced=True, smi_exit=1)
+    env, kwargs = cann.machine(tmp_path, sourced=True, smi_exit=1)
     found = detect(env=env, **kwargs)
     assert shorts(found) == ["npu-smi info failed"]
     assert "dcmi module initialize failed" in found.missing[0].what and "lsmod" in found.missing[0].fix
 
 
 def test_device_nodes_without_npu_smi_leave_the_soc_unknown(tmp_path):
-    env, kwargs = fake_cann(tmp_path, sourced=True, recording=None)
+    env, kwargs = cann.machine(tmp_path, sourced=True, recording=None)
     found = detect(env=env, **kwargs)
     assert found.usable and found.soc is None and found.device_count == 2
     assert any("npu-smi is not on PATH" in note for note in found.notes)
@@ -148,7 +111,7 @@ def test_device_nodes_without_npu_smi_leave_the_soc_unknown(tmp_path):
     ("duo_310p3.txt", 2, "310P3", "Ascend310P3"),
 ])
 def test_recorded_npu_smi_tables_parse(recording, chips, name, canonical):
-    info = parse_npu_smi((RECORDINGS / recording).read_text())
+    info = parse_npu_smi((npu_smi.RECORDINGS / recording).read_text())
     assert len(info.chips) == chips and {c.name for c in info.chips} == {name}
     assert all(c.health == "OK" for c in info.chips) and info.version
     assert soc.canonical(name) == canonical
@@ -188,35 +151,10 @@ def test_an_unknown_precision_mode_lists_the_valid_ones():
 
 
 # ------------------------------------------------------------------------------ the guard
-FAKE_TORCH_NPU = '''\
-"""FAKE torch_npu standing in for the real package on a machine without CANN: like torch_npu 2.13
-it switches autoload off, imports torch, and fails to load its extension."""
-import os
-ORG_AUTOLOAD = os.getenv("TORCH_DEVICE_BACKEND_AUTOLOAD", "1")
-os.environ["TORCH_DEVICE_BACKEND_AUTOLOAD"] = "0"
-import torch
-raise ImportError("libhccl.so: cannot open shared object file: No such file or directory. Please check "
-                  "that the cann package is installed. Please run 'source set_env.sh' in the CANN "
-                  "installation path.")
-def _autoload():
-    os.environ["TORCH_DEVICE_BACKEND_AUTOLOAD"] = ORG_AUTOLOAD
-'''
-
-
 @pytest.fixture
 def fake_torch_npu_site(tmp_path) -> dict:
-    """A site dir holding a FAKE torch_npu, registered for torch's autoload like the real wheel."""
-    site = tmp_path / "site"
-    (site / "torch_npu").mkdir(parents=True)
-    (site / "torch_npu/__init__.py").write_text(FAKE_TORCH_NPU)
-    meta = site / "torch_npu-2.13.0.dist-info"
-    meta.mkdir()
-    (meta / "METADATA").write_text("Metadata-Version: 2.1\nName: torch_npu\nVersion: 2.13.0\n")
-    (meta / "entry_points.txt").write_text("[torch.backends]\ntorch_npu = torch_npu:_autoload\n")
-    env = {k: v for k, v in os.environ.items() if k not in ("TORCH_DEVICE_BACKEND_AUTOLOAD", "ASCEND_HOME_PATH")}
-    env["PYTHONPATH"] = os.pathsep.join([str(site), *filter(None, [os.environ.get("PYTHONPATH")])])
-    env["LD_LIBRARY_PATH"] = ""
-    return env
+    """The environment of a machine whose torch_npu is a FAKE that cannot load without CANN."""
+    return torch_npu_without_cann.site(tmp_path)
 
 
 def run_clean(code: str, env: dict) -> subprocess.CompletedProcess:
@@ -252,6 +190,7 @@ def test_the_guard_respects_a_value_the_user_set(fake_torch_npu_site):
     assert result.stdout.split()[0] == "user_set" and result.returncode != 0
 
 
+@pytest.mark.without_ascend
 def test_the_guard_does_nothing_without_torch_npu_or_after_torch():
     env: dict = {}
     assert guard_torch_import(env).action in ("no_torch_npu", "too_late") and env == {}
@@ -260,19 +199,19 @@ def test_the_guard_does_nothing_without_torch_npu_or_after_torch():
 def test_torch_npu_is_refused_beside_a_cuda_build_of_torch(monkeypatch, tmp_path):
     import torch
 
-    monkeypatch.setattr(torch.version, "cuda", "12.8")
+    # Read without importing, the installed torch's CUDA version is what the imported one says.
+    assert torch_cuda_version_on_disk() == torch.version.cuda
+    monkeypatch.setattr(torch.version, "cuda", torch_cuda.CUDA_VERSION)
     with pytest.raises(BackendUnavailableError) as err:
         refuse_cuda_torch(torch)
     message = str(err.value)
     assert "is a CUDA build (CUDA 12.8)" in message and "torch_npu cannot load beside" in message
     assert "engine=mindspore" in message and "download.pytorch.org/whl/cpu" in message
-    version = tmp_path / "version.py"
-    version.write_text("from typing import Optional\n__version__ = '2.13.0+cu128'\ncuda: Optional[str] = '12.8'\n")
-    assert torch_cuda_version_on_disk(version) == "12.8"
-    assert torch_cuda_version_on_disk() is None  # this machine's torch is the CPU build
+    assert torch_cuda_version_on_disk(torch_cuda.version_file(tmp_path)) == "12.8"
 
 
 # ------------------------------------------------------------------------------ engines here
+@pytest.mark.without_ascend
 def test_the_torch_engine_without_torch_npu_fails_in_one_line():
     from isthmus.backends.ascend.torch import build_torch
     from isthmus.registry.specs import BackendRequest
@@ -282,6 +221,7 @@ def test_the_torch_engine_without_torch_npu_fails_in_one_line():
     assert "importing torch_npu failed: ModuleNotFoundError" in str(err.value) and "\n" not in str(err.value)
 
 
+@pytest.mark.without_ascend
 def test_real_mindspore_without_cann_is_summarised_in_one_line():
     # Real MindSpore 2.10, real failure: its RuntimeError is some twenty lines long.
     result = run("-c", "from isthmus.backends.ascend.mindspore import set_ascend_device\n"
@@ -293,6 +233,7 @@ def test_real_mindspore_without_cann_is_summarised_in_one_line():
 
 
 # ------------------------------------------------------------------------------ this machine
+@pytest.mark.without_ascend
 def test_backends_lists_ascend_installed_or_not_and_not_usable():
     result = run("-m", "isthmus.cli", "backends", "--json")
     assert result.returncode == 0, result.stderr
@@ -307,6 +248,7 @@ def test_backends_lists_ascend_installed_or_not_and_not_usable():
         assert "no engine installed" in ascend["reason"]
 
 
+@pytest.mark.without_ascend
 def test_doctor_explains_what_is_missing():
     result = run("-m", "isthmus.cli", "doctor", "backend=cpu")
     assert result.returncode == 0, result.stderr
@@ -319,6 +261,7 @@ def test_doctor_explains_what_is_missing():
     assert "source /usr/local/Ascend/ascend-toolkit/set_env.sh" in result.stdout
 
 
+@pytest.mark.without_ascend
 def test_auto_passes_over_ascend_with_the_reason():
     from isthmus.registry.manager import load_plugins
     from isthmus.plugins import ascend as plugin

@@ -1,7 +1,7 @@
 """The torch_npu kernel routes, run against FAKE torch_npu operators on CPU tensors.
 
-``FakeTorchNpu`` stands in for Ascend silicon: each operator computes, in plain torch, exactly the
-formula torch_npu 2.13's documentation gives for it, with the registered argument names, and
+``fakes.torch_npu_ops`` stands in for Ascend silicon: each operator computes, in plain torch, exactly
+the formula torch_npu 2.13's documentation gives for it, with the registered argument names, and
 refuses inputs the documentation rules out (wrong layout, shapes, mask kinds). The routes must
 then pass the kernel conformance suite against the float64 reference: that checks our argument
 translation (inverted masks, sparse_mode, rotary cos/sin layout, AdamW beta powers) against the
@@ -12,11 +12,8 @@ does that on a real machine.
 from __future__ import annotations
 
 import json
-import math
-import os
 import subprocess
 import sys
-import types
 
 import pytest
 import torch
@@ -25,91 +22,12 @@ from isthmus.backends.ascend import routes
 from isthmus.verify.conformance import run_suite, summary
 from isthmus.kernels.routing import KernelRoute, KernelSet
 
-FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
-def _check(condition: bool, message: str) -> None:
-    if not condition:
-        raise ValueError(f"FAKE torch_npu: outside the documented contract: {message}")
-
-
-def npu_fusion_attention(query, key, value, head_num, input_layout, pse=None, padding_mask=None,
-                         atten_mask=None, scale=1.0, keep_prob=1.0, pre_tockens=2147483647,
-                         next_tockens=2147483647, inner_precise=0, prefix=None, actual_seq_qlen=None,
-                         actual_seq_kvlen=None, sparse_mode=0, gen_mask_parallel=True, sync=False,
-                         softmax_layout="", sink=None, dropout_mask=None, seed=0, offset=0):
-    """softmax(mask(scale * q k^T, atten_mask)) v, True in atten_mask = masked out (BNSD)."""
-    _check(input_layout == "BNSD" and query.dim() == 4, "layout")
-    b, n, sq, d = query.shape
-    nkv, skv = key.shape[1], key.shape[2]
-    _check(head_num == n and n % nkv == 0 and n <= 256, "head_num / GQA ratio")
-    _check(query.dtype in FUSED_DTYPES and key.dtype == value.dtype == query.dtype, "dtype")
-    _check(d <= 768 and value.shape[-1] <= d and keep_prob == 1.0 and pse is None, "dims / dropout / pse")
-    if sparse_mode == 2:  # leftUpCausal with the compressed 2048 x 2048 triangle
-        _check(atten_mask is not None and tuple(atten_mask.shape) == (2048, 2048), "compressed mask")
-        _check(bool(torch.equal(atten_mask.cpu(), torch.ones(2048, 2048, dtype=torch.bool).triu(1))), "triangle")
-        masked = torch.ones(sq, skv, dtype=torch.bool, device=query.device).triu(1)
-    else:
-        _check(sparse_mode == 0, "sparse_mode")
-        masked = atten_mask
-        if masked is not None:
-            _check(masked.dtype == torch.bool, "mask dtype")
-            shape = tuple(masked.shape)
-            _check(shape[-2:] == (sq, skv) and shape[:-2] in ((b, n), (b, 1), (1, 1), ()), f"mask shape {shape}")
-    k = key.repeat_interleave(n // nkv, dim=1)
-    v = value.repeat_interleave(n // nkv, dim=1)
-    scores = scale * torch.matmul(query.float(), k.float().transpose(-1, -2))
-    if masked is not None:
-        _check(not bool(masked.all(dim=-1).any()), "a fully masked row (undocumented result)")
-        scores = scores.masked_fill(masked, -math.inf)
-    out = torch.matmul(torch.softmax(scores, dim=-1), v.float()).to(query.dtype)
-    empty = query.new_empty(0)
-    return out, empty, empty, empty, 0, 0, 0
-
-
-def npu_rms_norm(input, gamma, epsilon=1e-6):
-    _check(2 <= input.dim() <= 8 and gamma.dtype == input.dtype and input.dtype in FUSED_DTYPES, "input")
-    _check(tuple(gamma.shape) == tuple(input.shape[-gamma.dim():]), "gamma shape")
-    wide = input.float()
-    rstd = torch.rsqrt(wide.pow(2).mean(dim=-1, keepdim=True) + epsilon)
-    return (wide * rstd * gamma.float()).to(input.dtype), rstd
-
-
-def npu_rotary_mul(input, r1, r2, rotary_mode="half", rotate=None):
-    """r1 * x + r2 * x_new, x_new the half-split cat(-x2, x1) or the interleaved pair swap."""
-    _check(input.dim() == 4 and r1.shape == r2.shape and r1.dtype == input.dtype and rotate is None, "inputs")
-    b, n, s, d = input.shape
-    _check(d % 2 == 0 and d < 896 and b < 1000 and n < 1000 and r1.shape[-2:] == (s, d), "dims")
-    layouts = {(1, 1)} if rotary_mode == "interleave" else {(1, 1), (b, 1), (b, n)}
-    _check(tuple(r1.shape[:2]) in layouts, f"r1 layout {tuple(r1.shape)} for {rotary_mode}")
-    if rotary_mode == "half":
-        x1, x2 = torch.chunk(input, 2, dim=-1)
-        x_new = torch.cat((-x2, x1), dim=-1)
-    else:
-        _check(rotary_mode == "interleave", "rotary_mode")
-        x_new = torch.stack((-input[..., 1::2], input[..., ::2]), dim=-1).flatten(-2)
-    return r1 * input + r2 * x_new
-
-
-def npu_apply_adam_w(beta1_power, beta2_power, lr, weight_decay, beta1, beta2, epsilon, grad,
-                     max_grad_norm, amsgrad, maximize, *, out):
-    var, m, v = out
-    _check(var.shape == grad.shape and var.dtype == grad.dtype == m.dtype == v.dtype, "var/m/v/grad")
-    g = -grad if maximize else grad
-    m.mul_(beta1).add_((1 - beta1) * g)
-    v.mul_(beta2).add_((1 - beta2) * g * g)
-    m_hat = m / (1 - beta1_power * beta1)
-    v_hat = v / (1 - beta2_power * beta2)
-    var.sub_(lr / (v_hat.sqrt() + epsilon) * m_hat + lr * weight_decay * var)
-    return var, m, v
-
+from fakes import torch_npu_ops, torch_npu_runtime
 
 @pytest.fixture
 def fake_torch_npu(monkeypatch):
     """FAKE torch_npu in ``sys.modules`` (stands in for Ascend silicon), every route enabled."""
-    fake = types.ModuleType("torch_npu")
-    for fn in (npu_fusion_attention, npu_rms_norm, npu_rotary_mul, npu_apply_adam_w):
-        setattr(fake, fn.__name__, fn)
+    fake = torch_npu_ops.module()
     monkeypatch.setitem(sys.modules, "torch_npu", fake)
     routes.enable(set(routes.ROUTED_OPS))
     routes.taken.clear()
@@ -182,36 +100,14 @@ def test_routes_are_off_without_torch_npu_or_for_an_soc_without_them(monkeypatch
     routes.enable({"attention"})
     try:
         assert not routes.route_available("attention")
-        monkeypatch.setitem(sys.modules, "torch_npu", types.ModuleType("torch_npu"))
+        monkeypatch.setitem(sys.modules, "torch_npu", torch_npu_ops.module())
         assert routes.route_available("attention") and not routes.route_available("rms_norm")
     finally:
         routes.enable(set())
 
 
-FAKE_TORCH_NPU_RUNTIME = '''\
-"""FAKE torch_npu standing in for an Ascend 910B3 host: the runtime queries the factory makes, the
-"npu" device name, and the four operators of the routes (on CPU memory)."""
-import types
-import torch
-
-torch.utils.rename_privateuse1_backend("npu")
-state = {"device": None}
-npu = types.SimpleNamespace(
-    device_count=lambda: 2,
-    set_device=lambda index: state.update(device=index),
-    get_device_name=lambda index=None: "Ascend910B3",
-    is_bf16_supported=lambda: True,
-    matmul=types.SimpleNamespace(allow_hf32=None),
-    conv=types.SimpleNamespace(allow_hf32=None),
-)
-'''
-
-
 def test_the_torch_factory_on_a_fake_910b3(tmp_path):
     # A subprocess: renaming torch's private-use backend to "npu" cannot be undone.
-    site = tmp_path / "site"
-    (site / "torch_npu").mkdir(parents=True)
-    (site / "torch_npu/__init__.py").write_text(FAKE_TORCH_NPU_RUNTIME)
     code = """
 import json, torch_npu
 from isthmus.registry.manager import load_plugins
@@ -225,8 +121,7 @@ print(json.dumps({"device": backend.device, "routed": sorted(backend.kernels.rou
                   "hf32": [torch_npu.npu.matmul.allow_hf32, torch_npu.npu.conv.allow_hf32],
                   "caps": backend.capabilities.as_dict(), "soc": info["soc"], "physical": info["physical_device"]}))
 """
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), *filter(None, [os.environ.get("PYTHONPATH")])]),
-           "ASCEND_RT_VISIBLE_DEVICES": "4,6"}
+    env = torch_npu_runtime.site(tmp_path, ASCEND_RT_VISIBLE_DEVICES="4,6")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     out = json.loads(result.stdout.strip().splitlines()[-1])

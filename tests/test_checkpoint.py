@@ -9,6 +9,7 @@ import os
 import struct
 from pathlib import Path
 
+import ml_dtypes
 import numpy as np
 import pytest
 from safetensors import safe_open
@@ -17,7 +18,6 @@ from isthmus.train import atomic
 from isthmus.train.checkpoint import (CheckpointError, CheckpointState, latest_checkpoint, list_checkpoints,
                                 load_checkpoint, save_checkpoint)
 
-ml_dtypes = pytest.importorskip("ml_dtypes")
 
 
 def params(seed: int = 0) -> dict[str, np.ndarray]:
@@ -119,7 +119,7 @@ def test_files_are_plain_safetensors_and_json_with_native_bf16(tmp_path):
     assert doc["format"] == "isthmus-checkpoint" and doc["step"] == 3
     assert doc["files"]["model.safetensors"]["tensors"]["w"] == {"shape": [3], "dtype": "bfloat16"}
 
-    torch = pytest.importorskip("torch")
+    import torch
     from safetensors.torch import load_file
     w = load_file(path / "model.safetensors")["w"]
     assert w.dtype == torch.bfloat16 and w.float().tolist() == [1.0, -2.5, 3.0]

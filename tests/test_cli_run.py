@@ -125,11 +125,12 @@ def test_bad_training_override(tmp_path):
     one_line_error(isthmus("train", *TINY, "train.precision=fp8", f"output_dir={tmp_path}"), "train.precision", "bf16")
 
 
-def test_sigkill_at_a_random_step_leaves_a_loadable_checkpoint_that_resumes(tmp_path):
+def test_sigkill_at_a_random_step_leaves_a_loadable_checkpoint_that_resumes(tmp_path, kill_seed):
     steps = 40
     args = [*TINY, f"train.steps={steps}", "train.checkpoint_every=1", "train.keep_last=2", "train.eval_every=0", f"output_dir={tmp_path}", "--no-progress"]
+    kill_after = random.Random(kill_seed).randint(2, 20)
+    print(f"SIGKILL once a checkpoint of step {kill_after} or later is written")
     process = subprocess.Popen([sys.executable, "-m", "isthmus.cli", "train", *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    kill_after = random.Random().randint(2, 20)
     deadline = time.time() + 240
     try:
         while time.time() < deadline and process.poll() is None:
@@ -143,6 +144,7 @@ def test_sigkill_at_a_random_step_leaves_a_loadable_checkpoint_that_resumes(tmp_
         process.wait(timeout=60)
     assert process.returncode == -signal.SIGKILL
     killed_at = load_checkpoint(tmp_path).state.step
+    print(f"killed after the checkpoint of step {killed_at}")
     assert killed_at >= kill_after
     result = isthmus("train", *args, "--resume")
     assert result.returncode == 0, result.stderr

@@ -123,9 +123,23 @@ def test_group_options_lists_the_shipped_files():
 
 @pytest.mark.parametrize("group, option", [(g, o) for g, opts in group_options().items() for o in opts])
 def test_every_shipped_option_composes(group, option):
-    needs = ["data.path=."] if option == "image-folder" else []  # the one option without a default
-    cfg = compose([f"{group}={option}", *needs], known={"backend.name": ["ascend", "cpu", "cuda", "reference"]})
-    assert cfg[group] is not None
+    needs = {"data.path": "."} if option == "image-folder" else {}  # the one option without a default
+    cfg = compose([f"{group}={option}", *(f"{k}={v}" for k, v in needs.items())],
+                  known={"backend.name": ["ascend", "cpu", "cuda", "reference"]})
+    import json
+
+    # The composed section holds every value of the option's file (an ${interpolation} as resolved).
+    file = next(Path(str(d)) / group / f"{option}.yaml" for d in [resources.files("isthmus.configs"), *BUILTIN.config_dirs]
+                if (Path(str(d)) / group / f"{option}.yaml").is_file())
+    shipped = yaml.safe_load(file.read_text())
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    section = json.loads(json.dumps(resolved[group]))  # tuples as lists
+    for key, value in shipped.items():
+        if f"{group}.{key}" in needs:
+            continue
+        if isinstance(value, str) and value.startswith("${"):
+            value = OmegaConf.create({**resolved, "probe": value}).probe
+        assert section[key] == value, f"{group}={option}: {key} is {section[key]!r}, the file says {value!r}"
 
 
 def test_a_model_schema_is_chosen_by_the_sections_name():

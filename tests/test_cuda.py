@@ -1,10 +1,12 @@
 """The cuda backend's CPU-side logic, with FAKES standing in for the GPU.
 
-* A FAKE ``nvidia-smi`` (a shell script put first on ``PATH``) prints recorded ``nvidia-smi -L``
-  output, and a FAKE ``libcuda.so.1`` (an empty file in a temporary library directory) stands in for
-  the driver: the probe must find, count and explain them without importing torch.
-* FAKE ``torch.cuda`` functions (monkeypatched onto the CPU build of torch) describe an H100 or a
-  T4, so the factory builds its manifest, engine and routes as it would on the device.
+* A FAKE ``nvidia-smi`` (``fakes.nvidia_smi``, a shell script put first on ``PATH``) prints recorded
+  ``nvidia-smi -L`` output, and a FAKE ``libcuda.so.1`` (``fakes.cuda_host``, an empty file in a
+  temporary library directory) stands in for the driver: the probe must find, count and explain
+  them without importing torch.
+* FAKE ``torch.cuda`` functions (``fakes.torch_cuda``, monkeypatched onto the CPU build of torch)
+  describe an H100 or a T4, so the factory builds its manifest, engine and routes as it would on the
+  device.
 * The kernel routes' math runs on CPU tensors (SDPA, ``torch._fused_rms_norm`` and
   ``torch._fused_adamw_`` all have CPU kernels) against the kernel conformance suite.
 
@@ -14,11 +16,9 @@ Tests marked ``gpu`` need a real CUDA device and are skipped, with the reason, w
 from __future__ import annotations
 
 import os
-import stat
 import subprocess
 import sys
 import textwrap
-import types
 from pathlib import Path
 
 import pytest
@@ -32,50 +32,10 @@ from isthmus.verify.conformance import run_suite, summary
 from isthmus.kernels.routing import KernelRoute, KernelSet
 from isthmus.registry.selection import clear_caches
 
-H100_SMI = textwrap.dedent("""\
-    GPU 0: NVIDIA H100 80GB HBM3 (UUID: GPU-6a1f7c2e-1111-2222-3333-444455556666)
-    GPU 1: NVIDIA H100 80GB HBM3 (UUID: GPU-0b9d1e4f-7777-8888-9999-aaaabbbbcccc)
-""")
-A100_MIG_SMI = textwrap.dedent("""\
-    GPU 0: NVIDIA A100-SXM4-40GB (UUID: GPU-5e3c2a10-aaaa-bbbb-cccc-ddddeeeeffff)
-      MIG 3g.20gb     Device  0: (UUID: MIG-1f0e2d3c-aaaa-bbbb-cccc-ddddeeeeffff)
-""")
-SMI_NO_DRIVER = ("NVIDIA-SMI has failed because it couldn't communicate with the NVIDIA driver. "
-                 "Make sure that the latest NVIDIA driver is installed and running.")
+from fakes import cuda_host, nvidia_smi, torch_cuda
+
 HAS_CUDA = torch.cuda.is_available()
 NO_GPU = "needs a CUDA device: torch.cuda.is_available() is False here (CPU-only torch build or no GPU)"
-
-
-# ------------------------------------------------------------------------------ fakes
-def fake_nvidia_smi(directory: Path, stdout: str = H100_SMI, exit_code: int = 0, sleep: float = 0) -> Path:
-    """A FAKE ``nvidia-smi`` that prints recorded ``-L`` output."""
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / "smi-output.txt").write_text(stdout)
-    script = directory / "nvidia-smi"
-    script.write_text(f"#!/bin/sh\nsleep {sleep}\ncat '{directory / 'smi-output.txt'}'\nexit {exit_code}\n")
-    script.chmod(script.stat().st_mode | stat.S_IXUSR)
-    return script
-
-
-def fake_driver(directory: Path) -> Path:
-    """A FAKE ``libcuda.so.1``: only its presence is checked, it is never loaded."""
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / "libcuda.so.1").write_bytes(b"")
-    return directory
-
-
-def machine(tmp_path: Path, smi: str | None = H100_SMI, driver: bool = True, visible: str | None = None,
-            exit_code: int = 0, sleep: float = 0) -> dict:
-    """``detect`` arguments describing a FAKE machine (nothing of the real one is read)."""
-    env = {"PATH": str(tmp_path / "bin")}
-    if smi is not None:
-        fake_nvidia_smi(tmp_path / "bin", smi, exit_code, sleep)
-    if driver:
-        env["LD_LIBRARY_PATH"] = str(fake_driver(tmp_path / "lib"))
-    if visible is not None:
-        env["CUDA_VISIBLE_DEVICES"] = visible
-    (tmp_path / "dev").mkdir(exist_ok=True)
-    return {"env": env, "dev": tmp_path / "dev", "lib_dirs": (), "ld_cache": tmp_path / "no-ld-cache"}
 
 
 @pytest.fixture(autouse=True)
@@ -92,14 +52,14 @@ def fresh_routes():
 
 # ------------------------------------------------------------------------------ probe
 def test_parse_nvidia_smi_list_names_each_gpu_and_skips_mig_lines():
-    gpus = detect_module.parse_smi_list(H100_SMI + A100_MIG_SMI.replace("GPU 0", "GPU 2"))
+    gpus = detect_module.parse_smi_list(nvidia_smi.H100 + nvidia_smi.A100_MIG.replace("GPU 0", "GPU 2"))
     assert [(g.index, g.name) for g in gpus] == [(0, "NVIDIA H100 80GB HBM3"), (1, "NVIDIA H100 80GB HBM3"),
                                                  (2, "NVIDIA A100-SXM4-40GB")]
     assert gpus[0].uuid.startswith("GPU-6a1f")
 
 
 def test_fake_h100_machine_with_a_cuda_torch_is_usable(tmp_path):
-    found = detect_module.detect(**machine(tmp_path), torch_version="2.13.0+cu128")
+    found = detect_module.detect(**cuda_host.machine(tmp_path), torch_version="2.13.0+cu128")
     assert found.usable and found.device_count == 2
     reason, fix = found.summary()
     assert reason == "2 x NVIDIA H100 80GB HBM3" and fix == ""
@@ -107,7 +67,7 @@ def test_fake_h100_machine_with_a_cuda_torch_is_usable(tmp_path):
 
 
 def test_cpu_only_torch_build_is_refused_with_the_fix(tmp_path):
-    found = detect_module.detect(**machine(tmp_path), torch_version="2.13.0+cpu")
+    found = detect_module.detect(**cuda_host.machine(tmp_path), torch_version="2.13.0+cpu")
     reason, fix = found.summary()
     assert not found.usable and found.hardware_present
     assert "torch 2.13.0+cpu is a CPU-only build" in reason
@@ -115,42 +75,42 @@ def test_cpu_only_torch_build_is_refused_with_the_fix(tmp_path):
 
 
 def test_no_driver_and_no_gpu_says_so_without_running_anything(tmp_path):
-    found = detect_module.detect(**machine(tmp_path, smi=None, driver=False), torch_version="2.13.0")
+    found = detect_module.detect(**cuda_host.machine(tmp_path, smi=None, driver=False), torch_version="2.13.0")
     assert not found.usable and not found.hardware_present
     assert found.summary()[0] == "no NVIDIA driver or GPU found"
 
 
 def test_gpu_without_driver_library_names_the_library(tmp_path):
-    found = detect_module.detect(**machine(tmp_path, driver=False), torch_version="2.13.0")
+    found = detect_module.detect(**cuda_host.machine(tmp_path, driver=False), torch_version="2.13.0")
     reason, fix = found.summary()
     assert "libcuda.so.1 not found" in reason and "NVIDIA driver" in fix
 
 
 def test_nvidia_smi_that_cannot_reach_the_driver_is_reported(tmp_path):
-    found = detect_module.detect(**machine(tmp_path, smi=SMI_NO_DRIVER, exit_code=9), torch_version="2.13.0")
+    found = detect_module.detect(**cuda_host.machine(tmp_path, smi=nvidia_smi.NO_DRIVER, exit_code=9), torch_version="2.13.0")
     assert not found.usable
     assert "failed (exit 9)" in found.summary()[0] and "couldn't communicate" in found.summary()[0]
 
 
 def test_hanging_nvidia_smi_is_cut_off_by_the_timeout(tmp_path):
-    found = detect_module.detect(**machine(tmp_path, sleep=5), torch_version="2.13.0", timeout=0.3)
+    found = detect_module.detect(**cuda_host.machine(tmp_path, sleep=5), torch_version="2.13.0", timeout=0.3)
     assert not found.usable and "did not answer within 0.3 s" in found.summary()[0]
 
 
 @pytest.mark.parametrize("visible, count", [("1", 1), ("0,1", 2), ("GPU-6a1f7c2e", 1), ("0,-1,1", 1)])
 def test_cuda_visible_devices_limits_the_count(tmp_path, visible, count):
-    found = detect_module.detect(**machine(tmp_path, visible=visible), torch_version="2.13.0")
+    found = detect_module.detect(**cuda_host.machine(tmp_path, visible=visible), torch_version="2.13.0")
     assert found.usable and found.device_count == count
 
 
 @pytest.mark.parametrize("visible", ["", "-1"])
 def test_cuda_visible_devices_that_hides_everything_is_explained(tmp_path, visible):
-    found = detect_module.detect(**machine(tmp_path, visible=visible), torch_version="2.13.0")
+    found = detect_module.detect(**cuda_host.machine(tmp_path, visible=visible), torch_version="2.13.0")
     assert not found.usable and "hides every GPU" in found.summary()[0]
 
 
 def test_device_nodes_count_gpus_when_nvidia_smi_is_absent(tmp_path):
-    args = machine(tmp_path, smi=None)
+    args = cuda_host.machine(tmp_path, smi=None)
     for name in ("nvidia0", "nvidia1", "nvidiactl", "nvidia-uvm"):
         (tmp_path / "dev" / name).touch()
     found = detect_module.detect(**args, torch_version="2.13.0+cu126")
@@ -158,7 +118,7 @@ def test_device_nodes_count_gpus_when_nvidia_smi_is_absent(tmp_path):
 
 
 def test_plugin_probe_imports_no_torch_and_reads_the_fake_machine(tmp_path):
-    args = machine(tmp_path)
+    args = cuda_host.machine(tmp_path)
     code = textwrap.dedent("""\
         import sys
         from isthmus.plugins import cuda
@@ -217,16 +177,11 @@ def test_shipped_cuda_config_composes_and_states_tf32_off():
 
 
 # ------------------------------------------------------------------------------ manifest (FAKE devices)
-def fake_props(name="NVIDIA H100 80GB HBM3", major=9, minor=0, memory_gib=80):
-    return types.SimpleNamespace(name=name, major=major, minor=minor, total_memory=memory_gib * 1024**3,
-                                 multi_processor_count=132)
-
-
 @pytest.mark.parametrize("major, minor, bf16", [(9, 0, True), (8, 0, True), (8, 6, True), (7, 5, False), (7, 0, False)])
 def test_bfloat16_only_on_compute_capability_8_or_newer(major, minor, bf16):
     from isthmus.backends.cuda.torch import capabilities
 
-    caps = capabilities(fake_props(major=major, minor=minor), 1, CudaOptions())
+    caps = capabilities(torch_cuda.props(major=major, minor=minor), 1, CudaOptions())
     assert ("bfloat16" in caps.dtypes) is bf16
     assert {"float32", "float16", "float64"} <= caps.dtypes
     assert caps.comm_backend == "nccl" and caps.fused_kernels == frozenset(routes.ROUTED_OPS)
@@ -236,20 +191,15 @@ def test_bfloat16_only_on_compute_capability_8_or_newer(major, minor, bf16):
 def test_manifest_without_fused_kernels_or_triton():
     from isthmus.backends.cuda.torch import capabilities
 
-    caps = capabilities(fake_props(), 4, CudaOptions(fused_kernels=False), nccl=False, triton=False)
+    caps = capabilities(torch_cuda.props(), 4, CudaOptions(fused_kernels=False), nccl=False, triton=False)
     assert caps.fused_kernels == frozenset() and not caps.compile
     assert caps.comm_backend == "gloo" and caps.max_devices == 4
 
 
 @pytest.fixture
 def fake_cuda_torch(monkeypatch):
-    """FAKE torch.cuda on the CPU build: a CUDA version string and devices described by ``props``."""
-    state = {"props": [fake_props(), fake_props()], "set_device": []}
-    monkeypatch.setattr(torch.version, "cuda", "12.8")
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: len(state["props"]))
-    monkeypatch.setattr(torch.cuda, "set_device", lambda index: state["set_device"].append(index))
-    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: state["props"][index])
+    """FAKE torch.cuda on the CPU build: two H100s (``state["props"]``) and a CUDA version string."""
+    state = torch_cuda.install(monkeypatch, torch, [torch_cuda.props(), torch_cuda.props()])
     matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
     saved = (matmul.fp32_precision, conv.fp32_precision)
     yield state
@@ -299,14 +249,10 @@ def test_factory_refuses_a_cpu_only_torch_with_the_fix(monkeypatch):
 
 
 def cuda_registry():
-    """The plugin registry with the cuda plugin (registered in-process until it is a built-in)."""
+    """The plugin registry, built-ins only (the cuda plugin is one)."""
     from isthmus.registry.manager import load_plugins
-    from isthmus.plugins import cuda as cuda_plugin
 
-    manager, registry = load_plugins(autoload=False)
-    if "cuda" not in {spec.name for spec in registry.backends()}:
-        manager, registry = load_plugins(autoload=False, extra=[("cuda", cuda_plugin)])
-    return registry
+    return load_plugins(autoload=False)[1]
 
 
 def test_auto_picks_cuda_over_cpu_on_a_fake_gpu_machine_and_refuses_bf16_on_a_t4(
@@ -319,11 +265,11 @@ def test_auto_picks_cuda_over_cpu_on_a_fake_gpu_machine_and_refuses_bf16_on_a_t4
     from isthmus.train.run import CapabilityError, check_capabilities
     from isthmus.registry.selection import build, select
 
-    args = machine(tmp_path)
+    args = cuda_host.machine(tmp_path)
     monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}")
     monkeypatch.setenv("LD_LIBRARY_PATH", args["env"]["LD_LIBRARY_PATH"])
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
-    monkeypatch.setattr(detect_module, "installed_torch_version", lambda: "2.13.0+cu128")
+    monkeypatch.setattr(detect_module, "installed_torch_version", lambda: torch_cuda.TORCH_VERSION)
     registry = cuda_registry()
     spec = registry.backend("cuda")
     assert spec.priority == 50 and spec.engines == ("torch",)
@@ -333,7 +279,7 @@ def test_auto_picks_cuda_over_cpu_on_a_fake_gpu_machine_and_refuses_bf16_on_a_t4
     assert chosen.spec.name == "cuda", chosen.trace
     assert any(line.startswith("cpu: not tried") for line in chosen.trace)
 
-    fake_cuda_torch["props"] = [fake_props("Tesla T4", 7, 5, 15)]
+    fake_cuda_torch["props"] = [torch_cuda.props("Tesla T4", 7, 5, 15)]
     backend = build(registry, chosen, {"deterministic": False})
     assert set(backend.kernels.routed) == set(routes.ROUTED_OPS)
     assert "bfloat16" not in backend.capabilities.dtypes
@@ -501,18 +447,11 @@ def test_memory_stats_report_the_window_peak_and_reset_it():
     from isthmus.backends.cuda.torch import MiB, CudaEngine
     from isthmus.backends.torch.engine import TorchEngine
 
-    fake = {"peak": 512 * MiB, "resets": 0}
-
-    def reset(device):
-        fake["resets"] += 1
-        fake["peak"] = 100 * MiB
-
-    cuda = types.SimpleNamespace(max_memory_allocated=lambda d: fake["peak"], memory_allocated=lambda d: 100 * MiB,
-                                 memory_reserved=lambda d: 1024 * MiB, reset_peak_memory_stats=reset)
-    engine = CudaEngine(TorchEngine("cpu"), {}, CudaOptions(), torch_module=types.SimpleNamespace(cuda=cuda))
+    memory = torch_cuda.Memory(peak=512 * MiB, allocated=100 * MiB, reserved=1024 * MiB)
+    engine = CudaEngine(TorchEngine("cpu"), {}, CudaOptions(), torch_module=memory.module())
     assert engine.memory_stats() == {"mem_peak_allocated_mib": 512.0, "mem_allocated_mib": 100.0,
                                      "mem_reserved_mib": 1024.0}
-    assert engine.memory_stats(reset_peak=False)["mem_peak_allocated_mib"] == 100.0 and fake["resets"] == 1
+    assert engine.memory_stats(reset_peak=False)["mem_peak_allocated_mib"] == 100.0 and memory.resets == 1
 
 
 def test_importing_the_package_and_plugin_imports_no_engine():

@@ -35,8 +35,8 @@ def test_resume_with_another_model_is_refused_naming_the_key_and_both_values(tmp
 
 @pytest.mark.slow
 @pytest.mark.skipif(sys.platform == "win32", reason="SIGKILL")
-def test_kill_resume_harness_three_trials():
-    result = subprocess.run([sys.executable, str(HARNESS), "--trials", "3", "--steps", "10"],
+def test_kill_resume_harness_three_trials(kill_seed):
+    result = subprocess.run([sys.executable, str(HARNESS), "--trials", "3", "--steps", "10", "--seed", str(kill_seed)],
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "3/3 passed" in result.stdout, result.stdout

@@ -7,7 +7,6 @@ The kernel conformance suite and the ONNX oracle run on it without anything here
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -15,22 +14,17 @@ import sys
 import numpy as np
 import pytest
 
-if importlib.util.find_spec("mindspore") is None:
-    pytest.skip("MindSpore is not installed (pip install 'isthmus[mindspore]')", allow_module_level=True)
-pytest.importorskip("torch")
-
-import isthmus.backends.mindspore.engine  # noqa: E402,F401  (quiets MindSpore before it loads)
-
-from isthmus.train.checkpoint import load_checkpoint  # noqa: E402
-from isthmus.verify.conformance import all_cases, run_case  # noqa: E402
-from isthmus.data import make_dataset  # noqa: E402
-from isthmus.registry.hookspecs import hookimpl  # noqa: E402
-from isthmus.models.captioner.model import TinyCaptioner  # noqa: E402
-from isthmus.nn.params import initialise  # noqa: E402
-from isthmus.registry.manager import get_registry, load_plugins  # noqa: E402
-from isthmus.train.run import CapabilityError, compose_run, prepare  # noqa: E402
-from isthmus.registry.selection import Selection, build  # noqa: E402
-from isthmus.train.trainer import Trainer  # noqa: E402
+import isthmus.backends.mindspore.engine  # noqa: F401  (quiets MindSpore before it loads)
+from isthmus.train.checkpoint import load_checkpoint
+from isthmus.verify.conformance import all_cases, run_case
+from isthmus.data import make_dataset
+from isthmus.registry.hookspecs import hookimpl
+from isthmus.models.captioner.model import TinyCaptioner
+from isthmus.nn.params import initialise
+from isthmus.registry.manager import get_registry, load_plugins
+from isthmus.train.run import CapabilityError, compose_run, prepare
+from isthmus.registry.selection import Selection, build
+from isthmus.train.trainer import Trainer
 
 TINY = [
     "backend=cpu",

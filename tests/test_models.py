@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 import yaml
 
 from isthmus.data import EOS, PAD, DataSplits, make_dataset
@@ -20,12 +21,10 @@ from isthmus.nn.layers import prefix_lm_mask
 from isthmus.nn.params import initialise
 from isthmus.registry.manager import load_plugins
 
-torch = pytest.importorskip("torch")
-
-from isthmus.backends.reference.engine import ReferenceEngine  # noqa: E402
-from isthmus.backends.reference.kernels import kernel_table as reference_table  # noqa: E402
-from isthmus.backends.torch.engine import TorchEngine  # noqa: E402
-from isthmus.backends.torch.kernels import kernel_table as torch_table  # noqa: E402
+from isthmus.backends.reference.engine import ReferenceEngine
+from isthmus.backends.reference.kernels import kernel_table as reference_table
+from isthmus.backends.torch.engine import TorchEngine
+from isthmus.backends.torch.kernels import kernel_table as torch_table
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL_SOURCES = [REPO / "core" / "nn" / "layers.py", *sorted((REPO / "core" / "models").glob("*/model.py"))]

@@ -13,12 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-pytest.importorskip("onnx")
-pytest.importorskip("onnxruntime")
-
-from isthmus.export import pipeline as export_module  # noqa: E402
-from isthmus.export.pipeline import export_checkpoint  # noqa: E402
-from isthmus.models.captioner.export_check import greedy_with_runner  # noqa: E402
+from isthmus.export import pipeline as export_module
+from isthmus.export.pipeline import export_checkpoint
+from isthmus.models.captioner.export_check import greedy_with_runner
 
 TINY = [
     "backend=cpu", "model.d_model=32", "model.n_heads=2", "model.n_layers_vision=1", "model.n_layers_text=1",
@@ -32,14 +29,10 @@ def isthmus(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
 
 
 def onnx_registry():
-    """The plugin registry with the onnx plugin (built in, or added in-process until it is)."""
-    import isthmus.plugins.onnx as onnx_plugin
+    """The plugin registry, built-ins only (the onnx plugin is one)."""
     from isthmus.registry.manager import load_plugins
 
-    _, registry = load_plugins(autoload=False)
-    if "onnx" not in registry.names("exporter"):
-        _, registry = load_plugins(autoload=False, extra=[("onnx", onnx_plugin)])
-    return registry
+    return load_plugins(autoload=False)[1]
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +95,6 @@ def test_greedy_captions_through_onnx_equal_the_source(trained, registry, tmp_pa
 
 
 def test_torch_exporter_with_a_dynamic_batch(trained, registry, tmp_path):
-    pytest.importorskip("torch")
     outcome = export_checkpoint(registry, trained, exporter="torch", dynamic_batch=True,
                                 output=tmp_path / "t.onnx", echo=lambda line: None)
     assert_within_tolerance(outcome)
@@ -111,7 +103,6 @@ def test_torch_exporter_with_a_dynamic_batch(trained, registry, tmp_path):
 
 
 def test_mindspore_exporter_works_or_names_the_missing_operator(trained, tmp_path):
-    pytest.importorskip("mindspore")
     result = isthmus("export", "--checkpoint", str(trained), "--exporter", "mindspore",
                      "--output", str(tmp_path / "ms.onnx"))
     if result.returncode == 0:  # a MindSpore whose converter covers every operator the model uses
@@ -168,12 +159,9 @@ BLOCKED = textwrap.dedent("""
     sys.meta_path.insert(0, Block())
     import json
     from pathlib import Path
-    import isthmus.plugins.onnx as onnx_plugin
     from isthmus.registry.manager import load_plugins
     from isthmus.export.pipeline import export_checkpoint
     _, registry = load_plugins(autoload=False)
-    if "onnx" not in registry.names("exporter"):
-        _, registry = load_plugins(autoload=False, extra=[("onnx", onnx_plugin)])
     outcome = export_checkpoint(registry, sys.argv[1], exporter="kernel", dynamic_batch=True,
                                 output=Path(sys.argv[2]), echo=lambda line: None)
     engines = [m for m in ("torch", "mindspore") if m in sys.modules]

@@ -27,14 +27,11 @@ BACKENDS = "cpu,cpu:mindspore,onnxruntime,reference,ascend,cuda"
 
 
 def registry_with(*extra, autoload: bool | None = False):
-    """Built-in plugins, the onnx plugin (until it is built in) and ``extra`` (name, plugin) pairs;
-    ``autoload=None`` also loads installed entry points, as the command does."""
-    import isthmus.plugins.onnx as onnx_plugin
+    """Built-in plugins and ``extra`` (name, plugin) pairs; ``autoload=None`` also loads installed
+    entry points, as the command does."""
     from isthmus.registry.manager import load_plugins
 
-    _, registry = load_plugins(autoload=autoload)
-    plugins = list(extra) + ([] if "onnx" in registry.names("exporter") else [("onnx", onnx_plugin)])
-    return load_plugins(autoload=autoload, extra=plugins)[1] if plugins else registry
+    return load_plugins(autoload=autoload, extra=list(extra))[1]
 
 
 @pytest.fixture(scope="module")
@@ -49,8 +46,6 @@ def trained(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def passing(trained, tmp_path_factory):
     """``isthmus portability`` across the CPU engines, ONNX Runtime and the reference, with training."""
-    pytest.importorskip("mindspore")
-    pytest.importorskip("onnxruntime")
     out = tmp_path_factory.mktemp("report")
     result = subprocess.run([sys.executable, "-m", "isthmus.cli", "portability", "--checkpoint", str(trained), "--backends",
                              BACKENDS, "--out", str(out), "--train-steps", "2"],
@@ -131,23 +126,10 @@ class WobblyPlugin:
 
 
 def test_a_perturbed_kernel_fails_the_command_and_is_named(trained, tmp_path, monkeypatch, capsys):
-    pytest.importorskip("torch")
     import isthmus.cli.main as cli
 
     registry = registry_with(("wobbly", WobblyPlugin))
     monkeypatch.setattr(cli, "registry", lambda: registry)  # the command reads the registry through it
-    wired = cli.parser
-
-    def parser():  # the portability command, added when this checkout has not wired it yet
-        p = wired()
-        sub = next(a for a in p._actions if a.dest == "command")
-        if "portability" not in sub.choices:
-            from isthmus.cli.export import add_commands
-
-            add_commands(sub)
-        return p
-
-    monkeypatch.setattr(cli, "parser", parser)
     code = cli.main(["portability", "--checkpoint", str(trained), "--backends", "cpu,wobbly,reference",
                      "--out", str(tmp_path)])
     assert code == 1

@@ -34,6 +34,7 @@ def test_selftest_on_cpu_passes_every_stage(tmp_path):
     assert text.strip() in result.stdout.replace("\r", "")  # what is printed is what is written, plus progress
 
 
+@pytest.mark.without_ascend
 def test_selftest_on_ascend_here_ends_with_no_ascend_device():
     result = selftest("--backend", "ascend")
     assert "unknown backend" not in result.stderr, "add plugins/ascend.py to BUILTIN_PLUGINS"

@@ -99,7 +99,7 @@ def test_without_the_option_the_kit_adds_nothing(tmp_path):
 
 
 def test_quick_kit_passes_on_the_example_backend():
-    pytest.importorskip("isthmus_backend_example", reason="pip install -e examples/isthmus-backend-example")
+    import isthmus_backend_example  # noqa: F401  (make venv installs examples/isthmus-backend-example)
     proc = kit(EXAMPLE, "--isthmus-backend=example", "--isthmus-quick")
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     got = counts(proc.stdout)
@@ -109,7 +109,7 @@ def test_quick_kit_passes_on_the_example_backend():
 
 @pytest.mark.slow
 def test_full_kit_passes_on_the_example_backend():
-    pytest.importorskip("isthmus_backend_example", reason="pip install -e examples/isthmus-backend-example")
+    import isthmus_backend_example  # noqa: F401  (make venv installs examples/isthmus-backend-example)
     proc = kit(EXAMPLE, "--isthmus-backend=example")
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     got = counts(proc.stdout)

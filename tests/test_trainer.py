@@ -1,4 +1,5 @@
-"""The trainer on the CPU torch backend: resume equality, NaN policy, precision, events."""
+"""The trainer on the CPU torch backend: resume equality, NaN policy, precision (the dtype the kernels
+really compute in), events."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import numpy as np
 import pytest
 
 from isthmus.train.checkpoint import load_checkpoint
+from isthmus.kernels.interface import OPS
+from isthmus.kernels.routing import KernelSet
 from isthmus.registry.hookspecs import hookimpl
 from isthmus.registry.manager import load_plugins
 from isthmus.train.run import compose_run, prepare
@@ -103,16 +106,32 @@ def test_resume_after_a_crash_ends_bitwise_equal_to_an_uninterrupted_run(tmp_pat
     assert all(np.array_equal(opt_a[n], opt_b[n]) for n in opt_a)
 
 
+class ReseedDropout:
+    """Reseeds the engine's dropout generator once training starts (after the trainer's own
+    seeding), leaving the initial weights and the data order as the run seed made them."""
+
+    def __init__(self, seed: int) -> None:
+        self.seed = seed
+
+    @hookimpl
+    def on_train_start(self, trainer):
+        trainer.run.backend.engine.seed(self.seed)
+
+
 def test_resume_changes_something_if_the_rng_were_not_restored(tmp_path):
-    # Guard for the test above: with a different dropout seed the weights do differ, so equality
-    # there is evidence, not an accident of dropout being inert.
-    steps = ["train.steps=3", "train.checkpoint_every=0", "train.eval_every=0"]
-    first, manager = make_run(tmp_path / "a", *steps)
-    Trainer(first, tmp_path / "a", manager).fit()
-    second, manager = make_run(tmp_path / "b", *steps, "model.dropout=0.2")
-    Trainer(second, tmp_path / "b", manager).fit()
-    a, b = final_params(tmp_path / "a"), final_params(tmp_path / "b")
-    assert any(not np.array_equal(a[n], b[n]) for n in a)
+    # Guard for the test above: equal weights after a resume are evidence only if dropout draws
+    # from the engine's seeded generator, the state a checkpoint saves and a resume restores. Only
+    # the dropout seed differs between these runs; a dropout that ignores it ends them all equal.
+    steps = ["train.steps=2", "train.checkpoint_every=0", "train.eval_every=0"]
+    weights = {}
+    for name, plugins in (("plain", []), ("same", [ReseedDropout(0)]), ("other", [ReseedDropout(1)])):
+        run, manager = make_run(tmp_path / name, *steps, plugins=plugins)
+        assert int(run.config.seed) == 0 and float(run.config.model.dropout) > 0
+        Trainer(run, tmp_path / name, manager).fit()
+        weights[name] = final_params(tmp_path / name)
+    # Reseeding with the seed the trainer used changes nothing: the hook itself is inert.
+    assert all(np.array_equal(weights["plain"][n], weights["same"][n]) for n in weights["plain"])
+    assert any(not np.array_equal(weights["plain"][n], weights["other"][n]) for n in weights["plain"])
 
 
 def test_events_reach_plugins_in_order(tmp_path):
@@ -162,14 +181,70 @@ def test_nan_policy_stop_ends_the_run_with_a_clear_message(tmp_path):
     assert load_checkpoint(tmp_path).state.step == 2  # the last good checkpoint is intact
 
 
+class ComputeDtypes:
+    """Records, from the start of training to the end of its first step, the dtype of every floating
+    tensor that reaches each kernel of the real backend (install with ``watch(run)``)."""
+
+    def __init__(self) -> None:
+        self.seen: dict[str, set[str]] = {}
+        self.active = False
+
+    def watch(self, run) -> None:
+        kernels = run.backend.kernels
+        run.backend.kernels = KernelSet(kernels.backend, kernels.engine,
+                                        {op: self.wrap(op, getattr(kernels, op)) for op in OPS})
+
+    def wrap(self, op, fn):
+        import torch
+
+        def recorded(*args, **kwargs):
+            if self.active:
+                for x in (*args, *kwargs.values()):
+                    if isinstance(x, torch.Tensor) and x.is_floating_point():
+                        self.seen.setdefault(op, set()).add(str(x.dtype).removeprefix("torch."))
+            return fn(*args, **kwargs)
+
+        return recorded
+
+    @hookimpl
+    def on_train_start(self, trainer):
+        self.active = True
+
+    @hookimpl
+    def on_step_end(self, trainer, step, metrics):
+        self.active = False
+
+
+# The model's compute: what a precision policy must run in its dtype. The optimizer's elementwise
+# update of the float32 masters (mul, add, div, ...) is left out on purpose.
+COMPUTE_OPS = ("conv2d", "linear", "attention", "layer_norm", "gelu", "embedding", "rotary_embedding", "dropout",
+               "cross_entropy")
+
+
+@pytest.mark.parametrize("precision, dtype", [("fp32", "float32"), ("bf16", "bfloat16"), ("fp16", "float16")])
+def test_each_precision_computes_in_its_dtype_over_float32_masters(tmp_path, precision, dtype):
+    probe = ComputeDtypes()
+    run, manager = make_run(tmp_path, "train.steps=1", "train.warmup_steps=0", "train.eval_every=0",
+                            "train.checkpoint_every=0", f"train.precision={precision}", plugins=[probe])
+    probe.watch(run)
+    Trainer(run, tmp_path, manager).fit()
+    assert {op: probe.seen.get(op) for op in COMPUTE_OPS} == {op: {dtype} for op in COMPUTE_OPS}
+    if precision == "fp32":  # nothing anywhere was narrowed
+        assert set().union(*probe.seen.values()) == {"float32"}, probe.seen
+    assert {a.dtype.name for a in final_params(tmp_path).values()} == {"float32"}  # the masters
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("precision", ["bf16", "fp16"])
-def test_low_precision_policies_train_like_fp32(tmp_path, precision):
+@pytest.mark.parametrize("precision, dtype", [("bf16", "bfloat16"), ("fp16", "float16")])
+def test_low_precision_policies_train_like_fp32(tmp_path, precision, dtype):
     common = ["train.steps=30", "train.eval_every=0", "train.checkpoint_every=0", "model.dropout=0.0", "train.lr=3e-3"]
     base, manager = make_run(tmp_path / "fp32", *common)
     fp32 = Trainer(base, tmp_path / "fp32", manager).fit()
-    low, manager = make_run(tmp_path / precision, *common, f"train.precision={precision}")
+    probe = ComputeDtypes()
+    low, manager = make_run(tmp_path / precision, *common, f"train.precision={precision}", plugins=[probe])
+    probe.watch(low)
     result = Trainer(low, tmp_path / precision, manager).fit()
+    assert probe.seen["linear"] == {dtype}  # the band below compares a real low-precision run
     # The band: low precision may end up to 5% above or below fp32's loss after the same 30 steps.
     assert abs(result.final_loss - fp32.final_loss) <= 0.05 * fp32.final_loss, (result.final_loss, fp32.final_loss)
     assert result.final_loss < 0.8 * math.log(run_vocab(low))  # and it did learn something
