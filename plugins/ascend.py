@@ -58,6 +58,7 @@ def register_backends(register):
                          "(torch_npu pairs with the CPU build of torch)",
             },
             description="Huawei Ascend NPU through CANN (MindSpore or torch_npu)",
+            options="isthmus.backends.ascend.options:OPTIONS",
         )
     )
 

@@ -48,6 +48,7 @@ def register_backends(register):
             install_hints={"torch": "pip install 'isthmus[torch]' -c constraints.txt with a CUDA build of "
                                     "torch 2.13.0 (the PyTorch wheel index for your CUDA 12.x driver)"},
             description="NVIDIA GPU through torch (CUDA, NCCL)",
+            options="isthmus.backends.cuda.options:OPTIONS",
         )
     )
 

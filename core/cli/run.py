@@ -55,13 +55,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     from isthmus.train.run import prepare, run_dir
     from isthmus.train.trainer import Trainer
 
-    cfg = compose_config(args.overrides)
+    cfg = compose_config(args.overrides, args.config_files)
     directory = run_dir(cfg)
     resume_from = Path(args.resume) if args.resume not in (None, "") else (directory if args.resume == "" else None)
     launch = parallel.launch_env() if str(cfg.distributed) == "ddp" else None
     writer = launch is None or launch.rank == 0  # data parallel: rank 0 alone touches the run dir
     if launch is not None:  # each process its own device: the local rank among the visible ones
-        cfg = compose_config([*args.overrides, f"backend.device_index={parallel.device_index(launch.local_rank)}"])
+        cfg = compose_config([*args.overrides, f"backend.device_index={parallel.device_index(launch.local_rank)}"],
+                             args.config_files)
     resuming_here = resume_from is not None and resume_from == directory
     if writer:
         check_output(directory, resuming_here, args.overwrite)
@@ -111,14 +112,16 @@ def print_evaluation(ev: dict[str, Any]) -> None:
         print(f"  {'ok ' if example['match'] else 'MISS'} target: {target!r} -> {got!r}")
 
 
-def checkpoint_run(path: str, overrides: Sequence[str], for_training: bool = False) -> tuple[Any, Any, Any]:
-    """The run a checkpoint was made by (its config and tokenizer), on the backend chosen now."""
+def checkpoint_run(path: str, overrides: Sequence[str], for_training: bool = False,
+                   config_files: Sequence[str] = ()) -> tuple[Any, Any, Any]:
+    """The run a checkpoint was made by (its config and tokenizer), on the backend chosen now
+    (``overrides`` and ``config_files`` may set only the backend)."""
     import yaml
     from omegaconf import OmegaConf
 
     from isthmus.train.checkpoint import check_fit, load_checkpoint
     from isthmus.cli.main import compose_config, registry
-    from isthmus.config.composer import ConfigError, from_yaml
+    from isthmus.config.composer import ConfigError, from_yaml, read_config_file
     from isthmus.data import Tokenizer
     from isthmus.nn.params import manifest
     from isthmus.train.run import prepare
@@ -130,7 +133,13 @@ def checkpoint_run(path: str, overrides: Sequence[str], for_training: bool = Fal
     if not_backend:
         raise ConfigError(f"{not_backend[0]}: only backend overrides apply to a checkpoint (e.g. backend=cpu); "
                           f"the model and data come from {loaded.path}")
-    cfg = OmegaConf.merge(saved, {"backend": compose_config(overrides).backend}) if overrides else saved
+    for file in config_files:
+        not_backend = [str(key) for key in read_config_file(file) if key != "backend"]
+        if not_backend:
+            raise ConfigError(f"{file}: only the backend section applies to a checkpoint, not {', '.join(not_backend)}; "
+                              f"the model and data come from {loaded.path}")
+    chosen = overrides or config_files
+    cfg = OmegaConf.merge(saved, {"backend": compose_config(overrides, config_files).backend}) if chosen else saved
     run = prepare(cfg, registry(), tokenizer=Tokenizer.from_dict(loaded.state.extra["tokenizer"]), for_training=for_training,
                   model_data=loaded.state.extra.get("model_data"))
     # The model is known only now: check what was loaded against its parameter manifest.
@@ -144,7 +153,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from isthmus.config.composer import ConfigError
     from isthmus.train.evaluate import evaluate_model
 
-    run, params, loaded = checkpoint_run(args.checkpoint, args.overrides)
+    run, params, loaded = checkpoint_run(args.checkpoint, args.overrides, config_files=args.config_files)
     options = {}
     if args.judge is not None:
         if getattr(run.model, "task", "") != "text-to-image":
@@ -181,7 +190,7 @@ def cmd_caption(args: argparse.Namespace) -> int:
 
     from isthmus.config.composer import ConfigError
 
-    run, params, loaded = checkpoint_run(args.checkpoint, args.overrides)
+    run, params, loaded = checkpoint_run(args.checkpoint, args.overrides, config_files=args.config_files)
     if getattr(run.model, "task", "") != "captioning":
         raise ConfigError(f"--checkpoint {loaded.path} holds {run.model.name}, which does not caption images; "
                           f"caption needs a tiny-captioner checkpoint")
@@ -235,7 +244,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
                              ("--guidance", args.guidance, 0)):
         if value is not None and value < low:
             raise ConfigError(f"{name} must be at least {low}, got {value}")
-    run, params, loaded = checkpoint_run(args.checkpoint, args.overrides)
+    run, params, loaded = checkpoint_run(args.checkpoint, args.overrides, config_files=args.config_files)
     if getattr(run.model, "task", "") != "text-to-image":
         raise ConfigError(f"--checkpoint {loaded.path} holds {run.model.name}, which does not draw images; "
                           f"generate needs a text-to-image checkpoint (model=tiny-t2i)")
@@ -260,8 +269,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def add_commands(sub: Any) -> None:
+    from isthmus.cli.main import add_config_arguments
+
     s = sub.add_parser("train", help="train the configured model; writes runs/<name>/")
-    s.add_argument("overrides", nargs="*", help="key=value or group=option")
+    add_config_arguments(s)
     s.add_argument("--resume", nargs="?", const="", default=None, metavar="PATH",
                    help="continue from PATH (a run dir or checkpoint), or from output_dir when PATH is omitted")
     s.add_argument("--overwrite", action="store_true", help="replace the run already in output_dir")
@@ -275,13 +286,13 @@ def add_commands(sub: Any) -> None:
                    help="text to image: a tiny-captioner checkpoint that reads the generated images back "
                         "(default: the checkpoint's model.judge)")
     s.add_argument("--out", default=None, metavar="DIR", help="text to image: write the grid of samples here")
-    s.add_argument("overrides", nargs="*", help="backend overrides, e.g. backend=reference")
+    add_config_arguments(s, "backend overrides, e.g. backend=reference")
     s.set_defaults(run=cmd_eval)
 
     s = sub.add_parser("caption", help="caption one image with a trained checkpoint")
     s.add_argument("--checkpoint", required=True, metavar="PATH")
     s.add_argument("--image", required=True, metavar="FILE")
-    s.add_argument("overrides", nargs="*", help="backend overrides, e.g. backend=cpu")
+    add_config_arguments(s, "backend overrides, e.g. backend=cpu")
     s.set_defaults(run=cmd_caption)
 
     s = sub.add_parser("generate", help="draw images for a prompt with a text-to-image checkpoint; writes a PNG")
@@ -297,5 +308,5 @@ def add_commands(sub: Any) -> None:
     s.add_argument("--guidance", type=float, default=None,
                    help="classifier-free guidance scale (1: none); default: the model config's")
     s.add_argument("--scale", type=int, default=8, help="pixels per image pixel in the PNG")
-    s.add_argument("overrides", nargs="*", help="backend overrides, e.g. backend=cpu")
+    add_config_arguments(s, "backend overrides, e.g. backend=cpu")
     s.set_defaults(run=cmd_generate)

@@ -40,12 +40,30 @@ class BackendParts:
 
 
 @dataclass(frozen=True)
+class BackendOptions:
+    """The ``backend.options`` a backend takes, checked when a config is composed, on any machine.
+
+    ``keys``: their names; an empty tuple: the backend takes none. ``parse``: given a mapping of
+    those keys (any subset), checks the values and raises
+    :class:`isthmus.config.composer.ConfigError` naming every problem (``backend.options.<key>:
+    ...``); it must import no engine. ``None``: only the names are checked. The backend's factory
+    still parses what it gets.
+    """
+
+    keys: tuple[str, ...] = ()
+    parse: Callable[[Mapping[str, Any]], Any] | None = None
+
+
+@dataclass(frozen=True)
 class BackendSpec:
     """A backend as registered: ``probe`` must not import an engine; ``factory`` may.
 
     ``engine_modules`` names, per engine, the top-level modules that must be importable for that
     engine to count as installed (checked with ``importlib.util.find_spec``, nothing imported).
-    ``auto`` says whether ``backend: auto`` may pick this backend.
+    ``auto`` says whether ``backend: auto`` may pick this backend. ``options``: the
+    ``backend.options`` it takes, as :class:`BackendOptions` or the ``"module:attribute"`` path of
+    one (imported only when a config is checked, so registering stays cheap); ``None``: not
+    declared, so nothing checks them before the factory runs.
     """
 
     name: str
@@ -59,6 +77,7 @@ class BackendSpec:
     description: str = ""
     auto: bool = True
     plugin: str = ""
+    options: BackendOptions | str | None = None
 
     def __post_init__(self) -> None:
         if self.default_engine not in self.engines:

@@ -1,7 +1,10 @@
 """The example's own tests; the kernel and training tests come from the kit (see README)."""
 
-from isthmus.config.composer import compose
+import pytest
+
+from isthmus.config.composer import ConfigError, compose
 from isthmus.registry.manager import load_plugins
+from isthmus.registry.options import checker
 from isthmus.registry.selection import build, select
 
 
@@ -17,3 +20,11 @@ def test_backend_example_cpu_is_a_config_option():
     cfg = compose(["backend=example"], config_dirs=registry.config_dirs,
                   known={"backend.name": ["auto", *registry.names("backend")]})
     assert cfg.backend.name == "example"
+
+
+
+def test_backend_options_are_checked_against_the_declaration():
+    _, registry = load_plugins()
+    with pytest.raises(ConfigError, match="backend.options.lanes: the example backend takes no options"):
+        compose(["backend=example", "backend.options.lanes=4"], config_dirs=registry.config_dirs,
+                backend_options=checker(registry))
