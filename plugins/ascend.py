@@ -59,6 +59,7 @@ def register_backends(register):
             },
             visible_devices_env="ASCEND_RT_VISIBLE_DEVICES",
             description="Huawei Ascend NPU through CANN (MindSpore or torch_npu)",
+            options="isthmus.backends.ascend.options:OPTIONS",
         )
     )
 

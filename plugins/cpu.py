@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 from isthmus.registry.hookspecs import hookimpl
-from isthmus.registry.specs import BackendParts, BackendRequest, BackendSpec, ProbeResult
+from isthmus.registry.specs import BackendOptions, BackendParts, BackendRequest, BackendSpec, ProbeResult
 
 
 def probe() -> ProbeResult:
@@ -38,5 +38,6 @@ def register_backends(register):
                 "mindspore": "pip install 'isthmus[mindspore]' -c constraints.txt",
             },
             description="Host CPU through torch or MindSpore",
+            options=BackendOptions(),  # none: threads and determinism are backend keys of their own
         )
     )

@@ -49,6 +49,7 @@ def register_backends(register):
                                     "torch 2.13.0 (the PyTorch wheel index for your CUDA 12.x driver)"},
             visible_devices_env="CUDA_VISIBLE_DEVICES",
             description="NVIDIA GPU through torch (CUDA, NCCL)",
+            options="isthmus.backends.cuda.options:OPTIONS",
         )
     )
 

@@ -43,6 +43,7 @@ def register_backends(register):
             install_hints={"onnxruntime": "pip install 'isthmus[onnx]' -c constraints.txt"},
             description="ONNX Runtime (CPU), each kernel op as a one-op ONNX graph; forward only",
             auto=False,
+            options="isthmus.backends.onnx.options:OPTIONS",
         )
     )
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from isthmus.registry.hookspecs import hookimpl
-from isthmus.registry.specs import BackendParts, BackendRequest, BackendSpec, ProbeResult
+from isthmus.registry.specs import BackendOptions, BackendParts, BackendRequest, BackendSpec, ProbeResult
 
 
 def probe() -> ProbeResult:
@@ -36,5 +36,6 @@ def register_backends(register):
             engine_modules={"numpy": ("numpy",)},
             description="NumPy float64 golden kernels; never chosen by auto",
             auto=False,
+            options=BackendOptions(),  # none
         )
     )

@@ -64,3 +64,53 @@ def test_unknown_backend_is_one_line_exit_2():
 def test_unknown_command_is_exit_2():
     result = run("-m", "isthmus.cli", "trian")
     assert result.returncode == 2 and "invalid choice" in result.stderr
+
+
+def config_show(*args: str) -> subprocess.CompletedProcess:
+    return run("-m", "isthmus.cli", "config", "show", *args)
+
+
+def test_config_files_then_overrides(tmp_path):
+    import yaml
+
+    (tmp_path / "a.yaml").write_text("train: {steps: 10, lr: 0.5, warmup_steps: 1}\nbackend: {name: cpu}\n")
+    (tmp_path / "b.yaml").write_text("train: {steps: 20}\nseed: 4\n")
+    result = config_show("--config", str(tmp_path / "a.yaml"), "--config", str(tmp_path / "b.yaml"))
+    assert result.returncode == 0, result.stderr
+    cfg = yaml.safe_load(result.stdout)
+    assert cfg["train"]["steps"] == 20 and cfg["train"]["lr"] == 0.5 and cfg["backend"]["name"] == "cpu"
+    assert cfg["seed"] == cfg["data"]["seed"] == 4
+    # Overrides come last, wherever they stand among the options.
+    result = config_show("train.steps=30", "--config", str(tmp_path / "a.yaml"), "seed=2", "train.steps=31")
+    assert result.returncode == 0, result.stderr
+    cfg = yaml.safe_load(result.stdout)
+    assert cfg["train"]["steps"] == 31 and cfg["seed"] == 2 and cfg["train"]["lr"] == 0.5
+
+
+def test_a_bad_config_file_is_one_line_exit_2(tmp_path):
+    (tmp_path / "list.yaml").write_text("- 1\n")
+    for path, expected in ((tmp_path / "missing.yaml", "no such config file"),
+                           (tmp_path / "list.yaml", "must be a mapping, got a list")):
+        result = config_show("--config", str(path))
+        assert result.returncode == 2 and result.stdout == ""
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"isthmus: error: {path}: ") and expected in lines[0]
+    result = run("-m", "isthmus.cli", "train", "--config", str(tmp_path / "missing.yaml"))
+    assert result.returncode == 2 and "missing.yaml: no such config file" in result.stderr
+
+
+def test_backend_options_are_checked_here_without_importing_an_engine():
+    code = (
+        "import sys; from isthmus.cli.main import main;"
+        "assert main(['config', 'show', 'backend=ascend', 'backend.options.allow_hf32=true']) == 0;"
+        "assert main(['config', 'show', 'backend=ascend', 'backend.options.allow_hf23=true']) == 2;"
+        "assert main(['config', 'show', 'backend=cuda', 'backend.options.compile=true']) == 0;"
+        "assert main(['config', 'show', 'backend.options.compile=true']) == 0;"
+        f"print('ENGINES', sorted(m for m in {ENGINES!r} if m in sys.modules))"
+    )
+    result = run("-c", code)
+    assert result.returncode == 0, result.stderr
+    assert "ENGINES []" in result.stdout
+    errors = [line for line in result.stderr.splitlines() if line.startswith("isthmus: error:")]
+    assert errors == ["isthmus: error: backend.options.allow_hf23: unknown ascend option (did you mean "
+                      "'allow_hf32'?); valid: allow_hf32, precision_mode, jit_level, fused_kernels"]

@@ -73,6 +73,22 @@ def test_eval_on_the_reference_backend_matches_torch(trained):
     assert torch_out == reference_out  # printed to 0.1% / 4 decimals
 
 
+def test_eval_takes_a_backend_config_file_and_refuses_other_sections(trained, tmp_path):
+    (tmp_path / "site.yaml").write_text("backend: {name: reference}\n")
+    result = isthmus("eval", "--checkpoint", str(trained), "--max-samples", "8", "--config", str(tmp_path / "site.yaml"))
+    assert result.returncode == 0, result.stderr
+    assert "on reference/numpy" in result.stdout.splitlines()[0]
+    (tmp_path / "run.yaml").write_text("backend: cpu\ntrain: {steps: 5}\n")
+    one_line_error(isthmus("eval", "--checkpoint", str(trained), "--config", str(tmp_path / "run.yaml")),
+                   "run.yaml: only the backend section applies to a checkpoint, not train")
+
+
+def test_train_reads_its_config_file(trained, tmp_path):
+    # The file's output_dir holds a run already: refused before any training, so this stays quick.
+    (tmp_path / "run.yaml").write_text(f"output_dir: {trained}\ntrain: quick\n")
+    one_line_error(isthmus("train", "--config", str(tmp_path / "run.yaml"), *TINY), str(trained), "--resume")
+
+
 def test_existing_run_dir_needs_resume_or_overwrite(trained):
     one_line_error(isthmus("train", *TINY, f"output_dir={trained}"), str(trained), "--resume", "--overwrite")
 

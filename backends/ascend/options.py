@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Mapping
 
 from isthmus.config.composer import ConfigError
+from isthmus.registry.specs import BackendOptions
 from isthmus.registry.store import suggest
 
 PRECISION_MODES = (
@@ -95,4 +96,7 @@ def parse_options(options: Mapping[str, Any] | None) -> AscendOptions:
     return AscendOptions(matmul, conv, str(mode), str(level), fused)
 
 
-__all__ = ["AscendOptions", "JIT_LEVELS", "KEYS", "PRECISION_MODES", "parse_options"]
+OPTIONS = BackendOptions(KEYS, parse_options)
+"""What ``BackendSpec.options`` names: checked when a config is composed, on any machine."""
+
+__all__ = ["AscendOptions", "JIT_LEVELS", "KEYS", "OPTIONS", "PRECISION_MODES", "parse_options"]

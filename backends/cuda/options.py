@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any, Mapping
 
+from isthmus.registry.specs import BackendOptions
+
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 """``torch.compile(mode=...)`` values."""
 
@@ -61,4 +63,7 @@ def parse_options(options: Mapping[str, Any] | None) -> CudaOptions:
     return CudaOptions(**values)
 
 
-__all__ = ["COMPILE_MODES", "CudaOptions", "KEYS", "parse_options"]
+OPTIONS = BackendOptions(KEYS, parse_options)
+"""What ``BackendSpec.options`` names: checked when a config is composed, on any machine."""
+
+__all__ = ["COMPILE_MODES", "CudaOptions", "KEYS", "OPTIONS", "parse_options"]

@@ -22,7 +22,7 @@ from isthmus.backends.onnx.graph import ONNX_TYPES, Graph, Value, dtype_name, nu
 from isthmus.kernels.interface import OPS
 from isthmus.registry.backend import Engine
 
-DEFAULT_OPSET = 17
+from isthmus.backends.onnx.options import DEFAULT_OPSET
 EAGER_CACHE_SIZE = 2048
 Runner = Callable[[Mapping[str, np.ndarray]], dict[str, np.ndarray]]
 
@@ -256,8 +256,9 @@ def build_backend(request: Any) -> Any:
     from isthmus.registry.backend import Capabilities
     from isthmus.registry.specs import BackendParts
 
-    opset = int(dict(request.options or {}).get("opset", DEFAULT_OPSET))
-    engine = OnnxRuntimeEngine(opset=opset)
+    from isthmus.backends.onnx.options import parse_options
+
+    engine = OnnxRuntimeEngine(opset=parse_options(request.options))
     return BackendParts(engine=engine, kernel_table=eager_table(engine),
                         capabilities=Capabilities(dtypes=frozenset({"float32"}), autodiff=False))
 

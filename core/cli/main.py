@@ -25,10 +25,20 @@ def registry():
     return get_registry()
 
 
-def compose_config(overrides: Sequence[str]):
+def compose_config(overrides: Sequence[str], config_files: Sequence[str] = ()):
+    """The run config from the user's ``--config`` files and overrides, checked against what the
+    plugins registered (names, schemas, each backend's declared options)."""
     from isthmus.train.run import compose_run
 
-    return compose_run(registry(), overrides)
+    return compose_run(registry(), overrides, config_files=config_files)
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, overrides_help: str = "key=value or group=option") -> None:
+    """``--config FILE`` (repeatable) and the positional overrides, for a command that composes a config."""
+    parser.add_argument("--config", action="append", default=[], metavar="FILE", dest="config_files",
+                        help="a YAML run config, full or partial, merged over the defaults before the "
+                             "overrides; repeat it to layer files (later ones win)")
+    parser.add_argument("overrides", nargs="*", help=overrides_help)
 
 
 def cmd_backends(args: argparse.Namespace) -> int:
@@ -89,7 +99,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
     from isthmus.registry.selection import build, select
 
-    cfg = compose_config(args.overrides)
+    cfg = compose_config(args.overrides, args.config_files)
     reg = registry()
     print(f"python {platform.python_version()} on {platform.platform()}, {os.cpu_count()} cores")
     print("packages: " + ", ".join(f"{k} {v}" for k, v in package_versions().items()))
@@ -118,7 +128,10 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     print(f"selection for backend={b.name}" + (" (strict)" if b.strict else "") + ":")
     for line in selection.trace:
         print(f"  {line}")
+    shown = len(selection.trace)
     backend = build(reg, selection, {"device_index": b.device_index, "threads": b.threads, "deterministic": b.deterministic, "options": b.options})
+    for line in selection.trace[shown:]:  # what building added, e.g. options left to other backends
+        print(f"  {line}")
     print(f"\nready: {backend.name} / {backend.engine_name} on {backend.device}")
     for key, value in {**backend.engine.versions(), **backend.engine.runtime_info()}.items():
         print(f"  {key}: {value}")
@@ -129,7 +142,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 def cmd_config(args: argparse.Namespace) -> int:
     from isthmus.config.composer import to_yaml
 
-    print(to_yaml(compose_config(args.overrides)), end="")
+    print(to_yaml(compose_config(args.overrides, args.config_files)), end="")
     return 0
 
 
@@ -192,13 +205,13 @@ def parser() -> argparse.ArgumentParser:
     s.set_defaults(run=cmd_plugins)
 
     s = sub.add_parser("doctor", help="environment, backend selection trace, and the chosen device")
-    s.add_argument("overrides", nargs="*", help="config overrides, e.g. backend=cpu")
+    add_config_arguments(s, "config overrides, e.g. backend=cpu")
     s.set_defaults(run=cmd_doctor)
 
     s = sub.add_parser("config", help="configuration commands")
     config_sub = s.add_subparsers(dest="config_command", required=True, metavar="ACTION")
     show = config_sub.add_parser("show", help="print the composed config as YAML")
-    show.add_argument("overrides", nargs="*", help="key=value or group=option")
+    add_config_arguments(show)
     show.set_defaults(run=cmd_config)
 
     s = sub.add_parser("kernels", help="which implementation serves each kernel op")
@@ -236,7 +249,14 @@ def add_plugin_commands(sub: Any) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    cli = parser()
+    args, extra = cli.parse_known_args(argv)
+    # argparse gives a positional list one stretch of the command line: overrides written after an
+    # option (`train a=1 --config f.yaml b=2`) come back here, in order, and belong to the list.
+    if extra and isinstance(getattr(args, "overrides", None), list) and not any(e.startswith("-") for e in extra):
+        args.overrides.extend(extra)
+    elif extra:
+        cli.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return int(args.run(args) or 0)
     except IsthmusError as exc:

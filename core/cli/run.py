@@ -56,7 +56,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from isthmus.train.run import prepare, run_dir, saved_data_state
     from isthmus.train.trainer import Trainer
 
-    cfg = compose_config(args.overrides)
+    cfg = compose_config(args.overrides, args.config_files)
     directory = run_dir(cfg)
     resume_from = Path(args.resume) if args.resume not in (None, "") else (directory if args.resume == "" else None)
     launch = parallel.launch_env() if str(cfg.distributed) == "ddp" else None
@@ -66,7 +66,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
         spec = select(registry(), str(cfg.backend.name), cfg.backend.engine, bool(cfg.backend.strict)).spec
         index = parallel.device_index(launch.local_rank, spec.visible_devices_env)
-        cfg = compose_config([*args.overrides, f"backend.device_index={index}"])
+        cfg = compose_config([*args.overrides, f"backend.device_index={index}"], args.config_files)
     resuming_here = resume_from is not None and resume_from == directory
     if writer:
         check_output(directory, resuming_here, args.overwrite)
@@ -112,14 +112,16 @@ def print_evaluation(ev: dict[str, Any]) -> None:
         print(f"  {'ok ' if example['match'] else 'MISS'} target: {example['target']!r} -> {example['predicted']!r}")
 
 
-def checkpoint_run(path: str, overrides: Sequence[str], for_training: bool = False) -> tuple[Any, Any, Any]:
-    """The run a checkpoint was made by (its config and data state), on the backend chosen now:
-    ``(run, params on the device, loaded checkpoint)``."""
+def checkpoint_run(path: str, overrides: Sequence[str], for_training: bool = False,
+                   config_files: Sequence[str] = ()) -> tuple[Any, Any, Any]:
+    """The run a checkpoint was made by (its config and data state), on the backend chosen now
+    (``overrides`` and ``config_files`` may set only the backend): ``(run, params on the device,
+    loaded checkpoint)``."""
     import yaml
     from omegaconf import OmegaConf
 
     from isthmus.cli.main import compose_config, registry
-    from isthmus.config.composer import ConfigError, from_yaml
+    from isthmus.config.composer import ConfigError, from_yaml, read_config_file
     from isthmus.nn.params import manifest
     from isthmus.train.checkpoint import check_fit, load_checkpoint
     from isthmus.train.run import prepare, saved_data_state
@@ -131,7 +133,13 @@ def checkpoint_run(path: str, overrides: Sequence[str], for_training: bool = Fal
     if not_backend:
         raise ConfigError(f"{not_backend[0]}: only backend overrides apply to a checkpoint (e.g. backend=cpu); "
                           f"the model and data come from {loaded.path}")
-    cfg = OmegaConf.merge(saved, {"backend": compose_config(overrides).backend}) if overrides else saved
+    for file in config_files:
+        not_backend = [str(key) for key in read_config_file(file) if key != "backend"]
+        if not_backend:
+            raise ConfigError(f"{file}: only the backend section applies to a checkpoint, not {', '.join(not_backend)}; "
+                              f"the model and data come from {loaded.path}")
+    chosen = overrides or config_files
+    cfg = OmegaConf.merge(saved, {"backend": compose_config(overrides, config_files).backend}) if chosen else saved
     run = prepare(cfg, registry(), for_training=for_training, saved_data=saved_data_state(loaded.state.extra),
                   model_data=loaded.state.extra.get("model_data"))
     # The model is known only now: check what was loaded against its parameter manifest.
@@ -155,7 +163,7 @@ def parse_options(pairs: Sequence[str]) -> dict[str, str]:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    run, params, loaded = checkpoint_run(args.checkpoint, args.overrides)
+    run, params, loaded = checkpoint_run(args.checkpoint, args.overrides, config_files=args.config_files)
     out_dir = Path(args.out) if args.out else None
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -169,8 +177,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def add_commands(sub: Any) -> None:
+    from isthmus.cli.main import add_config_arguments
+
     s = sub.add_parser("train", help="train the configured model; writes runs/<name>/")
-    s.add_argument("overrides", nargs="*", help="key=value or group=option")
+    add_config_arguments(s)
     s.add_argument("--resume", nargs="?", const="", default=None, metavar="PATH",
                    help="continue from PATH (a run dir or checkpoint), or from output_dir when PATH is omitted")
     s.add_argument("--overwrite", action="store_true", help="replace the run already in output_dir")
@@ -183,5 +193,5 @@ def add_commands(sub: Any) -> None:
     s.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="an option of the model's evaluation, e.g. judge=runs/demo for text to image (repeatable)")
     s.add_argument("--out", default=None, metavar="DIR", help="where the evaluation may write files (a grid of samples)")
-    s.add_argument("overrides", nargs="*", help="backend overrides, e.g. backend=reference")
+    add_config_arguments(s, "backend overrides, e.g. backend=reference")
     s.set_defaults(run=cmd_eval)

@@ -1,26 +1,30 @@
-"""Compose a run config: defaults + one option file per group + command-line overrides, validated.
+"""Compose a run config: defaults + one option file per group + the user's files + command-line
+overrides, validated.
 
 Layout, in the package (``isthmus.configs``) and in each extra directory a plugin contributes::
 
     defaults.yaml               # package only: the `defaults:` list and run-wide keys
     <group>/<option>.yaml       # the body of section <group>, e.g. backend/cpu.yaml
 
-Order of application, last wins: group option files, then the keys of ``defaults.yaml``, then
-``key=value`` overrides in the order given. ``group=option`` overrides choose the files, so they
-act first wherever they stand on the command line. Interpolations (``${seed}``) are resolved once
-everything is merged, then the whole tree is checked against the schemas in ``config_schema`` and
-every problem found is reported in one ``ConfigError``.
+Order of application, last wins: group option files, then the keys of ``defaults.yaml``, then the
+user's config files (``--config``) in the order given, then ``key=value`` overrides in the order
+given. Group choices (``group=option`` overrides, ``group: option`` in a user file) pick the files,
+so they act first wherever they stand, a command-line choice over a file's. A section whose final
+``name`` is another option of its group (``model.name=tiny-t2i``) starts from that option's file.
+Interpolations (``${seed}``) are resolved once everything is merged, then the whole tree is checked
+against the schemas in ``isthmus.config.schema`` and every problem found is reported in one
+``ConfigError``; every problem names the file its value came from.
 """
 
 from __future__ import annotations
 
+import copy
 import importlib.resources
 import re
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import GrammarParseError, InterpolationResolutionError, OmegaConfBaseException
 
@@ -32,6 +36,7 @@ from isthmus.config.schema import (
     ModelBase,
     NanPolicy,
     Norm,
+    OptionCheck,
     Origins,
     Precision,
     RunConfig,
@@ -43,7 +48,7 @@ from isthmus.config.schema import (
     hint,
     schema_defaults,
 )
-from isthmus.errors import IsthmusError
+from isthmus.config.loading import ConfigError, parse_yaml, read_config_file, read_mapping
 
 __all__ = [
     "BackendConfig",
@@ -60,6 +65,7 @@ __all__ = [
     "compose",
     "from_yaml",
     "group_options",
+    "read_config_file",
     "to_yaml",
 ]
 
@@ -67,91 +73,6 @@ Options = Mapping[str, Mapping[str, Any]]  # group -> option -> file
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # a group or option name
 _SEGMENT = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]*")  # one part of a dotted key
-
-
-class ConfigError(IsthmusError):
-    """A config that cannot be composed or is not valid.
-
-    ``str(err)`` is one line: every problem, first one first, joined by ``"; "``. Each problem
-    starts with the key, file or override it is about. ``problems`` holds them as a list.
-    """
-
-    def __init__(self, problems: str | Sequence[str]) -> None:
-        items = [problems] if isinstance(problems, str) else list(problems)
-        self.problems = [" ".join(str(p).split()) for p in items]
-        super().__init__("; ".join(self.problems))
-
-
-# ---------------------------------------------------------------------------------------------
-# YAML
-
-
-class _Loader(yaml.SafeLoader):
-    """SafeLoader that reads ``1e-3`` as a float (YAML 1.2), keeps dates as strings and rejects
-    duplicate keys, which PyYAML would otherwise resolve silently by keeping the last."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        seen: set[Any] = set()
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=True)
-            if not isinstance(key, Hashable):
-                raise yaml.constructor.ConstructorError(
-                    None, None, "a key must be a plain value, not a list or mapping", key_node.start_mark
-                )
-            if key in seen:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"duplicate key {key!r}", key_node.start_mark
-                )
-            seen.add(key)
-        return super().construct_mapping(node, deep=deep)
-
-
-_FLOAT = "tag:yaml.org,2002:float"
-_Loader.yaml_implicit_resolvers = {
-    first: [(tag, rx) for tag, rx in resolvers if tag not in (_FLOAT, "tag:yaml.org,2002:timestamp")]
-    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
-}
-_Loader.add_implicit_resolver(
-    _FLOAT,
-    re.compile(
-        r"""^(?:[-+]?[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?
-            |[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+
-            |[-+]?\.[0-9_]+(?:[eE][-+]?[0-9]+)?
-            |[-+]?\.(?:inf|Inf|INF)
-            |\.(?:nan|NaN|NAN))$""",
-        re.X,
-    ),
-    list("-+0123456789."),
-)
-
-
-def _parse_yaml(text: str, where: str) -> Any:
-    try:
-        return yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
-    except yaml.MarkedYAMLError as err:
-        mark = err.problem_mark or err.context_mark
-        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        # The parser often notices at the end of the file; the context says where the trouble began.
-        began = ""
-        if err.context and err.problem_mark and err.context_mark:
-            began = f" ({err.context} at line {err.context_mark.line + 1})"
-        raise ConfigError(f"{where}: bad YAML{at}: {err.problem or err.context}{began}") from None
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{where}: bad YAML: {str(err).splitlines()[0]}") from None
-
-
-def _read_mapping(file: Any, what: str) -> dict[Any, Any]:
-    """Read a YAML file whose top level must be a mapping (an empty file is an empty one)."""
-    try:
-        text = file.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as err:
-        raise ConfigError(f"{file}: cannot read {what}: {err}") from None
-    data = _parse_yaml(text, str(file))
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{file}: the top level of {what} must be a mapping, got {describe(data)}")
-    return data
 
 
 # ---------------------------------------------------------------------------------------------
@@ -229,7 +150,7 @@ def _parse_override(text: str, options: Options) -> tuple[str, tuple[str, ...], 
                 f"{', '.join(sorted(options[key]))}; to set a key inside it write {key}.<key>=<value>"
             )
         return "group", path, option
-    return "set", path, _parse_yaml(raw, f"{key}: value {raw!r}")
+    return "set", path, parse_yaml(raw, f"{key}: value {raw!r}")
 
 
 def _assign(tree: dict[Any, Any], path: tuple[str, ...], value: Any, text: str) -> None:
@@ -262,6 +183,8 @@ def compose(
     config_dirs: Sequence[Path] = (),
     known: Known | None = None,
     schemas: Schemas | None = None,
+    config_files: Sequence[Path | str] = (),
+    backend_options: OptionCheck | None = None,
 ) -> DictConfig:
     """Compose, resolve and validate a run config; return it as a read-only structured
     ``DictConfig`` whose object type is ``RunConfig``.
@@ -272,20 +195,47 @@ def compose(
     ``<group>/<option>.yaml``. ``known``: dotted key -> valid names, for choices only the plugin
     registry knows (``{"backend.name": [...]}``); ``None`` values pass. ``schemas``: section ->
     name -> dataclass, for plugin models and datasets with their own fields (see
-    ``config_schema``). Raises ``ConfigError`` with every problem found.
+    ``isthmus.config.schema``). ``config_files``: the user's YAML files (``--config``), each a full or
+    partial run config, merged in order after ``defaults.yaml`` and before the ``key=value``
+    overrides; in them ``group: option`` picks an option file and ``group: {...}`` sets keys.
+    ``backend_options``: ``(backend name, options) -> [(key, problem)]``, the registry's check of
+    ``backend.options`` (see ``isthmus.registry.options``). Raises ``ConfigError`` with every
+    problem found.
     """
     options = _scan(config_dirs)
     parsed = [(text, *_parse_override(text, options)) for text in overrides]
+    user = [(str(path), *_read_user_file(Path(path), options)) for path in config_files]
 
     defaults_file = _package_dir() / "defaults.yaml"
-    top = _read_mapping(defaults_file, "the defaults file")
+    top = read_mapping(defaults_file, "the defaults file")
     choices = _defaults_list(top.pop("defaults", []), defaults_file, options)
+    for where, picks, _ in user:
+        for group, option in picks.items():
+            choices[group] = (option, f" (in {where})")
     for text, kind, path, option in parsed:
         if kind == "group":
             choices[path[0]] = (option, "")
+    layers = [(top, str(defaults_file)), *((keys, where) for where, _, keys in user)]
+    sets = [(text, path, value) for text, kind, path, value in parsed if kind == "set"]
 
+    tree, origins, bases = _layer(choices, options, layers, sets)
+    renamed = _renamed(tree, bases, options)
+    if renamed:  # a section named for another option starts from that option's file
+        choices.update(renamed)
+        tree, origins, _ = _layer(choices, options, layers, sets)
+    return _finish(tree, origins, known, schemas, backend_options)
+
+
+def _layer(
+    choices: Mapping[str, tuple[str, str]],
+    options: Options,
+    layers: Sequence[tuple[Mapping[Any, Any], str]],
+    sets: Sequence[tuple[str, tuple[str, ...], Any]],
+) -> tuple[dict[Any, Any], dict[tuple[Any, ...], str | None], dict[str, dict[Any, Any]]]:
+    """The merged tree, each key's origin, and the body of each chosen option file."""
     tree: dict[Any, Any] = {}
     origins: dict[tuple[Any, ...], str | None] = {}
+    bases: dict[str, dict[Any, Any]] = {}
     for group, (option, chosen_by) in choices.items():
         if option not in options[group]:
             close = hint(option, options[group])
@@ -294,16 +244,62 @@ def compose(
                 f"valid: {', '.join(sorted(options[group]))}"
             )
         file = options[group][option]
-        tree[group] = _read_mapping(file, f"a {group} option file")
+        bases[group] = read_mapping(file, f"a {group} option file")
+        tree[group] = copy.deepcopy(bases[group])
         origins[(group,)] = str(file)
-    _deep_merge(tree, top)
-    for path in _leaf_paths(top):
-        origins[path] = str(defaults_file)
-    for text, kind, path, value in parsed:
-        if kind == "set":
-            _assign(tree, path, value, text)
-            origins[path] = None
-    return _finish(tree, origins, known, schemas)
+    for keys, where in layers:
+        _deep_merge(tree, copy.deepcopy(keys))
+        for path in _leaf_paths(keys):
+            origins[path] = where
+    for text, path, value in sets:
+        _assign(tree, path, value, text)
+        origins[path] = None
+    return tree, origins, bases
+
+
+def _renamed(
+    tree: Mapping[Any, Any], bases: Mapping[str, Mapping[Any, Any]], options: Options
+) -> dict[str, tuple[str, str]]:
+    """Groups whose section ends up with another ``name`` than its option file gives it, where an
+    option file of that name exists: ``model: {name: tiny-t2i, ...}`` (a config written by
+    ``isthmus config show``, or ``model.name=tiny-t2i``) then starts from ``model/tiny-t2i.yaml``
+    rather than mixing the keys of two models. A file with no ``name`` of its own is kept."""
+    renamed = {}
+    for group, base in bases.items():
+        section = tree.get(group)
+        name = section.get("name") if isinstance(section, dict) else None
+        own = base.get("name")
+        if isinstance(name, str) and own is not None and name != own and name in options[group]:
+            renamed[group] = (name, f" (the name of {group})")
+    return renamed
+
+
+def _read_user_file(path: Path, options: Options) -> tuple[dict[str, str], dict[Any, Any]]:
+    """A ``--config`` file as (group -> option it picks, the keys it sets)."""
+    data = read_config_file(path)
+    picks: dict[str, str] = {}
+    keys: dict[Any, Any] = {}
+    for key, value in data.items():
+        if key == "defaults":
+            raise ConfigError(
+                f"{path}: 'defaults' lists belong to the package's defaults.yaml; in a config file pick an "
+                f"option with 'group: option' (e.g. backend: cpu)"
+            )
+        if isinstance(key, str) and "." in key:
+            first, _, rest = key.partition(".")
+            raise ConfigError(
+                f"{path}: key '{key}': nest it ({first}: {{{rest}: ...}}); dotted keys are for the command line"
+            )
+        if key in options and not isinstance(value, dict):
+            if not (isinstance(value, str) and _NAME.fullmatch(value)):
+                raise ConfigError(
+                    f"{path}: {key} is a config group: give an option name (one of "
+                    f"{', '.join(sorted(options[key]))}) or a mapping of its keys, got {describe(value)}"
+                )
+            picks[key] = value
+        else:
+            keys[key] = value
+    return picks, keys
 
 
 def from_yaml(
@@ -311,7 +307,7 @@ def from_yaml(
 ) -> DictConfig:
     """Validate a full config written by ``to_yaml`` (e.g. a checkpoint's) and return it like
     ``compose`` does. No defaults list, no group files: every key comes from ``text``."""
-    data = _parse_yaml(text, source)
+    data = parse_yaml(text, source)
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: the top level must be a mapping of keys, got {describe(data)}")
     return _finish(data, {(): source}, known, schemas)
@@ -352,7 +348,13 @@ def _leaf_paths(data: Mapping[Any, Any], prefix: tuple[Any, ...] = ()) -> list[t
 # Validation
 
 
-def _finish(tree: dict, origins: Origins, known: Known | None, schemas: Schemas | None) -> DictConfig:
+def _finish(
+    tree: dict,
+    origins: Origins,
+    known: Known | None,
+    schemas: Schemas | None,
+    backend_options: OptionCheck | None = None,
+) -> DictConfig:
     """Lay ``tree`` over the schema defaults, resolve interpolations, check, build, freeze."""
     full, problems = schema_defaults(tree, schemas)
     if problems:
@@ -364,7 +366,7 @@ def _finish(tree: dict, origins: Origins, known: Known | None, schemas: Schemas 
         interpolation = isinstance(err, InterpolationResolutionError | GrammarParseError)
         what = "cannot resolve interpolation: " if interpolation else ""
         raise ConfigError(_omegaconf_problem(err, what)) from None
-    run, problems = check_tree(resolved, origins, known, schemas)
+    run, problems = check_tree(resolved, origins, known, schemas, backend_options)
     if problems:
         raise ConfigError(problems)
     try:

@@ -4,6 +4,11 @@ of plain values against them.
 The schemas are plain dataclasses that OmegaConf also accepts as structured configs. Choice fields
 are ``StrEnum`` so that ``cfg.train.precision == "bf16"`` holds and YAML dumps stay plain strings.
 
+A default that follows another key is an interpolation (``II("seed")``, ``"runs/${name}"``): it lives
+here and nowhere else, so an option file that leaves the key out (a user's ``data/mine.yaml``, a
+``--config`` file) still follows ``seed`` rather than falling back to a plain number. Option files
+hold values only.
+
 Per-field ranges live in the field metadata (see ``bounds``); rules that involve two fields live in
 an optional ``check()`` method that returns ``(key, message)`` pairs, key relative to the section.
 ``check_tree`` applies both, after the types, and reports every problem it finds rather than the
@@ -25,12 +30,12 @@ import math
 import operator
 import types
 import typing
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from enum import Enum, StrEnum
 from typing import Any
 
-from omegaconf import MISSING, OmegaConf
+from omegaconf import II, MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 __all__ = [
@@ -53,6 +58,9 @@ Schemas = Mapping[str, Mapping[str, type]]
 Known = Mapping[str, Collection[str]]
 KeyPath = tuple[Any, ...]  # ("train", "betas", 0)
 Origins = Mapping[KeyPath, str | None]  # key path -> the file its value came from
+# (backend name, backend.options) -> [(dotted key under backend.options, problem)]: the plugin
+# registry's check of what each backend declares it takes (``isthmus.registry.options``).
+OptionCheck = Callable[[str, Mapping[str, Any]], list[tuple[str, str]]]
 
 # Accepted whatever the registry says: "auto" is a selection policy, not a registered backend.
 ALWAYS_VALID: dict[str, tuple[str, ...]] = {"backend.name": ("auto",)}
@@ -122,7 +130,7 @@ class BackendConfig:
     device_index: int = field(default=0, metadata=bounds(ge=0))
     threads: int | None = field(default=None, metadata=bounds(ge=1))  # None: the engine decides
     deterministic: bool = True
-    options: dict[str, Any] = field(default_factory=dict)  # backend-specific knobs, e.g. allow_hf32
+    options: dict[str, Any] = field(default_factory=dict)  # backend-specific knobs (allow_hf32), as each backend declares
 
 
 @dataclass
@@ -177,8 +185,8 @@ class RunConfig:
     data: DataBase = field(default_factory=DataBase)
     train: TrainConfig = field(default_factory=TrainConfig)
     seed: int = field(default=0, metadata=bounds(ge=0))
-    name: str = "run"
-    output_dir: str = "runs/latest"
+    name: str = II("model.name")
+    output_dir: str = "runs/${name}"
     distributed: Distributed = Distributed.none  # ddp: one process per device, started by torchrun
     distributed_timeout_s: float = field(default=60.0, metadata=bounds(gt=0))  # a collective waiting longer fails the run
 
@@ -196,18 +204,24 @@ class RunConfig:
 
 
 def check_tree(
-    tree: Any, origins: Origins | None = None, known: Known | None = None, schemas: Schemas | None = None
+    tree: Any,
+    origins: Origins | None = None,
+    known: Known | None = None,
+    schemas: Schemas | None = None,
+    backend_options: OptionCheck | None = None,
 ) -> tuple[RunConfig | None, list[str]]:
     """Check ``tree`` against ``RunConfig`` and build it; return ``(run, [])`` or ``(None, problems)``.
 
     Every problem is one line starting with the dotted key; ``origins`` maps a key path to the file
-    its value came from, named at the end of the problems under it. ``known`` and ``schemas`` are
-    as in ``isthmus.config.composer.compose``.
+    its value came from, named at the end of the problems under it. ``known``, ``schemas`` and
+    ``backend_options`` are as in ``isthmus.config.composer.compose``.
     """
     checker = _Checker(origins or {})
     extra = {key: [*known[key], *names] for key, names in ALWAYS_VALID.items() if known and key in known}
     skip = checker.known(tree, {**(known or {}), **extra})
     run = checker.section(tree, RunConfig, (), skip=skip, schemas=schemas or {})
+    if backend_options is not None and "backend" not in skip:
+        checker.backend_options(tree, backend_options)
     return (None, checker.problems) if checker.problems else (run, [])
 
 
@@ -268,9 +282,17 @@ class _Checker:
         if not name_file:
             self.problems.append(f"{_key(path)}: {message}")
             return
+        self.problems.append(f"{_key(path)}: {message}" + (f" (in {where})" if (where := self.origin(path)) else ""))
+
+    def origin(self, path: KeyPath) -> str | None:
+        """The file the value at ``path`` came from: its own or its nearest parent's; else, for a
+        mapping only files filled (an unknown section in a user's file), the one file they name."""
         prefixes = (path[:n] for n in range(len(path), -1, -1))
-        where = next((self.origins[p] for p in prefixes if p in self.origins), None)
-        self.problems.append(f"{_key(path)}: {message}" + (f" (in {where})" if where else ""))
+        where = next((p for p in prefixes if p in self.origins), None)
+        if where is not None:
+            return self.origins[where]
+        below = {file for p, file in self.origins.items() if p[: len(path)] == path and len(p) > len(path)}
+        return below.pop() if len(below) == 1 else None
 
     def known(self, tree: Any, known: Known) -> set[str]:
         """Check registry choices first; a section whose ``name`` fails is not validated further,
@@ -287,6 +309,17 @@ class _Checker:
             self.report(path, f"{describe(value)} is not registered{hint(value, names)}; valid: {valid}")
             skip.add(path[0])
         return skip
+
+    def backend_options(self, tree: Any, check: OptionCheck) -> None:
+        """``backend.options`` against what the named backend (or, for auto, each backend auto may
+        pick) declares; skipped when the section is not even the right shape."""
+        section = tree.get("backend") if isinstance(tree, dict) else None
+        name = section.get("name") if isinstance(section, dict) else None
+        options = section.get("options") if isinstance(section, dict) else None
+        if not (isinstance(name, str) and isinstance(options, dict) and options):
+            return
+        for key, message in check(name, options):
+            self.report(("backend", "options", *(key.split(".") if key else ())), message)
 
     def section(
         self, data: Any, schema: type, path: KeyPath, skip: Collection[str] = (), schemas: Schemas = {}

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from omegaconf import MISSING
+from omegaconf import II, MISSING
 
 from isthmus.config.schema import DataBase, bounds
 from isthmus.data.batches import CaptionDataset, make_dataset, normalise_pixels
@@ -42,11 +42,12 @@ class ImageFolderConfig(DataBase):
 
     name: str = "image-folder"
     path: str = MISSING
-    image_size: int = field(default=32, metadata=bounds(ge=4, le=4096))
+    # What the model sees, when the model has an image size (32 otherwise).
+    image_size: int = field(default=II("oc.select:model.image_size,32"), metadata=bounds(ge=4, le=4096))
     num_train: int | None = field(default=None, metadata=bounds(ge=1))  # None: every sample not held out
     num_eval: int | None = field(default=None, metadata=bounds(ge=1))  # None: eval_fraction of the samples
     eval_fraction: float = field(default=0.1, metadata=bounds(gt=0, lt=1))
-    seed: int = field(default=0, metadata=bounds(ge=0))
+    seed: int = field(default=II("seed"), metadata=bounds(ge=0))  # the run's seed
 
 
 class LabelledImages(Dataset):
@@ -158,7 +159,8 @@ def image_folder(config: Mapping[str, Any], saved: Mapping[str, Any] | None = No
     """The ``image-folder`` dataset (see the module docstring); ``saved``: a checkpoint's
     ``DataSplits.state()``."""
     saved = saved or {}
-    options = {**{k: v for k, v in vars(ImageFolderConfig()).items() if k != "path"}, **config}
+    defaults = {"image_size": 32, "num_train": None, "num_eval": None, "eval_fraction": 0.1, "seed": 0}
+    options = {**defaults, **config}
     if not options.get("path") or options["path"] == MISSING:
         raise DataError("data.path: the image folder is not set; pass data.path=DIR")
     folder = Path(str(options["path"])).expanduser()

@@ -7,6 +7,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from omegaconf import II
+
 from isthmus.config.schema import DataBase, bounds
 from isthmus.data.batches import make_dataset
 from isthmus.data.scenes import MAX_SHAPES
@@ -21,8 +23,9 @@ class ScenesConfig(DataBase):
     name: str = "scenes"
     num_train: int = field(default=20000, metadata=bounds(ge=1))
     num_eval: int = field(default=256, metadata=bounds(ge=1))
-    seed: int = field(default=0, metadata=bounds(ge=0))
-    image_size: int = field(default=32, metadata=bounds(ge=4, le=4096))
+    seed: int = field(default=II("seed"), metadata=bounds(ge=0))  # the run's seed
+    # What the model sees, when the model has an image size (32 otherwise).
+    image_size: int = field(default=II("oc.select:model.image_size,32"), metadata=bounds(ge=4, le=4096))
     max_shapes: int = field(default=MAX_SHAPES, metadata=bounds(ge=1, le=MAX_SHAPES))
 
 

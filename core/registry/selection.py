@@ -113,6 +113,7 @@ class Selection:
     spec: BackendSpec
     engine: str
     trace: list[str] = field(default_factory=list)
+    by_auto: bool = False  # picked by ``auto``: it gets only the backend.options it declares
 
 
 def pick_engine(spec: BackendSpec, installed: list[str], engine: str | None, strict: bool, trace: list[str]) -> str:
@@ -177,21 +178,32 @@ def select(registry: Registry, name: str = "auto", engine: str | None = None, st
         trace.append(f"{spec.name}: selected (priority {spec.priority}, engine {chosen})")
         for rest in ordered[index + 1 :]:
             trace.append(f"{rest.name}: not tried (priority {rest.priority} below {spec.name}'s)")
-        return Selection(spec, chosen, trace)
+        return Selection(spec, chosen, trace, by_auto=True)
     raise BackendUnavailableError(
         "backend 'auto': no usable backend; " + "; ".join(trace) + "; run `isthmus doctor` for the fixes"
     )
 
 
 def build(registry: Registry, selection: Selection, request: Mapping[str, Any] | None = None) -> Backend:
-    """Run the chosen backend's factory and assemble it with the registered kernel routes."""
+    """Run the chosen backend's factory and assemble it with the registered kernel routes.
+
+    A backend picked by ``auto`` gets only the ``backend.options`` it declares: the others are for
+    the backends auto might have picked instead (the trace says which were left out)."""
     options = dict(request or {})
+    backend_options = dict(options.get("options") or {})
+    if selection.by_auto and backend_options:
+        from isthmus.registry.options import for_backend
+
+        backend_options, left_out = for_backend(selection.spec, backend_options)
+        if left_out:
+            selection.trace.append(f"{selection.spec.name}: backend.options {', '.join(left_out)} not passed "
+                                   f"(it does not take them)")
     backend_request = BackendRequest(
         engine=selection.engine,
         device_index=int(options.get("device_index", 0)),
         threads=options.get("threads"),
         deterministic=bool(options.get("deterministic", True)),
-        options=dict(options.get("options") or {}),
+        options=backend_options,
     )
     spec = selection.spec
     parts = spec.factory(backend_request)

@@ -43,6 +43,21 @@ class BackendParts:
 
 
 @dataclass(frozen=True)
+class BackendOptions:
+    """The ``backend.options`` a backend takes, checked when a config is composed, on any machine.
+
+    ``keys``: their names; an empty tuple: the backend takes none. ``parse``: given a mapping of
+    those keys (any subset), checks the values and raises
+    :class:`isthmus.config.composer.ConfigError` naming every problem (``backend.options.<key>:
+    ...``); it must import no engine. ``None``: only the names are checked. The backend's factory
+    still parses what it gets.
+    """
+
+    keys: tuple[str, ...] = ()
+    parse: Callable[[Mapping[str, Any]], Any] | None = None
+
+
+@dataclass(frozen=True)
 class BackendSpec:
     """A backend as registered: ``probe`` must not import an engine; ``factory`` may.
 
@@ -50,7 +65,10 @@ class BackendSpec:
     engine to count as installed (checked with ``importlib.util.find_spec``, nothing imported).
     ``auto`` says whether ``backend: auto`` may pick this backend. ``visible_devices_env``: the
     environment variable that limits which devices a process sees (``CUDA_VISIBLE_DEVICES``), which
-    data-parallel launchers set per process; None for a device without one.
+    data-parallel launchers set per process; None for a device without one. ``options``: the
+    ``backend.options`` it takes, as :class:`BackendOptions` or the ``"module:attribute"`` path of
+    one (imported only when a config is checked, so registering stays cheap); ``None``: not
+    declared, so nothing checks them before the factory runs.
     """
 
     name: str
@@ -65,6 +83,7 @@ class BackendSpec:
     auto: bool = True
     plugin: str = ""
     visible_devices_env: str | None = None
+    options: BackendOptions | str | None = None
 
     def __post_init__(self) -> None:
         if self.default_engine not in self.engines:

@@ -117,18 +117,22 @@ def prepare(cfg: Any, registry: Registry, for_training: bool = True, saved_data:
     return Run(cfg, registry, selection, backend, model, data)
 
 
-def compose_run(registry: Registry, overrides: Sequence[str], smoke: bool = False) -> Any:
+def compose_run(registry: Registry, overrides: Sequence[str], smoke: bool = False,
+                config_files: Sequence[str] = ()) -> Any:
     """A run config composed with what ``registry`` knows: plugin config directories, registered
-    names and the models' and datasets' schemas. ``smoke``: the chosen model's ``ModelSpec.smoke``
-    overrides go first, so the run is a few-second one (the user's overrides still win)."""
+    names, the models' and datasets' schemas and each backend's declared options; ``config_files``
+    (a user's YAML) go over the defaults before ``overrides``. ``smoke``: the chosen model's
+    ``ModelSpec.smoke`` overrides go first, so the run is a few-second one (the user's still win)."""
     from isthmus.config.composer import compose
+    from isthmus.registry.options import checker
 
     def composed(items: Sequence[str]) -> Any:
         known = {"backend.name": ["auto", *registry.names("backend")]}
         for section, kind in (("model", "model"), ("data", "dataset")):
             if registry.names(kind):
                 known[f"{section}.name"] = registry.names(kind)
-        return compose(list(items), config_dirs=registry.config_dirs, known=known, schemas=registry.config_schemas())
+        return compose(list(items), config_dirs=registry.config_dirs, known=known, schemas=registry.config_schemas(),
+                       config_files=list(config_files), backend_options=checker(registry))
 
     cfg = composed(overrides)
     if smoke:

@@ -10,7 +10,9 @@ from typing import Any
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, metavar="PATH")
     parser.add_argument("--image", required=True, metavar="FILE")
-    parser.add_argument("overrides", nargs="*", help="backend overrides, e.g. backend=cpu")
+    from isthmus.cli.main import add_config_arguments
+
+    add_config_arguments(parser, "backend overrides, e.g. backend=cpu")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -21,7 +23,7 @@ def run(args: argparse.Namespace) -> int:
     from isthmus.config import ConfigError
     from isthmus.data import DataError, load_image, normalise_pixels
 
-    run_, params, loaded = checkpoint_run(args.checkpoint, args.overrides)
+    run_, params, loaded = checkpoint_run(args.checkpoint, args.overrides, config_files=args.config_files)
     model: Any = run_.model
     if model.task != "captioning":
         raise ConfigError(f"--checkpoint {loaded.path} holds {model.name}, which does not caption images; "

@@ -22,7 +22,9 @@ def configure(s: argparse.ArgumentParser) -> None:
     s.add_argument("--guidance", type=float, default=None,
                    help="classifier-free guidance scale (1: none); default: the model config's")
     s.add_argument("--scale", type=int, default=8, help="pixels per image pixel in the PNG")
-    s.add_argument("overrides", nargs="*", help="backend overrides, e.g. backend=cpu")
+    from isthmus.cli.main import add_config_arguments
+
+    add_config_arguments(s, "backend overrides, e.g. backend=cpu")
 
 
 def prompt_tokens(tokenizer: Any, prompt: str, length: int) -> Any:
@@ -61,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
                              ("--guidance", args.guidance, 0)):
         if value is not None and value < low:
             raise ConfigError(f"{name} must be at least {low}, got {value}")
-    run_, params, loaded = checkpoint_run(args.checkpoint, args.overrides)
+    run_, params, loaded = checkpoint_run(args.checkpoint, args.overrides, config_files=args.config_files)
     model: Any = run_.model
     if model.task != "text-to-image":
         raise ConfigError(f"--checkpoint {loaded.path} holds {model.name}, which does not draw images; "

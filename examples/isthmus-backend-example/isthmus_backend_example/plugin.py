@@ -7,7 +7,7 @@ from pathlib import Path
 from isthmus.registry.backend import Capabilities
 from isthmus.registry.hookspecs import hookimpl
 from isthmus.kernels.routing import KernelRoute
-from isthmus.registry.specs import BackendParts, BackendRequest, BackendSpec, ProbeResult
+from isthmus.registry.specs import BackendOptions, BackendParts, BackendRequest, BackendSpec, ProbeResult
 
 NAME = "example"
 
@@ -44,6 +44,7 @@ def register_backends(register):
             engine_modules={"torch": ("torch",)},
             install_hints={"torch": "pip install torch"},
             description="Example: torch on the CPU with explicit-softmax attention",
+            options=BackendOptions(),  # takes no backend.options; a device backend names keys and a parser
         )
     )
 
