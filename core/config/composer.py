@@ -10,7 +10,7 @@ Order of application, last wins: group option files, then the keys of ``defaults
 user's config files (``--config``) in the order given, then ``key=value`` overrides in the order
 given. Group choices (``group=option`` overrides, ``group: option`` in a user file) pick the files,
 so they act first wherever they stand, a command-line choice over a file's. A section whose final
-``name`` is another option of its group (``model.name=tiny-t2i``) starts from that option's file.
+``name`` is another option of its group (``model.name=my-model``) starts from that option's file.
 Interpolations (``${seed}``) are resolved once everything is merged, then the whole tree is checked
 against the schemas in ``isthmus.config.schema`` and every problem found is reported in one
 ``ConfigError``; every problem names the file its value came from.
@@ -261,8 +261,8 @@ def _renamed(
     tree: Mapping[Any, Any], bases: Mapping[str, Mapping[Any, Any]], options: Options
 ) -> dict[str, tuple[str, str]]:
     """Groups whose section ends up with another ``name`` than its option file gives it, where an
-    option file of that name exists: ``model: {name: tiny-t2i, ...}`` (a config written by
-    ``isthmus config show``, or ``model.name=tiny-t2i``) then starts from ``model/tiny-t2i.yaml``
+    option file of that name exists: ``model: {name: my-model, ...}`` (a config written by
+    ``isthmus config show``, or ``model.name=my-model``) then starts from ``model/my-model.yaml``
     rather than mixing the keys of two models. A file with no ``name`` of its own is kept."""
     renamed = {}
     for group, base in bases.items():
