@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PIP := $(BIN)/python -m pip --disable-pip-version-check -q
 
-.PHONY: demo demo-t2i test test-slow test-all tutorials bench kill-resume clean venv
+.PHONY: demo demo-t2i test lint test-slow test-all tutorials bench kill-resume clean venv
 
 venv: $(STAMP)
 
@@ -37,10 +37,15 @@ demo-t2i: $(STAMP)
 	$(BIN)/isthmus export --checkpoint $(T2I_RUN) --output $(T2I_RUN)/model.onnx
 	$(BIN)/isthmus portability --checkpoint $(T2I_RUN) --backends cpu,cpu:mindspore,onnxruntime,reference --out $(T2I_RUN)/portability
 
-test: $(STAMP)
+test: $(STAMP) lint
 	$(BIN)/python -m pytest -q -m "not slow"
 	cd examples/isthmus-backend-example && ../../$(BIN)/python -m pytest -q --isthmus-backend=example --isthmus-quick
 	cd examples/isthmus-model-example && ../../$(BIN)/python -m pytest -q
+
+# ruff over the code, mypy over the contracts and the plugin API (pyproject's [tool.mypy] files).
+lint: $(STAMP)
+	$(BIN)/ruff check core backends plugins
+	$(BIN)/mypy
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow

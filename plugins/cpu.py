@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from isthmus.backends.cpu.detect import probe
-from isthmus.registry.hookspecs import hookimpl
+from isthmus.registry.hookspecs import Register, hookimpl
 from isthmus.registry.specs import BackendOptions, BackendParts, BackendRequest, BackendSpec
 
 
@@ -18,7 +18,7 @@ def factory(request: BackendRequest) -> BackendParts:
 
 
 @hookimpl
-def register_backends(register):
+def register_backends(register: Register) -> None:
     register(
         BackendSpec(
             name="cpu",

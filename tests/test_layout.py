@@ -139,3 +139,31 @@ def test_importing_isthmus_and_its_public_names_imports_no_engine():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def called_on(path: Path, owner: str, parent: str | None = None) -> set[str]:
+    """Attributes the code at ``path`` reads on anything named ``owner`` (``engine``,
+    ``backend.engine``, ``self.run.model``...), or only on ``<parent>.<owner>`` when given."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Attribute):
+            value = node.value
+            base = value.id if isinstance(value, ast.Name) else value.attr if isinstance(value, ast.Attribute) else ""
+            above = value.value if isinstance(value, ast.Attribute) else None
+            above_name = above.id if isinstance(above, ast.Name) else above.attr if isinstance(above, ast.Attribute) else ""
+            if base == owner and (parent is None or above_name == parent):
+                names.add(node.attr)
+    return names
+
+
+def test_every_engine_and_model_member_the_trainer_uses_is_declared_in_its_protocol():
+    from isthmus.data.splits import Dataset
+    from isthmus.registry.backend import Engine
+
+    trainer = CORE / "train" / "trainer.py"
+    for owner, parent, protocol in (("engine", None, Engine), ("model", None, Model), ("train", "data", Dataset)):
+        used = called_on(trainer, owner, parent)
+        assert used, owner  # the scan found the trainer's calls
+        annotated = {name for klass in protocol.__mro__ for name in getattr(klass, "__annotations__", {})}
+        undeclared = sorted(name for name in used if not hasattr(protocol, name) and name not in annotated)
+        assert undeclared == [], f"{owner}: {undeclared} are used by the trainer but not declared by {protocol.__name__}"

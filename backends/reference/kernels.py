@@ -9,13 +9,13 @@ itself would overflow (exp of large values) or cancel.
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
 from isthmus.kernels.interface import FLOAT_DTYPES, OPS
 from isthmus.kernels.args import axes as _axes, pair as _pair
-from isthmus.kernels.rounding import round_to_bfloat16, round_to_dtype
+from isthmus.kernels.rounding import round_to_dtype
 from isthmus.backends.reference import optim
 
 _erf = np.frompyfunc(math.erf, 1, 1)

@@ -212,7 +212,7 @@ def compose(
     for where, picks, _ in user:
         for group, option in picks.items():
             choices[group] = (option, f" (in {where})")
-    for text, kind, path, option in parsed:
+    for _text, kind, path, option in parsed:
         if kind == "group":
             choices[path[0]] = (option, "")
     layers = [(top, str(defaults_file)), *((keys, where) for where, _, keys in user)]

@@ -147,7 +147,7 @@ class Trainer:
             batch = policy.cast_batch(k, to_device(backend, raw))
 
             def objective(params: dict[str, Any]) -> tuple[Any, Any]:
-                loss, metrics = self.loss_fn(k, policy.cast_params(k, params), batch, training=True)
+                loss, metrics = self.loss_fn(k, policy.cast_params(k, params), batch, training=True)  # noqa: B023 (called at once)
                 return (k.mul(loss, scale) if scale != 1.0 else loss), loss
 
             _, loss, grads = engine.value_and_grad(objective, self.params)
