@@ -151,7 +151,7 @@ def isthmus(*args: str, env_path: Path) -> subprocess.CompletedProcess:
     (["model.inputs={images: pictures}"], "the batch has no 'pictures'"),
 ])
 def test_mistakes_are_one_line_errors(module_dir, tmp_path, overrides, expected):
-    from isthmus.models.torch_module.model import ModuleError
+    from isthmus.models.nn_module.model import ModuleError
 
     with pytest.raises(ModuleError) as caught:
         run, manager = run_of(tmp_path, "train.steps=1", "train.checkpoint_every=0", *overrides)

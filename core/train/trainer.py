@@ -142,10 +142,10 @@ class Trainer:
         total = None
         losses = []
         weight = 0.0
+        own = self.run.model.autocast  # the model runs the engine's autocast instead of being cast
         for _ in range(int(t.grad_accum)):
             raw = next(self.data)
             weight += token_count(raw) if self.comm is not None else 0.0
-            own = self.run.model.autocast  # the model runs the engine's autocast instead of being cast
             batch = to_device(backend, raw) if own else policy.cast_batch(k, to_device(backend, raw))
 
             def objective(params: dict[str, Any]) -> tuple[Any, Any]:

@@ -17,7 +17,7 @@ from typing import Any, Mapping
 
 from isthmus.config.values import build
 from isthmus.errors import IsthmusError
-from isthmus.models.torch_module.config import TorchModuleConfig
+from isthmus.models.nn_module.config import TorchModuleConfig
 from isthmus.nn.model import Model
 from isthmus.nn.params import ParamSpec
 

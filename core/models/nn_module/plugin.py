@@ -14,14 +14,14 @@ NAME = "torch-module"
 
 def build(model_config: Mapping[str, Any], data: Any) -> Any:
     """The wrapped ``nn.Module`` from ``model.factory``."""
-    from isthmus.models.torch_module.model import TorchModule
+    from isthmus.models.nn_module.model import TorchModule
 
     return TorchModule(model_config, data)
 
 
 @hookimpl
 def register_models(register: Register) -> None:
-    register(ModelSpec(name=NAME, factory=build, schema="isthmus.models.torch_module.config:TorchModuleConfig",
+    register(ModelSpec(name=NAME, factory=build, schema="isthmus.models.nn_module.config:TorchModuleConfig",
                        description="Any torch.nn.Module (model.factory=package.module:function), on the torch engine"))
 
 
