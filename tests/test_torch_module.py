@@ -178,3 +178,62 @@ def test_export_takes_the_torch_exporter_and_matches_in_onnx_runtime(module_dir,
     assert "with the torch exporter" in exported.stdout and "logits, batch 1" in exported.stdout
     refused = isthmus("export", "--checkpoint", str(tmp_path), "--exporter", "kernel", env_path=module_dir)
     assert refused.returncode == 2 and "runs on the torch engine only" in refused.stderr
+
+
+FUSED = textwrap.dedent('''
+    import torch
+    import torch.nn as nn
+    import torch.nn.functional as F
+
+
+    class TinyRMSNorm(nn.Module):
+        def __init__(self, dim, eps=1e-6):
+            super().__init__()
+            self.weight = nn.Parameter(torch.ones(dim) + 0.1 * torch.randn(dim))
+            self.variance_epsilon = eps
+
+        def forward(self, x):
+            return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon) * self.weight
+
+
+    class Block(nn.Module):
+        """Attention over a short sequence of pixel rows, written with SDPA, between RMSNorms."""
+
+        def __init__(self, dim=12, heads=2, classes=3):
+            super().__init__()
+            self.embed, self.norm, self.heads = nn.Linear(3 * 8, dim), TinyRMSNorm(dim), heads
+            self.qkv, self.out_norm, self.head = nn.Linear(dim, 3 * dim), TinyRMSNorm(dim), nn.Linear(dim, classes)
+
+        def forward(self, images):
+            b = images.shape[0]
+            x = self.norm(self.embed(F.interpolate(images, size=(8, 8)).permute(0, 2, 1, 3).reshape(b, 8, 24)))
+            q, k, v = (t.reshape(b, 8, self.heads, -1).transpose(1, 2) for t in self.qkv(x).chunk(3, dim=-1))
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(b, 8, -1)
+            return self.head(self.out_norm(y).mean(1))
+
+
+    def build():
+        return Block()
+''')
+
+
+def test_fused_modules_send_rms_norm_and_sdpa_through_the_kernels_and_keep_the_numbers(module_dir, tmp_path):
+    (module_dir / "fusednet.py").write_text(FUSED)
+    plain, _ = run_of(tmp_path / "a", "model.factory=fusednet:build")
+    fused, _ = run_of(tmp_path / "b", "model.factory=fusednet:build", "model.fused_modules=true")
+    assert sorted(fused.model.describe()["fused_modules"]) == ["norm (TinyRMSNorm -> k.rms_norm)",
+                                                               "out_norm (TinyRMSNorm -> k.rms_norm)"]
+    calls = []
+    k = fused.backend.kernels
+    rms, attention = k.rms_norm, k.attention
+    k.rms_norm = lambda *a, **kw: calls.append("rms_norm") or rms(*a, **kw)
+    k.attention = lambda *a, **kw: calls.append("attention") or attention(*a, **kw)
+    engine = plain.backend.engine
+    weights = plain.model.initial_parameters(0)
+    batch = {n: engine.asarray(a) for n, a in plain.data.eval.batch(np.arange(4)).items()}
+    with engine.no_grad():
+        expected = engine.to_numpy(plain.model.forward(plain.backend.kernels, engine.parameters(weights), batch))
+        got = engine.to_numpy(fused.model.forward(k, engine.parameters(weights), batch))
+    assert sorted(calls) == ["attention", "rms_norm", "rms_norm"]
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+    assert fused.model.describe()["fused_attention_calls"] == 1

@@ -101,6 +101,11 @@ class Model(Protocol):
         return loss_evaluation(self, backend, params, dataset, batch_size=batch_size, max_samples=max_samples,
                                policy=policy)
 
+    def describe(self) -> dict[str, Any]:
+        """Facts about how the model runs that a dump or a report records (swapped submodules, a
+        fitted codebook's size); JSON-able. The default has none."""
+        return {}
+
     def generate(self, k: Any, params: Mapping[str, Any], batch: Mapping[str, Any], **options: Any) -> Any:
         """What the model produces for the inputs in ``batch`` by running itself repeatedly (token
         ids for a model that captions images or continues text). The default refuses: most models only

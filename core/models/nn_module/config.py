@@ -20,7 +20,9 @@ class TorchModuleConfig(ModelBase):
     empty: every batch key the module's forward takes, under its own name. ``loss``: ``output`` takes the
     output's ``loss`` (as ``transformers`` models return it when given labels); ``cross_entropy``
     or ``mse`` compare the output's ``logits`` (or the output itself) with the batch's ``labels``
-    key. ``outputs``: the attribute or key of the output that export and portability compare."""
+    key. ``outputs``: the attribute or key of the output that export and portability compare.
+    ``fused_modules``: send recognised submodules through the backend's kernel routes
+    (:mod:`isthmus.models.nn_module.fused`)."""
 
     name: str = "torch-module"
     factory: str = MISSING
@@ -29,6 +31,7 @@ class TorchModuleConfig(ModelBase):
     loss: str = "output"
     labels: str = "labels"
     outputs: str = "logits"
+    fused_modules: bool = False  # RMSNorm submodules and SDPA calls through the backend's kernels (fused routes)
 
     def check(self) -> list[tuple[str, str]]:
         """Rules a type cannot state."""

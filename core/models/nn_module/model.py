@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import importlib
 import inspect
+from contextlib import nullcontext
 from typing import Any, Mapping
 
 from isthmus.config.values import build
 from isthmus.errors import IsthmusError
 from isthmus.models.nn_module.config import TorchModuleConfig
+from isthmus.models.nn_module.fused import FusedPaths
 from isthmus.nn.model import Model
 from isthmus.nn.params import ParamSpec
 
@@ -68,6 +70,7 @@ class TorchModule(Model):
         self.module = self.make(seed=0)
         self.accepts = self.keywords(self.module)
         self.placed = ""
+        self.fused = FusedPaths(self.module) if self.config.fused_modules else None
 
     # ---- the module ----------------------------------------------------------------------------
     def make(self, seed: int) -> Any:
@@ -124,7 +127,13 @@ class TorchModule(Model):
                                   f"with model.inputs={{argument: batch_key}}")
         return {name: batch[key] for name, key in mapping.items()}
 
-    def call(self, params: Mapping[str, Any], batch: Mapping[str, Any], training: bool) -> Any:
+    def describe(self) -> dict[str, Any]:
+        """The submodules sent through the backend's kernels, and how often attention went there."""
+        if self.fused is None:
+            return {"fused_modules": "off"}
+        return {"fused_modules": self.fused.swapped, "fused_attention_calls": self.fused.attention_calls}
+
+    def call(self, k: Any, params: Mapping[str, Any], batch: Mapping[str, Any], training: bool) -> Any:
         import torch
 
         device = str(next(iter(params.values())).device) if params else "cpu"
@@ -133,8 +142,9 @@ class TorchModule(Model):
             self.placed = device
         self.module.train(training)
         try:
-            return torch.func.functional_call(self.module, dict(params), args=(), kwargs=self.feeds(batch),
-                                              strict=False)
+            with self.fused.active(k) if self.fused is not None else nullcontext():
+                return torch.func.functional_call(self.module, dict(params), args=(), kwargs=self.feeds(batch),
+                                                  strict=False)
         except ModuleError:
             raise
         except Exception as error:
@@ -143,7 +153,7 @@ class TorchModule(Model):
 
     def forward(self, k: Any, params: Mapping[str, Any], batch: Mapping[str, Any], training: bool = False) -> Any:
         """The output's ``model.outputs`` (``logits`` by default)."""
-        out = pick(self.call(params, batch, training), self.config.outputs)
+        out = pick(self.call(k, params, batch, training), self.config.outputs)
         if out is None:
             raise ModuleError(f"model.outputs={self.config.outputs}: the module's output has no such attribute or key")
         return out
@@ -153,7 +163,7 @@ class TorchModule(Model):
         """The output's ``loss``, or a named loss of its logits against the batch's labels."""
         import torch.nn.functional as F
 
-        output = self.call(params, batch, training)
+        output = self.call(k, params, batch, training)
         if self.config.loss == "output":
             loss = pick(output, "loss")
             if loss is None:
