@@ -11,7 +11,7 @@ venv: $(STAMP)
 
 $(STAMP): pyproject.toml constraints.txt examples/isthmus-backend-example/pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(PIP) install -c constraints.txt -e '.[torch,mindspore,onnx,plots,dev]'
+	$(PIP) install -c constraints.txt -e '.[torch,mindspore,onnx,plots,dev,hf]'
 	$(PIP) install -c constraints.txt -e examples/isthmus-backend-example
 	touch $(STAMP)
 

@@ -8,7 +8,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 
@@ -45,16 +45,18 @@ class TrainResult:
 
 
 class Trainer:
-    """Trains ``run.model`` on ``run.backend``; ``resume`` is a checkpoint path or run dir."""
+    """Trains ``run.model`` on ``run.backend``; ``resume`` is a checkpoint path or run dir; ``init``
+    the starting weights of a new run (a fresh optimizer), instead of the seeded initialisation."""
 
     def __init__(self, run: Run, run_dir: Path, manager: Any = None, progress: bool = False, resume: Path | None = None,
-                 comm: Any = None) -> None:
+                 comm: Any = None, init: Mapping[str, np.ndarray] | None = None) -> None:
         self.run = run
         self.cfg = run.config
         self.run_dir = run_dir
         self.manager = manager
         self.show_progress = progress
         self.resume = resume
+        self.init = init  # starting weights (train --init-from): float32 arrays by parameter name
         self.policy = Policy(str(self.cfg.train.precision))
         # The train section as plain values for the per-step path: an OmegaConf attribute read
         # costs ~20 us and the loop reads about a dozen per step.
@@ -80,7 +82,8 @@ class Trainer:
         self.loss_fn = engine.compile_step(self.run.model.loss)
         self.optimizer = AdamW(betas=tuple(t.betas), eps=t.eps, weight_decay=t.weight_decay)
         if self.resume is None:
-            self.params = engine.parameters(initialise(self.specs, int(self.cfg.seed)))
+            weights = self.init if self.init is not None else initialise(self.specs, int(self.cfg.seed))
+            self.params = engine.parameters({name: weights[name] for name in self.specs})
             self.optimizer.init_state(k, self.params)
             engine.seed(int(self.cfg.seed))
             self.data = self.run.data.train.iter_batches(int(t.batch_size), seed=int(self.cfg.seed))
