@@ -109,7 +109,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     progress = not args.no_progress and sys.stderr.isatty()
     try:
         result = Trainer(run, directory, manager=get_manager(), progress=progress, resume=resume_from, comm=comm,
-                         init=init.params if init is not None else None).fit()
+                         init=init.params if init is not None else None,
+                         foreign=init.state.extra.get("foreign") if init is not None else None).fit()
     finally:
         if comm is not None:
             comm.close()

@@ -104,7 +104,7 @@ def write_isthmus(registry: Any, source: Any, out: Path, origin: str) -> tuple[i
 def write_hf_dir(registry: Any, source: Any, out: Path, dtype: str, max_shard_bytes: int) -> tuple[int, int]:
     layout = _layout(registry, source)
     rules = layout.rules(source.section)
-    hf = source.extra().get("hf") or {}
+    hf = (source.extra().get("foreign") or {}).get("hf") or {}
     dtypes = _dtypes(source, [r.foreign for r in rules], dtype, hf.get("dtypes"))
     try:
         written = write_hf(out, layout, source.section, source.chunks, source.shapes, dtypes, hf.get("config"),

@@ -184,7 +184,7 @@ class HfSource:
 
     def extra(self) -> dict[str, Any]:
         """What an isthmus checkpoint keeps to write the same directory back."""
-        return {"hf": {"config": self.config, "dtypes": self.dtypes}}
+        return {"foreign": {"hf": {"config": self.config, "dtypes": self.dtypes}}}
 
     def close(self) -> None:
         for file in set(self.files.values()):

@@ -72,7 +72,7 @@ class IsthmusSource:
         self.shapes = expected_shapes(self.spec, self.section, str(self.path))
         _check_shapes(str(file), found, self.shapes)
         self.config = state.config
-        self.hf = state.extra.get("hf")
+        self.foreign = state.extra.get("foreign") or {}
         self.data_state = state.extra.get("data") or {}
         self.tokenizer = None
         self.dtypes = {name: info.dtype for name, info in self.file.tensors.items()}
@@ -81,7 +81,7 @@ class IsthmusSource:
         return self.file.chunks(name)
 
     def extra(self) -> dict[str, Any]:
-        return {"hf": self.hf} if self.hf else {}
+        return {"foreign": self.foreign} if self.foreign else {}
 
     def close(self) -> None:
         self.file.close()
@@ -116,7 +116,7 @@ class MindSporeSource:
             need = int(np.prod(entry["shape"])) * numpy_dtype(entry["dtype"]).itemsize
             if stored != need:
                 raise InteropError(f"{self.path / CKPT}: tensor {name!r} holds {stored} bytes, its shape needs {need}")
-        self.hf = (doc.get("extra") or {}).get("hf")
+        self.foreign = (doc.get("extra") or {}).get("foreign") or {}
         self.data_state = (doc.get("extra") or {}).get("data") or {}
         self.tokenizer = None
         self.dtypes = {name: entry["dtype"] for name, entry in self.file.tensors.items()}
@@ -125,7 +125,7 @@ class MindSporeSource:
         return self.file.chunks(name)
 
     def extra(self) -> dict[str, Any]:
-        return {"hf": self.hf} if self.hf else {}
+        return {"foreign": self.foreign} if self.foreign else {}
 
     def close(self) -> None:
         self.file.close()

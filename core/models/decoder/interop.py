@@ -168,6 +168,11 @@ class HfDecoder:
             "rope_parameters": rope,
             "use_cache": True,
             "dtype": dtype,
+            # No tokenizer is known here: the families' defaults (GLM-4's pad id 151329) would not fit
+            # a smaller vocabulary.
+            "bos_token_id": None,
+            "eos_token_id": None,
+            "pad_token_id": None,
         }
         if self.model == "llama":
             config.update(attention_bias=bool(c["attention_bias"]), mlp_bias=bool(c["mlp_bias"]))
