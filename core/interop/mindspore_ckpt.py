@@ -80,6 +80,7 @@ def write_ckpt(path: Path, tensors: Iterable[tuple[str, tuple[int, ...], str, It
                 body = memoryview(chunk.reshape(-1).view(np.uint8))
                 put(_slice_prefix(name, tuple(shape), dtype, len(body)))
                 put(body)
+                del body, chunk  # before the next chunk is made: one converted chunk alive at a time
         put(CRC_MARK + crc.to_bytes(10, "big"))
         os.fsync(fd)
     finally:

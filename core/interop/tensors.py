@@ -24,7 +24,7 @@ import numpy as np
 
 from isthmus.errors import IsthmusError
 
-CHUNK_BYTES = 16 << 20
+CHUNK_BYTES = 8 << 20
 """The most bytes of one tensor held at once while converting."""
 DTYPE_TAGS = {"bool": "BOOL", "int8": "I8", "uint8": "U8", "int16": "I16", "uint16": "U16", "int32": "I32",
               "uint32": "U32", "int64": "I64", "uint64": "U64", "float16": "F16", "float32": "F32",
