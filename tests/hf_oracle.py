@@ -21,6 +21,8 @@ import numpy as np
 import torch
 import transformers
 
+transformers.utils.logging.disable_progress_bar()  # its bars go to stderr, which tests read
+
 CLASSES = {
     "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
     "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),

@@ -86,7 +86,8 @@ class Decoder(Model):
         lose the phase within a few hundred positions."""
         wide = "float64" if dtype == "float64" else "float32"
         shape = k.shape(positions)
-        frequencies = k.reshape(k.asarray(self.inverse_frequencies, wide), (1,) * len(shape) + (-1,))
+        frequencies = k.reshape(k.asarray(self.inverse_frequencies, wide),
+                                (1,) * len(shape) + (len(self.inverse_frequencies),))
         angles = k.mul(k.reshape(k.cast(positions, wide), tuple(shape) + (1,)), frequencies)
         cos, sin = k.cos(angles), k.sin(angles)
         if self.rope_scale != 1.0:
@@ -203,7 +204,8 @@ class Decoder(Model):
         x = self.embed(k, params, tokens)
         at = k.add(positions, k.reshape(k.arange(count), (1, count)))  # (B, n)
         cos, sin = self.rotary(k, at, k.dtype(x))
-        cos, sin = (k.reshape(t, (batch_size, 1, count, -1)) for t in (cos, sin))
+        half = len(self.inverse_frequencies)  # a fixed size, so a dynamic batch stays the only dynamic dim
+        cos, sin = (k.reshape(t, (batch_size, 1, count, half)) for t in (cos, sin))
         slots = k.reshape(k.arange(length), (1, 1, 1, length))
         mine = k.reshape(at, (batch_size, 1, count, 1))
         write = k.transpose(k.cast(k.equal(slots, mine), k.dtype(x)), (0, 1, 3, 2))  # (B, 1, L, n)
