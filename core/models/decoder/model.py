@@ -31,7 +31,11 @@ IGNORE_INDEX = -100
 
 
 class Decoder(Model):
-    """A decoder-only language model of the Llama / Qwen2 / GLM-4 family (see the module docstring)."""
+    """A decoder-only language model of the Llama / Qwen2 / GLM-4 family (see the module docstring).
+
+    A preset is its option file (``model/glm4.yaml``: interleaved partial rotary, post norms...),
+    which ``model=glm4`` composes; a config given here directly takes the schema's defaults for the
+    keys it leaves out, whatever its ``name``."""
 
     task = "text-generation"
 
