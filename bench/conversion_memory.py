@@ -32,7 +32,7 @@ TARGET = 1.5
 def write_source(out: Path, hidden: int, layers: int, vocab: int, shard_bytes: int) -> dict:
     """A Llama Hugging Face directory of seeded random bfloat16 weights, written as a stream."""
     from isthmus.interop.hf import expected_shapes, write_hf
-    from isthmus.models.decoder.interop import LLAMA
+    from isthmus.models.decoder_lm.interop import LLAMA
     from isthmus.registry.manager import load_plugins
 
     registry = load_plugins(autoload=False)[1]

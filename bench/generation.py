@@ -38,8 +38,8 @@ def main() -> int:
     p.add_argument("--out", type=Path, default=HERE / "results" / "generation.json")
     args = p.parse_args()
 
-    from isthmus.models.decoder.generation import generate
-    from isthmus.models.decoder.model import Decoder
+    from isthmus.models.decoder_lm.generation import generate
+    from isthmus.models.decoder_lm.model import DecoderLM
     from isthmus.nn.params import initialise
     from isthmus.registry.manager import load_plugins
     from isthmus.train.restore import build_label
@@ -48,7 +48,7 @@ def main() -> int:
     section = {"name": "llama", "vocab_size": 258, "hidden_size": args.hidden, "intermediate_size": args.hidden * 11 // 4,
                "num_hidden_layers": args.layers, "num_attention_heads": args.hidden // 32,
                "num_key_value_heads": max(1, args.hidden // 128)}
-    model = Decoder(section)
+    model = DecoderLM(section)
     weights = initialise(model.param_specs(), 0)
     prompt = np.random.default_rng(0).integers(0, 258, size=(args.batch, args.prompt))
     rows = []

@@ -90,15 +90,15 @@ def test_a_decoder_lm_runs_its_attention_and_norms_on_the_fused_operators(fake_t
 
     from isthmus.backends.torch.engine import TorchEngine
     from isthmus.backends.torch.kernels import kernel_table
-    from isthmus.models.decoder.model import Decoder
+    from isthmus.models.decoder_lm.model import DecoderLM
     from isthmus.nn.params import initialise
 
     import yaml
     from importlib import resources
 
-    shipped = yaml.safe_load(resources.files("isthmus.models.decoder").joinpath(
+    shipped = yaml.safe_load(resources.files("isthmus.models.decoder_lm").joinpath(
         "configs", "model", f"{preset}.yaml").read_text())  # the preset's architecture
-    model = Decoder({**shipped, "hidden_size": 48, "num_attention_heads": 6, "num_key_value_heads": 2,
+    model = DecoderLM({**shipped, "hidden_size": 48, "num_attention_heads": 6, "num_key_value_heads": 2,
                      "intermediate_size": 64, "num_hidden_layers": 2, "vocab_size": 50,
                      **({"head_dim": 12} if preset == "glm4" else {})})
     kernels, engine = routed_kernels()

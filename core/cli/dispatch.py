@@ -1,5 +1,5 @@
 """Commands that several models share by name, each model's package bringing its own version
-(``generate`` draws images for tiny-t2i and continues text for a decoder LM).
+(``generate`` draws images for a text-to-image model and continues text for a language model).
 
 ``isthmus generate --checkpoint PATH ...`` reads which model the checkpoint holds (an isthmus
 checkpoint or a foreign model directory), then parses the rest of the command line with that
@@ -61,7 +61,7 @@ def run(name: str, specs: Sequence[Any], argv: Sequence[str]) -> int:
 
 
 def served(specs: Sequence[Any]) -> str:
-    """``"tiny-t2i: draw images ...; llama, qwen2, glm4: continue a prompt ..."``."""
+    """Each version's models and help, ``"; "``-separated."""
     return "; ".join(", ".join(s.models) + ": " + s.help for s in specs)
 
 

@@ -21,7 +21,7 @@ class LayoutError(IsthmusError):
 @dataclass(frozen=True)
 class Rule:
     """One foreign tensor: the concatenation along ``axis`` of one or more canonical tensors
-    (GLM-4's ``gate_up_proj`` is the gate and up projections stacked on axis 0)."""
+    (a fused projection stored as its separate projections stacked on axis 0)."""
 
     foreign: str
     canonical: tuple[str, ...]
@@ -29,7 +29,7 @@ class Rule:
 
 
 class Layout(Protocol):
-    """A foreign checkpoint layout of one model (the Hugging Face directory of a Llama, say)."""
+    """A foreign checkpoint layout of one model (a Hugging Face model directory of one architecture)."""
 
     model: str
     """The registered model name it maps to."""

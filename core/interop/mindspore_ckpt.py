@@ -128,9 +128,9 @@ class CkptFile:
         data = self._map
         end = len(data) - 17 if len(data) >= 17 and data[len(data) - 17:len(data) - 10] == CRC_MARK else len(data)
         self.tensors: dict[str, dict[str, Any]] = {}
-        for number, _, (begin, stop) in ((n, w, v) for n, w, v in _fields(data, 0, end) if n == 1):
+        for _, _, (begin, stop) in ((n, w, v) for n, w, v in _fields(data, 0, end) if n == 1):
             tag, dims, type_name, content = "", [], "", (0, 0)
-            for field, wire, value in _fields(data, begin, stop):
+            for field, _, value in _fields(data, begin, stop):
                 if field == 1:
                     tag = bytes(data[value[0]:value[1]]).decode("utf-8")
                 elif field == 2:

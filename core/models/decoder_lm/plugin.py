@@ -25,14 +25,14 @@ SMOKE = ("model.hidden_size=32", "model.intermediate_size=64", "model.num_hidden
 def build(model_config: Mapping[str, Any], data: Any) -> Any:
     """The model from its config section; a null ``vocab_size`` comes from the data's tokenizer."""
     from isthmus.errors import IsthmusError
-    from isthmus.models.decoder.model import Decoder
+    from isthmus.models.decoder_lm.model import DecoderLM
 
     name = str(model_config.get("name"))
     tokenizer = data.tokenizer
     if tokenizer is None and model_config.get("vocab_size") is None:
         raise IsthmusError(f"model {name} reads text, but the data has no tokenizer and model.vocab_size is not "
                            f"set; use data=text-jsonl (or data=scenes)")
-    model = Decoder(model_config, tokenizer)
+    model = DecoderLM(model_config, tokenizer)
     if tokenizer is not None and tokenizer.vocab_size > model.config.vocab_size:
         raise IsthmusError(f"the data's tokenizer has {tokenizer.vocab_size} ids but model.vocab_size is "
                            f"{model.config.vocab_size}: the model cannot embed them; use a tokenizer of at most "
@@ -41,13 +41,13 @@ def build(model_config: Mapping[str, Any], data: Any) -> Any:
 
 
 def _configure(parser: Any) -> None:
-    from isthmus.models.decoder.commands import configure
+    from isthmus.models.decoder_lm.commands import configure
 
     configure(parser)
 
 
 def _run(args: Any) -> int:
-    from isthmus.models.decoder.commands import run
+    from isthmus.models.decoder_lm.commands import run
 
     return run(args)
 
@@ -55,9 +55,9 @@ def _run(args: Any) -> int:
 @hookimpl
 def register_models(register):
     for name in PRESETS:
-        register(ModelSpec(name=name, factory=build, schema="isthmus.models.decoder.config:DecoderConfig",
+        register(ModelSpec(name=name, factory=build, schema="isthmus.models.decoder_lm.config:DecoderConfig",
                            smoke=SMOKE, description=DESCRIPTIONS[name],
-                           formats={"hf": f"isthmus.models.decoder.interop:{name.upper()}"}))
+                           formats={"hf": f"isthmus.models.decoder_lm.interop:{name.upper()}"}))
 
 
 @hookimpl

@@ -20,9 +20,9 @@ from isthmus.backends.reference.kernels import kernel_table as reference_table
 from isthmus.backends.torch.engine import TorchEngine
 from isthmus.backends.torch.kernels import kernel_table as torch_table
 from isthmus.kernels.routing import KernelSet
-from isthmus.models.decoder import interop
-from isthmus.models.decoder.generation import Sampling, choose, generate
-from isthmus.models.decoder.model import Decoder
+from isthmus.models.decoder_lm import interop
+from isthmus.models.decoder_lm.generation import Sampling, choose, generate
+from isthmus.models.decoder_lm.model import DecoderLM
 from isthmus.registry.manager import load_plugins
 from isthmus.train.restore import build_label
 
@@ -70,11 +70,11 @@ def torch_kernels(dtype: str = "float32") -> tuple[KernelSet, TorchEngine]:
     return KernelSet("cpu", "torch", torch_table(engine)), engine
 
 
-def pair(kind: str, config: dict, seed: int = 0) -> tuple[object, Decoder, dict[str, np.ndarray]]:
+def pair(kind: str, config: dict, seed: int = 0) -> tuple[object, DecoderLM, dict[str, np.ndarray]]:
     """A transformers model, the isthmus model its config maps to, and the weights (float64)."""
     hf = hf_model(kind, seed=seed, **config)
     section = LAYOUTS[kind].model_config(hf_config(hf))
-    return hf, Decoder(section), canonical(LAYOUTS[kind], section, hf, np.float64)
+    return hf, DecoderLM(section), canonical(LAYOUTS[kind], section, hf, np.float64)
 
 
 def token_ids(vocab: int, rows: int = 2, length: int = SEQ, seed: int = 1) -> np.ndarray:
@@ -100,7 +100,7 @@ def test_each_preset_matches_transformers(kind):
 def test_a_wrong_layout_is_caught_by_the_oracle():
     # The same weights with GLM-4's rotary pairs read as Llama's half split: the check must see it.
     hf, model, weights = pair("glm4", CONFIGS["glm4"][0])
-    wrong = Decoder({**model.config.__dict__, "rope_interleaved": False})
+    wrong = DecoderLM({**model.config.__dict__, "rope_interleaved": False})
     k, engine = torch_kernels()
     ids = token_ids(301)
     with torch.no_grad():
@@ -159,8 +159,8 @@ def canonical_grads(layout, section, hf) -> dict[str, np.ndarray]:
 def test_rope_scaling_frequencies_match_transformers():
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-    from isthmus.models.decoder import rope
-    from isthmus.models.decoder.config import DecoderConfig
+    from isthmus.models.decoder_lm import rope
+    from isthmus.models.decoder_lm.config import DecoderConfig
 
     for kind, index in (("llama", 1), ("llama", 2), ("qwen2", 2)):
         hf = hf_model(kind, **CONFIGS[kind][index])
@@ -286,10 +286,10 @@ def test_sampled_generation_is_reproducible_by_seed():
 
 def test_config_rules_name_the_key():
     with pytest.raises(ValueError, match=r"num_key_value_heads: num_attention_heads \(4\) is not a multiple of 3"):
-        Decoder({"name": "llama", "num_attention_heads": 4, "num_key_value_heads": 3}, vocab_size=10)
+        DecoderLM({"name": "llama", "num_attention_heads": 4, "num_key_value_heads": 3}, vocab_size=10)
     with pytest.raises(ValueError, match="partial_rotary_factor: rotates 3 of the 16"):
-        Decoder({"name": "glm4", "partial_rotary_factor": 0.1875}, vocab_size=10)
+        DecoderLM({"name": "glm4", "partial_rotary_factor": 0.1875}, vocab_size=10)
     with pytest.raises(ValueError, match="'mistral' is not a decoder preset"):
-        Decoder({"name": "mistral"}, vocab_size=10)
-    assert Decoder({"name": "qwen2", "head_dim": 24}, vocab_size=10).param_specs()["layers.0.attn.q.weight"].shape \
+        DecoderLM({"name": "mistral"}, vocab_size=10)
+    assert DecoderLM({"name": "qwen2", "head_dim": 24}, vocab_size=10).param_specs()["layers.0.attn.q.weight"].shape \
         == (96, 64)

@@ -1,7 +1,7 @@
 """The decoder's export beside its forward: a KV-cache step graph, and the check that greedy
 generation through that file gives the tokens the source backend gives.
 
-The step graph is :meth:`Decoder.step` for one new token against a cache of ``L`` slots (``L`` the
+The step graph is :meth:`DecoderLM.step` for one new token against a cache of ``L`` slots (``L`` the
 length of the forward's example sequence): inputs ``tokens`` ``(B, 1)``, ``positions`` ``(B, 1)`` and
 ``past_key_<i>`` / ``past_value_<i>`` ``(B, kv heads, L, head_dim)`` per layer; outputs ``logits``
 ``(B, 1, vocab)`` and ``present_key_<i>`` / ``present_value_<i>``. Every shape is static (the batch may
@@ -54,9 +54,9 @@ def step_graph(model: Any, params: Mapping[str, Any], host_batch: Mapping[str, A
 def generation_check(model: Any, backend: Any, params: Mapping[str, Any], host_batch: Mapping[str, Any],
                      run_step: Any) -> Any:
     """Greedy tokens decoded through the step graph's file (the prompt fed one token at a time) against
-    :func:`isthmus.models.decoder.generation.generate` on the source backend (KV cache)."""
+    :func:`isthmus.models.decoder_lm.generation.generate` on the source backend (KV cache)."""
     from isthmus.export.pipeline import Check
-    from isthmus.models.decoder.generation import generate
+    from isthmus.models.decoder_lm.generation import generate
 
     c = model.config
     tokens = np.asarray(host_batch["tokens"])

@@ -2,7 +2,7 @@
 ``model/qwen2.yaml``, ``model/glm4.yaml`` hold values only).
 
 Names follow the Hugging Face configs the families are published with, so a ``config.json`` reads
-across key for key (:mod:`isthmus.models.decoder.interop` maps the rest: the rope dictionary, the
+across key for key (:mod:`isthmus.models.decoder_lm.interop` maps the rest: the rope dictionary, the
 biases each family fixes, GLM-4's extra norms).
 """
 

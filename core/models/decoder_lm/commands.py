@@ -56,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
 
     from isthmus.cli.run import checkpoint_run
     from isthmus.config import ConfigError
-    from isthmus.models.decoder.generation import Sampling, generate
+    from isthmus.models.decoder_lm.generation import Sampling, generate
 
     if args.max_new_tokens < 1:
         raise ConfigError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")

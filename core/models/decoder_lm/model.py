@@ -6,8 +6,8 @@ shared by ``num_attention_heads`` query heads, ``k.attention`` reads head ``h //
 positions on the first ``rotary_dim`` features of queries and keys (half-split pairs, or interleaved
 pairs for GLM-4). The feed-forward is SwiGLU: ``down(silu(gate(x)) * up(x))``.
 
-Two entry points share the blocks: :meth:`Decoder.forward` runs whole sequences (causal, for training
-and scoring) and :meth:`Decoder.step` runs ``n`` new tokens against a static KV cache of ``L`` slots
+Two entry points share the blocks: :meth:`DecoderLM.forward` runs whole sequences (causal, for training
+and scoring) and :meth:`DecoderLM.step` runs ``n`` new tokens against a static KV cache of ``L`` slots
 (generation; every shape is fixed by ``B, n, L``, so it exports as one graph). A row's new tokens sit
 at positions ``positions[b] .. positions[b] + n - 1``; they are written into the cache slots of those
 positions and attend to every slot up to their own.
@@ -19,8 +19,8 @@ import dataclasses
 from typing import Any, Mapping, Sequence
 
 from isthmus.config.values import build
-from isthmus.models.decoder import rope
-from isthmus.models.decoder.config import PRESETS, DecoderConfig
+from isthmus.models.decoder_lm import rope
+from isthmus.models.decoder_lm.config import PRESETS, DecoderConfig
 from isthmus.nn import layers
 from isthmus.nn.model import Model
 from isthmus.nn.params import ParamSpec, Scope, add_specs
@@ -30,7 +30,7 @@ Cache = list[tuple[Tensor, Tensor]]
 IGNORE_INDEX = -100
 
 
-class Decoder(Model):
+class DecoderLM(Model):
     """A decoder-only language model of the Llama / Qwen2 / GLM-4 family (see the module docstring).
 
     A preset is its option file (``model/glm4.yaml``: interleaved partial rotary, post norms...),
@@ -178,15 +178,15 @@ class Decoder(Model):
 
     # ---- export ----------------------------------------------------------------------------
     def export_graphs(self, params: Mapping[str, Any], host_batch: Mapping[str, Any]) -> list[Any]:
-        """The KV-cache step graph (see :mod:`isthmus.models.decoder.export_check`)."""
-        from isthmus.models.decoder.export_check import step_graph
+        """The KV-cache step graph (see :mod:`isthmus.models.decoder_lm.export_check`)."""
+        from isthmus.models.decoder_lm.export_check import step_graph
 
         return [step_graph(self, params, host_batch)]
 
     def export_checks(self, backend: Any, params: Mapping[str, Any], run_file: Any, host_batch: Mapping[str, Any],
                       tolerance: float, graphs: Mapping[str, Any] | None = None) -> list[Any]:
         """Greedy generation through the exported step graph equals the source backend's."""
-        from isthmus.models.decoder.export_check import STEP, generation_check
+        from isthmus.models.decoder_lm.export_check import STEP, generation_check
 
         if not graphs or STEP not in graphs:
             return []
@@ -224,7 +224,7 @@ class Decoder(Model):
                  use_cache: bool = True, **options: Any) -> Tensor:
         """Greedy continuation of ``batch["tokens"]`` ``(B, P)``: int64 ``(B, max_new_tokens)``, all on
         the device (kernels only). Sampling and stopping at ``<eos>`` live in
-        :mod:`isthmus.models.decoder.generation`, which draws on the host."""
+        :mod:`isthmus.models.decoder_lm.generation`, which draws on the host."""
         if options:
             raise ValueError(f"{self.name} generate takes max_new_tokens and use_cache, not {', '.join(options)}")
         tokens = batch["tokens"]
@@ -247,4 +247,4 @@ class Decoder(Model):
         return k.concat(produced, axis=1) if produced else k.zeros((batch_size, 0), "int64")
 
 
-__all__ = ["Decoder"]
+__all__ = ["DecoderLM"]

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 
-from isthmus.models.decoder.config import DecoderConfig, RopeType
+from isthmus.models.decoder_lm.config import DecoderConfig, RopeType
 
 
 def inverse_frequencies(c: DecoderConfig) -> list[float]:
