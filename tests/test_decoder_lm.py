@@ -194,7 +194,7 @@ def greedy_case(kind: str, index: int, new: int) -> None:
 
 
 def test_greedy_generation_equals_transformers_with_and_without_the_cache():
-    greedy_case("glm4", 1, 12)
+    greedy_case("glm4", 1, 8)
 
 
 @pytest.mark.slow
@@ -271,14 +271,14 @@ def test_choice_greedy_top_k_and_top_p():
 
 
 def test_sampled_generation_is_reproducible_by_seed():
-    _, model, weights = pair("glm4", CONFIGS["glm4"][2])
+    _, model, weights = pair("glm4", CONFIGS["glm4"][0])
     registry = load_plugins(autoload=False)[1]
     backend = build_label(registry, "cpu")
     params = backend.engine.parameters(weights)
-    prompt = token_ids(300, rows=2, length=3)
-    first = generate(model, backend, params, prompt, 10, Sampling(1.0, 20, 0.9, seed=4))
-    assert np.array_equal(first, generate(model, backend, params, prompt, 10, Sampling(1.0, 20, 0.9, seed=4)))
-    assert not np.array_equal(first, generate(model, backend, params, prompt, 10, Sampling(1.0, 20, 0.9, seed=5)))
+    prompt = token_ids(301, rows=2, length=3)
+    first = generate(model, backend, params, prompt, 6, Sampling(1.0, 20, 0.9, seed=4))
+    assert np.array_equal(first, generate(model, backend, params, prompt, 6, Sampling(1.0, 20, 0.9, seed=4)))
+    assert not np.array_equal(first, generate(model, backend, params, prompt, 6, Sampling(1.0, 20, 0.9, seed=5)))
 
 
 # ---- config ---------------------------------------------------------------------------------------
