@@ -74,6 +74,7 @@ bench: $(BENCH_STAMP)
 	-$(BENCH_VENV)/bin/python bench/coldstart.py
 	-$(BENCH_VENV)/bin/python bench/overhead.py
 	-$(BENCH_VENV)/bin/python bench/peers.py
+	-$(BENCH_VENV)/bin/python bench/module_overhead.py
 	-$(BENCH_VENV)/bin/python bench/mindspore_overhead.py
 	-$(BENCH_VENV)/bin/python bench/mfu.py --json bench/results/mfu.json
 	-$(BENCH_VENV)/bin/python bench/generation.py --backends cpu,cpu:mindspore

@@ -73,6 +73,11 @@ class Model(Protocol):
 
         return initialise(self.param_specs(), seed)
 
+    def place_parameters(self, engine: Any, arrays: Mapping[str, np.ndarray]) -> dict[str, Any]:
+        """The parameters the trainer updates, on the engine's device, from numpy arrays (at the
+        start, and when a checkpoint is resumed). The default is ``engine.parameters(arrays)``."""
+        return dict(engine.parameters(arrays))
+
     def bind_data(self, data: DataSplits, seed: int, saved: Mapping[str, Any] | None) -> DataSplits:
         """The data as this model consumes it. The default passes it through; a model whose batches
         need more than the dataset gives (visual codes fitted on the training images) returns

@@ -88,7 +88,7 @@ class Trainer:
         self.optimizer = AdamW(betas=tuple(t.betas), eps=t.eps, weight_decay=t.weight_decay)
         if self.resume is None:
             weights = self.init if self.init is not None else self.run.model.initial_parameters(int(self.cfg.seed))
-            self.params = engine.parameters({name: weights[name] for name in self.specs})
+            self.params = self.run.model.place_parameters(engine, {name: weights[name] for name in self.specs})
             self.optimizer.init_state(k, self.params)
             engine.seed(int(self.cfg.seed))
             self.data = self.run.data.train.iter_batches(int(t.batch_size), seed=int(self.cfg.seed))
@@ -99,7 +99,7 @@ class Trainer:
             must_match={"model": plain(self.cfg.model), "data": plain(self.cfg.data)},
             model_name=self.run.model.name,
         )
-        self.params = engine.parameters(loaded.params)
+        self.params = self.run.model.place_parameters(engine, loaded.params)
         self.optimizer.load_tensors({n: engine.asarray(a) for n, a in loaded.optimizer_tensors.items()}, list(self.specs))
         self.optimizer.step = int(loaded.state.optimizer["step"])
         if self.policy.loss_scale is not None and "loss_scale" in loaded.state.optimizer:

@@ -108,6 +108,25 @@ class TorchModule(Model):
         """The module's own initialisation under ``seed``."""
         return {name: p.detach().numpy().copy() for name, p in self.make(seed).named_parameters()}
 
+    def place_parameters(self, engine: Any, arrays: Mapping[str, Any]) -> dict[str, Any]:
+        """The module's own parameters, moved to the engine's device and loaded with ``arrays``:
+        the trainer then updates them in place and the module runs as written (no functional
+        call, so modules that keep fused weight buffers, such as RNNs, keep them)."""
+        import torch
+
+        device = getattr(engine, "torch_device", torch.device("cpu"))
+        self.module.to(device)
+        self.placed = str(device)
+        own = dict(self.module.named_parameters())
+        with torch.no_grad():
+            for name, parameter in own.items():
+                parameter.copy_(torch.from_numpy(arrays[name]).to(parameter.dtype))
+                parameter.requires_grad_(True)
+        for sub in self.module.modules():  # RNNs keep their weights in one buffer: re-point it
+            if isinstance(sub, torch.nn.RNNBase):
+                sub.flatten_parameters()
+        return own
+
     # ---- running it ----------------------------------------------------------------------------
     def feeds(self, batch: Mapping[str, Any]) -> dict[str, Any]:
         """The module's keyword arguments from the batch; a key it does not take is one line."""
@@ -141,10 +160,13 @@ class TorchModule(Model):
             self.module.to(device)
             self.placed = device
         self.module.train(training)
+        feeds = self.feeds(batch)
+        own = dict(self.module.named_parameters())
         try:
             with self.fused.active(k) if self.fused is not None else nullcontext():
-                return torch.func.functional_call(self.module, dict(params), args=(), kwargs=self.feeds(batch),
-                                                  strict=False)
+                if len(params) == len(own) and all(params[name] is p for name, p in own.items()):
+                    return self.module(**feeds)  # the trainer's parameters are the module's own
+                return torch.func.functional_call(self.module, dict(params), args=(), kwargs=feeds, strict=False)
         except ModuleError:
             raise
         except Exception as error:
