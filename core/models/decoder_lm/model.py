@@ -114,8 +114,8 @@ class DecoderLM(Model):
               cache: tuple[Tensor, Tensor] | None = None, write: Tensor | None = None,
               mask: Tensor | None = None) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
         """One block. Without ``cache``: causal self-attention over ``x``. With it: the new keys and
-        values are written where the float ``write`` ``(B, 1, L, n)`` (one-hot per new token) says,
-        and queries attend to the cache through the bool ``mask`` ``(B, 1, n, L)``."""
+        values are written where ``write`` says (see :meth:`write_cache`), and queries attend to the
+        cache through the bool ``mask`` ``(B, 1, n, L)``."""
         c = self.config
         attn = scope.sub("attn")
         h = layers.rms_norm(k, scope.sub("attn_norm"), x, c.rms_norm_eps)
@@ -147,8 +147,11 @@ class DecoderLM(Model):
     def write_cache(k: Any, old: Tensor, new: Tensor, write: Tensor) -> Tensor:
         """``old`` ``(B, Hkv, L, D)`` with the slots ``write`` marks replaced by ``new`` ``(B, Hkv, n, D)``.
 
-        A product with the one-hot ``write`` moves each new row to its slot exactly (one term is
-        non-zero), and keeps every shape static for export."""
+        One new token (``write`` bool ``(B, 1, L, 1)``): a ``where`` that broadcasts it to its slot.
+        Several (``write`` a float one-hot ``(B, 1, L, n)``): a product with the one-hot moves each
+        new row to its slot exactly (one term is non-zero). Either way every shape stays static."""
+        if k.dtype(write) == "bool":
+            return k.where(write, new, old)
         placed = k.matmul(k.cast(write, k.dtype(new)), new)
         taken = k.greater(k.sum(write, axis=-1, keepdims=True), 0.0)
         return k.where(taken, placed, old)
@@ -212,7 +215,10 @@ class DecoderLM(Model):
         cos, sin = (k.reshape(t, (batch_size, 1, count, half)) for t in (cos, sin))
         slots = k.reshape(k.arange(length), (1, 1, 1, length))
         mine = k.reshape(at, (batch_size, 1, count, 1))
-        write = k.transpose(k.cast(k.equal(slots, mine), k.dtype(x)), (0, 1, 3, 2))  # (B, 1, L, n)
+        if count == 1:  # decoding: the slot of the one new token, (B, 1, L, 1)
+            write = k.equal(k.reshape(slots, (1, 1, length, 1)), mine)
+        else:  # a prompt: one-hot (B, 1, L, n)
+            write = k.transpose(k.cast(k.equal(slots, mine), k.dtype(x)), (0, 1, 3, 2))
         mask = k.less(slots, k.add(mine, 1))  # (B, 1, n, L): every slot up to the token's own
         updated: Cache = []
         for i in range(self.config.num_hidden_layers):
