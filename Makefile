@@ -11,7 +11,7 @@ venv: $(STAMP)
 
 $(STAMP): pyproject.toml constraints.txt examples/isthmus-backend-example/pyproject.toml examples/isthmus-model-example/pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(PIP) install -c constraints.txt -e '.[torch,mindspore,onnx,plots,dev]'
+	$(PIP) install -c constraints.txt -e '.[torch,mindspore,onnx,plots,dev,hf]'
 	$(PIP) install -c constraints.txt -e examples/isthmus-backend-example
 	$(PIP) install -c constraints.txt -e examples/isthmus-model-example
 	touch $(STAMP)
@@ -77,6 +77,8 @@ bench: $(BENCH_STAMP)
 	-$(BENCH_VENV)/bin/python bench/module_overhead.py
 	-$(BENCH_VENV)/bin/python bench/mindspore_overhead.py
 	-$(BENCH_VENV)/bin/python bench/mfu.py --json bench/results/mfu.json
+	-$(BENCH_VENV)/bin/python bench/generation.py --backends cpu,cpu:mindspore
+	-$(BENCH_VENV)/bin/python bench/conversion_memory.py
 	$(BENCH_VENV)/bin/python bench/summary.py
 
 kill-resume: $(STAMP)

@@ -31,6 +31,7 @@ OVERHEAD_TARGET = 1.00
 PEERS_TARGET = 1.00
 COLDSTART_TARGET_S = 0.5
 MFU_TARGET = 0.45
+CONVERSION_TARGET = 1.5
 
 
 class MarkerError(ValueError):
@@ -139,6 +140,26 @@ def describe_mfu(data: dict[str, Any]) -> tuple[str, str]:
     return text + f" (compile: {data.get('compile') or 'off'})", "n/a (target is for H100 bf16 + compile)"
 
 
+def describe_generation(data: dict[str, Any]) -> tuple[str, str]:
+    s, m = data["settings"], data["model"]
+    parts = [f"{r['backend']}: **{r['cached_tokens_per_s']:.1f}** with the cache, {r['uncached_tokens_per_s']:.1f} "
+             f"without ({r['speedup']:.2f}x)" + ("" if r["same_tokens"] else ", tokens DIFFER")
+             for r in data["results"]]
+    text = (f"llama preset {m['num_hidden_layers']} x {m['hidden_size']}, prompt {s['prompt']}, {s['new_tokens']} new "
+            f"tokens, batch {s['batch']}, {s['threads']} thread(s), tokens/s: " + "; ".join(parts))
+    same = all(r["same_tokens"] for r in data["results"])
+    return text + load_note(data), "n/a (reported)" if same else met_text(False)
+
+
+def describe_conversion(data: dict[str, Any]) -> tuple[str, str]:
+    runs = ", ".join(f"{r['source'].replace('-back', '')} -> {r['to']} {r['peak_rss_mb']:.0f} MiB ({r['ratio']:.2f}x)"
+                     for r in data["runs"])
+    text = (f"{data['source_mb']:.0f} MiB bf16 Llama in shards of <= {data['shard_mb']} MiB; peak RSS: {runs}; "
+            f"round trip identical: {'yes' if data['round_trip_identical'] else '**no**'}")
+    ok = data["worst_ratio"] <= CONVERSION_TARGET and data["round_trip_identical"]
+    return text + load_note(data), met_text(ok)
+
+
 MODULE_OVERHEAD_TARGET = 0.97
 
 
@@ -164,6 +185,10 @@ BENCHMARKS = [
               f"< {COLDSTART_TARGET_S} s and no engine imported", describe_coldstart),
     Benchmark("mfu", "GPT-style model from isthmus layers: tokens/s and MFU on the device present",
               f"MFU >= {MFU_TARGET:.0%} (H100, bf16 + compile only)", describe_mfu),
+    Benchmark("generation", "decoder LM greedy generation with and without the KV cache (tokens/s)",
+              "none in the issue; same tokens both ways", describe_generation),
+    Benchmark("conversion_memory", "`isthmus convert` peak RSS against the largest shard read",
+              f"<= {CONVERSION_TARGET}x the largest shard", describe_conversion),
 ]
 
 

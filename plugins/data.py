@@ -23,9 +23,19 @@ def image_folder(data_config: Mapping[str, Any], saved: Mapping[str, Any] | None
     return make(data_config, saved)
 
 
+def text_jsonl(data_config: Mapping[str, Any], saved: Mapping[str, Any] | None = None) -> Any:
+    """A JSON Lines file of texts for language models (:func:`isthmus.data.text.text_jsonl`)."""
+    from isthmus.data.text import text_jsonl as make
+
+    return make(data_config, saved)
+
+
 @hookimpl
 def register_datasets(register: Register) -> None:
     register(DatasetSpec(name="scenes", factory=scenes, schema="isthmus.data.scene_data:ScenesConfig",
                          description="Procedural scenes of coloured shapes with captions, generated in code"))
     register(DatasetSpec(name="image-folder", factory=image_folder, schema="isthmus.data.image_folder:ImageFolderConfig",
                          description="A folder of images: captions.jsonl, labels.jsonl or one subfolder per class"))
+    register(DatasetSpec(name="text-jsonl", factory=text_jsonl, schema="isthmus.data.text:TextJsonlConfig",
+                         description="Texts for language models, one {\"text\": ...} a line; byte-level or a given "
+                                     "tokenizer.json"))

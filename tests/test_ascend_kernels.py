@@ -81,6 +81,48 @@ def test_gradients_flow_through_the_routes_like_the_generic_kernels(fake_torch_n
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("preset", ["llama", "glm4"])
+def test_a_decoder_lm_runs_its_attention_and_norms_on_the_fused_operators(fake_torch_npu, preset):
+    """Training forward (causal GQA) and a KV-cache decode step (bool mask per row) of the decoder
+    family through the routes: npu_fusion_attention for every attention call, npu_rms_norm for
+    every norm, the same logits as the generic torch kernels."""
+    import numpy as np
+
+    from isthmus.backends.torch.engine import TorchEngine
+    from isthmus.backends.torch.kernels import kernel_table
+    from isthmus.models.decoder_lm.model import DecoderLM
+    from isthmus.nn.params import initialise
+
+    import yaml
+    from importlib import resources
+
+    shipped = yaml.safe_load(resources.files("isthmus.models.decoder_lm").joinpath(
+        "configs", "model", f"{preset}.yaml").read_text())  # the preset's architecture
+    model = DecoderLM({**shipped, "hidden_size": 48, "num_attention_heads": 6, "num_key_value_heads": 2,
+                     "intermediate_size": 64, "num_hidden_layers": 2, "vocab_size": 50,
+                     **({"head_dim": 12} if preset == "glm4" else {})})
+    kernels, engine = routed_kernels()
+    generic = KernelSet("cpu", "torch", kernel_table(TorchEngine("cpu")))
+    weights = initialise(model.param_specs(), 0)
+    params = {n: torch.from_numpy(a) for n, a in weights.items()}
+    ids = torch.from_numpy(np.random.default_rng(0).integers(0, 50, size=(2, 7)))
+    outputs = []
+    with torch.no_grad():
+        for k in (kernels, generic):
+            logits = model.forward(k, params, {"tokens": ids})
+            cache = model.empty_cache(k, 2, 9)
+            _, cache = model.step(k, params, ids[:, :4], torch.zeros(2, 1, dtype=torch.int64), cache)
+            step, _ = model.step(k, params, ids[:, 4:5], torch.full((2, 1), 4, dtype=torch.int64), cache)
+            outputs.append((logits, step))
+    for ours, theirs in zip(*outputs):
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    layers = model.config.num_hidden_layers
+    assert routes.taken["attention"] == 3 * layers  # the forward and two cache steps, every layer
+    norms_per_pass = layers * (4 if preset == "glm4" else 2) + 1
+    assert routes.taken["rms_norm"] == 3 * norms_per_pass
+    assert not [key for key in routes.fallbacks if key[0] in ("attention", "rms_norm")], routes.fallbacks
+
+
 def test_out_of_contract_arguments_fall_back(fake_torch_npu):
     x = torch.randn(2, 3, 4, 8, dtype=torch.float64)
     cos = torch.ones(4, 4, dtype=torch.float64)

@@ -221,6 +221,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     s.set_defaults(run=cmd_kernels)
 
+    from isthmus.cli.convert import add_commands as add_convert_commands
     from isthmus.cli.export import add_commands as add_export_commands
     from isthmus.cli.run import add_commands
     from isthmus.cli.selftest import add_commands as add_selftest_commands
@@ -228,6 +229,7 @@ def parser() -> argparse.ArgumentParser:
     add_commands(sub)
     add_selftest_commands(sub)
     add_export_commands(sub)
+    add_convert_commands(sub)
     add_plugin_commands(sub)
     return p
 
@@ -235,9 +237,15 @@ def parser() -> argparse.ArgumentParser:
 def add_plugin_commands(sub: Any) -> None:
     """The commands models and plugins registered (``register_commands``); a name a built-in
     command already has is left out and the plugin is marked failed, naming the clash."""
+    from isthmus.cli.dispatch import add_dispatched
+
     reg = registry()
     for name in reg.names("command"):
         spec = reg.specs["command"][name]
+        shared = reg.dispatched(name)
+        if shared and name not in sub.choices:
+            add_dispatched(sub, name, shared)
+            continue
         if reg.conflict("command", name) or name in sub.choices:
             owner = reg.plugins.get(spec.plugin)
             if owner is not None and not owner.error:
@@ -251,6 +259,11 @@ def add_plugin_commands(sub: Any) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     cli = parser()
     args, extra = cli.parse_known_args(argv)
+    if getattr(args, "dispatch", None):  # a command several models share: its own parser decides
+        words = list(sys.argv[1:] if argv is None else argv)
+        extra = words[words.index(args.dispatch) + 1:]
+        args.argv = extra
+        extra = []
     # argparse gives a positional list one stretch of the command line: overrides written after an
     # option (`train a=1 --config f.yaml b=2`) come back here, in order, and belong to the list.
     if extra and isinstance(getattr(args, "overrides", None), list) and not any(e.startswith("-") for e in extra):

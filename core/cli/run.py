@@ -56,7 +56,19 @@ def cmd_train(args: argparse.Namespace) -> int:
     from isthmus.train.run import prepare, run_dir, saved_data_state
     from isthmus.train.trainer import Trainer
 
-    cfg = compose_config(args.overrides, args.config_files)
+    init = None
+    config_files = list(args.config_files)
+    if args.init_from is not None:
+        if args.resume is not None:
+            raise RunDirError("--init-from starts a new run from a checkpoint's weights; --resume continues a run "
+                              "with its optimizer and data position: pass one of them")
+        init, model_file = init_weights(args.init_from)
+        config_files.insert(0, str(model_file))
+    try:
+        cfg = compose_config(args.overrides, config_files)
+    finally:
+        if init is not None:
+            model_file.unlink(missing_ok=True)
     directory = run_dir(cfg)
     resume_from = Path(args.resume) if args.resume not in (None, "") else (directory if args.resume == "" else None)
     launch = parallel.launch_env() if str(cfg.distributed) == "ddp" else None
@@ -73,6 +85,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     saved = read_state(resume_from) if resume_from is not None else None
     run = prepare(cfg, registry(), saved_data=saved_data_state(saved.extra) if saved else None,
                   model_data=saved.extra.get("model_data") if saved else None)
+    if init is not None:  # the model is known only now: the weights must fit it exactly
+        from isthmus.nn.params import manifest
+        from isthmus.train.checkpoint import check_fit
+
+        check_fit(init, {n: (shape, None) for n, (shape, _) in manifest(run.model.param_specs()).items()},
+                  run.model.name)
     comm = parallel.start(cfg, run.backend)
     if writer:
         clear_output(directory, args.overwrite and not resuming_here)
@@ -84,11 +102,15 @@ def cmd_train(args: argparse.Namespace) -> int:
               f"global batch {cfg.train.batch_size} ({int(cfg.train.batch_size) // comm.world_size} per process)")
     print(f"training {run.model.name} on {run.backend.name}/{run.backend.engine_name} ({run.backend.device}), "
           f"{cfg.train.steps} steps, precision {cfg.train.precision}; run dir {directory}")
+    if init is not None:
+        print(f"  weights from {init.path} (step {init.state.step}); optimizer state fresh")
     for line in run.selection.trace:
         print(f"  backend: {line}")
     progress = not args.no_progress and sys.stderr.isatty()
     try:
-        result = Trainer(run, directory, manager=get_manager(), progress=progress, resume=resume_from, comm=comm).fit()
+        result = Trainer(run, directory, manager=get_manager(), progress=progress, resume=resume_from, comm=comm,
+                         init=init.params if init is not None else None,
+                         foreign=init.state.extra.get("foreign") if init is not None else None).fit()
     finally:
         if comm is not None:
             comm.close()
@@ -105,6 +127,30 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def init_weights(path: str) -> tuple[Any, Path]:
+    """The checkpoint ``--init-from`` names (isthmus, or a foreign model directory) and a temporary
+    config file holding its model section, which the run's config starts from (the user's files and
+    overrides go on top)."""
+    import tempfile
+
+    import yaml
+
+    from isthmus.cli.main import registry
+    from isthmus.interop import foreign_checkpoint
+    from isthmus.train.checkpoint import load_checkpoint
+
+    loaded = foreign_checkpoint(registry(), path) or load_checkpoint(Path(path))
+    model = loaded.state.config.get("model")
+    if not isinstance(model, dict) or not model.get("name"):
+        raise RunDirError(f"--init-from {path}: its config has no model section")
+    handle, name = tempfile.mkstemp(prefix="isthmus-init-", suffix=".yaml")
+    with os.fdopen(handle, "w", encoding="utf-8") as f:
+        yaml.safe_dump({"model": model}, f)
+    loaded.params = {n: a.astype("float32") if a.dtype.kind == "f" or a.dtype.name == "bfloat16" else a
+                     for n, a in loaded.params.items()}
+    return loaded, Path(name)
+
+
 def print_evaluation(ev: dict[str, Any]) -> None:
     """A held-out evaluation for people: the model's headline and a few examples."""
     print(f"held-out: {ev['headline']}")
@@ -116,7 +162,7 @@ def checkpoint_run(path: str, overrides: Sequence[str], for_training: bool = Fal
                    config_files: Sequence[str] = ()) -> tuple[Any, Any, Any]:
     """The run a checkpoint was made by (its config and data state), on the backend chosen now
     (``overrides`` and ``config_files`` may set only the backend): ``(run, params on the device,
-    loaded checkpoint)``."""
+    loaded checkpoint)``. ``path`` may also be a foreign model directory (a Hugging Face one)."""
     import yaml
     from omegaconf import OmegaConf
 
@@ -126,7 +172,9 @@ def checkpoint_run(path: str, overrides: Sequence[str], for_training: bool = Fal
     from isthmus.train.checkpoint import check_fit, load_checkpoint
     from isthmus.train.run import prepare, saved_data_state
 
-    loaded = load_checkpoint(Path(path))
+    from isthmus.interop import foreign_checkpoint
+
+    loaded = foreign_checkpoint(registry(), path) or load_checkpoint(Path(path))
     saved = from_yaml(yaml.safe_dump(loaded.state.config), source=f"{loaded.path}/state.json",
                       schemas=registry().config_schemas())
     not_backend = [o for o in overrides if not (o.startswith("backend=") or o.startswith("backend."))]
@@ -184,6 +232,9 @@ def add_commands(sub: Any) -> None:
     s.add_argument("--resume", nargs="?", const="", default=None, metavar="PATH",
                    help="continue from PATH (a run dir or checkpoint), or from output_dir when PATH is omitted")
     s.add_argument("--overwrite", action="store_true", help="replace the run already in output_dir")
+    s.add_argument("--init-from", default=None, metavar="PATH",
+                   help="start from the weights of a checkpoint (an isthmus run or checkpoint, or a Hugging Face "
+                        "model directory) with a fresh optimizer; its model section is the starting config")
     s.add_argument("--no-progress", action="store_true", help="no progress bar (log lines only)")
     s.set_defaults(run=cmd_train)
 

@@ -4,7 +4,8 @@ The format (a plugin's :class:`~isthmus.registry.specs.ExporterSpec`, e.g. ``onn
 file and returns a runner for it. This module, format-neutral, then compares the file's outputs
 with the source backend's on the same held-out inputs (each batch size asked for), runs the model's
 own checks of the file (``Model.export_checks``: a generation loop through it, say), and prints the
-errors. A breach of the tolerance makes the command exit 1.
+errors. A model may export more graphs beside the forward (``Model.export_graphs``: a KV-cache step
+for generation), each written next to the forward's file and compared with the source the same way. A breach of the tolerance makes the command exit 1.
 """
 
 from __future__ import annotations
@@ -56,6 +57,19 @@ class ExportRequest:
     dynamic_batch: bool = False
     backend: Any = None
     name: str = "isthmus"
+
+
+@dataclass
+class ExtraGraph:
+    """A graph a model exports beside its forward (``Model.export_graphs``): ``fn(k, params, inputs)``
+    returns ``{output name: tensor}`` for the names in ``outputs``; ``example`` names the inputs and
+    fixes their dtypes and shapes (and is what the file is checked on)."""
+
+    name: str
+    fn: Callable[[Any, Mapping[str, Any], Mapping[str, Any]], Any]
+    example: Mapping[str, np.ndarray]
+    outputs: tuple[str, ...]
+    description: str = ""
 
 
 @dataclass
@@ -128,6 +142,16 @@ def run_source(backend: Any, model: Any, params: Mapping[str, np.ndarray], batch
         batch = {n: engine.asarray(a) for n, a in batch.items()}
     with engine.no_grad():
         return np.asarray(engine.to_numpy(model.forward(k, device_params, batch)))
+
+
+def run_graph_source(backend: Any, graph: ExtraGraph, params: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The source backend's outputs of an extra graph on its example inputs, as numpy."""
+    engine, k = backend.engine, backend.kernels
+    device_params = {n: engine.asarray(a) for n, a in params.items()}
+    inputs = {n: engine.asarray(a) for n, a in graph.example.items()}
+    with engine.no_grad():
+        out = graph.fn(k, device_params, inputs)
+    return {n: np.asarray(engine.to_numpy(out[n])) for n in graph.outputs}
 
 
 def compare(name: str, got: np.ndarray, want: np.ndarray, tolerance: float) -> Check:
@@ -208,7 +232,24 @@ def export_checkpoint(registry: Registry, checkpoint: str | Path, fmt: str = "on
         echo(f"  {check.name}: max |onnx - source| = {check.max_abs_err:.2e} (bound {check.bound:.1e}) "
              f"{'ok' if check.ok else 'BREACH'}{' ' + check.detail if check.detail else ''}")
     model_host = {n: host[n][: max(sizes)] for n in recorder.read}
-    for check in model.export_checks(backend, restored.params, exported.run, model_host, tolerance):
+    runners = {}
+    for graph in model.export_graphs(restored.params, {n: host[n][:example_size] for n in recorder.read}):
+        extra = writer.export(ExportRequest(
+            fn=graph.fn, params=restored.params, example=graph.example,
+            output=exported.path.with_name(f"{exported.path.stem}-{graph.name}{exported.path.suffix}"),
+            outputs=graph.outputs, exporter=exporter, opset=opset, dynamic_batch=dynamic_batch, backend=backend,
+            name=f"{model.name}-{graph.name}"))
+        runners[graph.name] = extra.run
+        echo(f"exported the {graph.name} graph ({graph.description or graph.name}) to {extra.path} "
+             f"({extra.path.stat().st_size / 1024:.0f} KiB, inputs {', '.join(extra.inputs)})")
+        got, want = extra.run(dict(graph.example)), run_graph_source(backend, graph, restored.params)
+        for output in graph.outputs:
+            check = compare(f"{graph.name} {output}", got[output], want[output], tolerance)
+            outcome.checks.append(check)
+            echo(f"  {check.name}: max |onnx - source| = {check.max_abs_err:.2e} (bound {check.bound:.1e}) "
+                 f"{'ok' if check.ok else 'BREACH'}{' ' + check.detail if check.detail else ''}")
+    for check in model.export_checks(backend, restored.params, exported.run, model_host, tolerance,
+                                     **({"graphs": runners} if runners else {})):
         outcome.checks.append(check)
         echo(f"  {check.name} through the file vs {label}: {check.detail} {'ok' if check.ok else 'BREACH'}")
         for line in check.examples[:3]:
@@ -222,6 +263,6 @@ def export_checkpoint(registry: Registry, checkpoint: str | Path, fmt: str = "on
     return outcome
 
 
-__all__ = ["Check", "ExportOptionError", "ExportOutcome", "ExportRequest", "Exported", "TOLERANCE",
+__all__ = ["Check", "ExportOptionError", "ExportOutcome", "ExportRequest", "Exported", "ExtraGraph", "TOLERANCE",
            "compare", "default_source", "export_checkpoint", "forward_fn",
            "run_source"]

@@ -2,8 +2,8 @@
 
 A model class derives from :class:`Model` (a ``Protocol``, so type checkers check the signatures)
 and gets working defaults for every optional part: it must write ``name``, ``param_specs``,
-``forward`` and ``loss``; ``evaluate``, ``bind_data``, ``data_state``, ``generate`` and
-``export_checks`` are there to override. The trainer, the export and the portability check call
+``forward`` and ``loss``; ``evaluate``, ``bind_data``, ``data_state``, ``generate``,
+``export_graphs`` and ``export_checks`` are there to override. The trainer, the export and the portability check call
 only what is declared here, never ``getattr``.
 """
 
@@ -117,12 +117,19 @@ class Model(Protocol):
         score."""
         raise IsthmusError(f"model {self.name} does not generate")
 
+    def export_graphs(self, params: Mapping[str, Any], host_batch: Mapping[str, Any]) -> list[Any]:
+        """Graphs to export beside the forward, each an :class:`isthmus.export.pipeline.ExtraGraph`
+        (a KV-cache step for generation, say); ``params`` are the float32 host weights and
+        ``host_batch`` the example inputs of the forward. The default has none."""
+        return []
+
     def export_checks(self, backend: Any, params: Mapping[str, Any], run_file: Any, host_batch: Mapping[str, Any],
-                      tolerance: float) -> list[Any]:
+                      tolerance: float, graphs: Mapping[str, Any] | None = None) -> list[Any]:
         """Checks of an exported file beyond its forward output, each an
         :class:`isthmus.export.pipeline.Check`: ``backend`` is the source backend and ``params``
         the float32 host weights, ``run_file(feeds)`` runs the file on numpy feeds, ``host_batch``
-        holds the held-out inputs the file was checked on. The default has none."""
+        holds the held-out inputs the file was checked on; ``graphs`` maps the name of each graph
+        from :meth:`export_graphs` to the runner of its file. The default has none."""
         return []
 
 

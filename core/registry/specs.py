@@ -111,6 +111,12 @@ class ModelSpec:
 
     ``smoke``: config overrides that make the model small enough for a few-second check (the
     conformance kit's training test, ``isthmus selftest``), e.g. ``("model.width=16",)``.
+
+    ``formats``: foreign checkpoint layouts the model reads and writes, by format (``"hf"``: a
+    Hugging Face model directory), each the ``"module:attribute"`` of an
+    :class:`isthmus.interop.layout.Layout` (imported only when a checkpoint is read or written). It
+    says which foreign architecture maps to this model and how its tensors are named, so that
+    ``isthmus convert`` and every command taking a checkpoint accept such a directory.
     """
 
     name: str
@@ -119,6 +125,7 @@ class ModelSpec:
     plugin: str = ""
     schema: type | str | None = None
     smoke: tuple[str, ...] = ()
+    formats: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -143,7 +150,12 @@ class CommandSpec:
     """A subcommand of ``isthmus``: ``configure(parser)`` adds its arguments to an
     ``argparse.ArgumentParser``; ``run(args)`` does the work and returns the exit code (0 success,
     1 a check failed). User mistakes are raised as :class:`isthmus.errors.IsthmusError`, which the
-    command line prints on one line with exit code 2."""
+    command line prints on one line with exit code 2.
+
+    ``models``: the command works on a checkpoint (``--checkpoint PATH``) of these models only.
+    Several plugins may then register the same command name for disjoint sets of models (``generate``
+    draws images for one model and continues text for another): the command line reads the
+    checkpoint's model and hands the arguments to the command registered for it."""
 
     name: str
     help: str
@@ -151,6 +163,7 @@ class CommandSpec:
     run: Callable[[Any], int]
     description: str = ""
     plugin: str = ""
+    models: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

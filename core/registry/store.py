@@ -52,12 +52,15 @@ class Registry:
         self.kernel_routes: list[KernelRoute] = []
         self.config_dirs: list[Path] = []
         self.plugins: dict[str, PluginRecord] = {}
+        self.shared_commands: dict[str, list[CommandSpec]] = {}
 
     # -- filling -----------------------------------------------------------------------------
     def add(self, kind: str, spec: Any, plugin: str) -> None:
         """Record ``spec`` under its name; a second plugin claiming the name makes a conflict."""
         owners = self.owners.setdefault((kind, spec.name), [])
         owners.append(plugin)
+        if kind == "command" and spec.models:
+            self.shared_commands.setdefault(spec.name, []).append(spec)
         if len(owners) == 1:
             self.specs[kind][spec.name] = spec
 
@@ -66,6 +69,8 @@ class Registry:
         """The conflict message for ``kind`` ``name``, or '' when one plugin owns it."""
         owners = self.owners.get((kind, name), [])
         if len(owners) < 2:
+            return ""
+        if kind == "command" and self.dispatched(name):
             return ""
         listed = " and ".join(f"'{owner}'" for owner in owners)
         return (
@@ -107,6 +112,16 @@ class Registry:
 
     def command(self, name: str) -> CommandSpec:
         return self.get("command", name)
+
+    def dispatched(self, name: str) -> list[CommandSpec]:
+        """The commands registered under ``name`` by several plugins, each for its own models
+        (``CommandSpec.models``, disjoint), which the command line chooses between by the
+        checkpoint's model; empty when ``name`` is an ordinary command or a real conflict."""
+        specs = self.shared_commands.get(name, [])
+        if len(specs) < 2 or len(specs) != len(self.owners.get(("command", name), [])):
+            return []
+        models = [model for spec in specs for model in spec.models]
+        return specs if len(models) == len(set(models)) else []
 
     def config_schemas(self) -> dict[str, dict[str, type]]:
         """Section -> ``{name: schema}`` for the models and datasets that declare a config schema."""

@@ -18,7 +18,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import safetensors
@@ -29,7 +29,8 @@ from isthmus.train import atomic
 from isthmus.errors import IsthmusError
 
 __all__ = ["CheckpointError", "check_fit", "CheckpointState", "Loaded", "save_checkpoint", "load_checkpoint",
-           "latest_checkpoint", "list_checkpoints", "read_state", "FORMAT_VERSION"]
+           "latest_checkpoint", "list_checkpoints", "read_manifest", "read_state", "resolve", "FORMAT_VERSION",
+           "MODEL_FILE"]
 
 FORMAT = "isthmus-checkpoint"
 FORMAT_VERSION = 1
@@ -83,9 +84,13 @@ class Loaded:
 
 def save_checkpoint(run_dir: str | os.PathLike, params: Mapping[str, np.ndarray],
                     optimizer_tensors: Mapping[str, np.ndarray], state: CheckpointState,
-                    keep_last: int | None = 3) -> Path:
+                    keep_last: int | None = 3, model_writer: Callable[[Path], dict] | None = None) -> Path:
     """Write ``<run_dir>/checkpoints/step-<step>/`` atomically, point ``latest`` at it and keep the
     ``keep_last`` newest checkpoints by step (None keeps all). Returns the checkpoint directory.
+
+    ``model_writer(path)``, when given, writes ``model.safetensors`` at ``path`` itself (a stream
+    too large to hold, from :mod:`isthmus.interop`) instead of ``params``, and returns its manifest
+    entry ``{"bytes", "sha256", "tensors": {name: {"shape", "dtype"}}}``.
 
     The directory is built under a hidden temporary name, every file and directory fsynced, then
     renamed into place; a crash or an ``OSError`` at any point leaves the previous checkpoint as the
@@ -99,7 +104,10 @@ def save_checkpoint(run_dir: str | os.PathLike, params: Mapping[str, np.ndarray]
     # Everything is encoded before the disk is touched, so bad input cannot leave files behind.
     blobs = {MODEL_FILE: _encode(params, "parameter", step),
              OPTIMIZER_FILE: _encode(optimizer_tensors, "optimizer tensor", step)}
-    sidecar = _encode_state(state, step, {name: info for name, (_, info) in blobs.items()})
+    if model_writer is not None:
+        del blobs[MODEL_FILE]
+    sidecar = _encode_state(state, step, {name: info for name, (_, info) in blobs.items()}) \
+        if model_writer is None else b""
 
     ckdir = Path(run_dir) / CHECKPOINTS_DIR
     final = ckdir / f"step-{step:08d}"
@@ -117,6 +125,10 @@ def save_checkpoint(run_dir: str | os.PathLike, params: Mapping[str, np.ndarray]
         for name, (data, _) in blobs.items():
             doing = f"writing {name}"
             atomic.write_bytes(tmp / name, data)
+        if model_writer is not None:
+            doing = f"writing {MODEL_FILE}"
+            files = {MODEL_FILE: model_writer(tmp / MODEL_FILE), OPTIMIZER_FILE: blobs[OPTIMIZER_FILE][1]}
+            sidecar = _encode_state(state, step, files)
         doing = f"writing {STATE_FILE}"
         atomic.write_bytes(tmp / STATE_FILE, sidecar)
         doing = f"flushing {tmp.name}"
@@ -274,6 +286,17 @@ def check_fit(loaded: Loaded, expect: Mapping[str, tuple[tuple[int, ...], Any]],
         raise CheckpointError(f"checkpoint {loaded.path} is for model {loaded.state.model_name!r}, not {model_name!r}")
     found = {name: {"shape": list(a.shape), "dtype": a.dtype.name} for name, a in loaded.params.items()}
     _check_fit(f"checkpoint {loaded.path} does not fit the model", found, expect)
+
+
+def resolve(path: str | os.PathLike) -> Path:
+    """The checkpoint directory a path names (a run directory's latest, a checkpoint directory, or a
+    file inside one), as :func:`load_checkpoint` finds it."""
+    return _resolve(Path(path))
+
+
+def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
+    """The sidecar's ``files`` entry (bytes, SHA-256, tensors) of each tensor file of a checkpoint."""
+    return _read_sidecar(_resolve(Path(path)))["files"]
 
 
 def _resolve(path: Path) -> Path:

@@ -37,19 +37,28 @@ class Restored:
 
 
 def restore(registry: Registry, path: str | Path) -> Restored:
-    """Load a checkpoint with its config and data state and rebuild its model and data."""
+    """Load a checkpoint with its config and data state and rebuild its model and data. A foreign
+    model directory (Hugging Face, or MindSpore written by isthmus) is read as a checkpoint of step 0
+    whose data is ``text-jsonl`` (:func:`isthmus.interop.foreign_checkpoint`)."""
     import yaml
 
     from isthmus.config.composer import from_yaml
     from isthmus.nn.params import manifest
     from isthmus.train.run import model_and_data, saved_data_state
 
-    loaded = load_checkpoint(Path(path))
+    from isthmus.interop import foreign_checkpoint
+    from isthmus.train.checkpoint import check_fit
+
+    foreign = foreign_checkpoint(registry, path)
+    loaded = foreign if foreign is not None else load_checkpoint(Path(path))
     cfg = from_yaml(yaml.safe_dump(loaded.state.config), source=f"{loaded.path}/state.json",
                     schemas=registry.config_schemas())
     model, data = model_and_data(cfg, registry, saved_data_state(loaded.state.extra),
                                  loaded.state.extra.get("model_data"))
-    loaded = load_checkpoint(loaded.path, expect=manifest(model.param_specs()), model_name=model.name)
+    if foreign is not None:
+        check_fit(loaded, manifest(model.param_specs()), model.name)
+    else:
+        loaded = load_checkpoint(loaded.path, expect=manifest(model.param_specs()), model_name=model.name)
     # Master weights are float32 whatever the training precision (bfloat16 files widen exactly).
     params = {n: a.astype(np.float32) if a.dtype.kind == "f" or a.dtype.name == "bfloat16" else a
               for n, a in loaded.params.items()}

@@ -9,7 +9,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 
@@ -46,16 +46,22 @@ class TrainResult:
 
 
 class Trainer:
-    """Trains ``run.model`` on ``run.backend``; ``resume`` is a checkpoint path or run dir."""
+    """Trains ``run.model`` on ``run.backend``; ``resume`` is a checkpoint path or run dir; ``init``
+    the starting weights of a new run (a fresh optimizer), instead of the seeded initialisation."""
 
     def __init__(self, run: Run, run_dir: Path, manager: Any = None, progress: bool = False, resume: Path | None = None,
-                 comm: Any = None) -> None:
+                 comm: Any = None, init: Mapping[str, np.ndarray] | None = None,
+                 foreign: Mapping[str, Any] | None = None) -> None:
         self.run = run
         self.cfg = run.config
         self.run_dir = run_dir
         self.manager = manager
         self.show_progress = progress
         self.resume = resume
+        self.init = init  # starting weights (train --init-from): float32 arrays by parameter name
+        # What the init checkpoint kept of a foreign source (its Hugging Face config and dtypes), so
+        # this run's checkpoints convert back to the same layout.
+        self.foreign = dict(foreign or {})
         self.policy = Policy(str(self.cfg.train.precision))
         # The train section as plain values for the per-step path: an OmegaConf attribute read
         # costs ~20 us and the loop reads about a dozen per step.
@@ -81,7 +87,8 @@ class Trainer:
         self.loss_fn = engine.compile_step(self.run.model.loss)
         self.optimizer = AdamW(betas=tuple(t.betas), eps=t.eps, weight_decay=t.weight_decay)
         if self.resume is None:
-            self.params = self.run.model.place_parameters(engine, self.run.model.initial_parameters(int(self.cfg.seed)))
+            weights = self.init if self.init is not None else self.run.model.initial_parameters(int(self.cfg.seed))
+            self.params = self.run.model.place_parameters(engine, {name: weights[name] for name in self.specs})
             self.optimizer.init_state(k, self.params)
             engine.seed(int(self.cfg.seed))
             self.data = self.run.data.train.iter_batches(int(t.batch_size), seed=int(self.cfg.seed))
@@ -104,6 +111,7 @@ class Trainer:
         self.data = self.run.data.train.resume(loaded.state.data_position)
         self.step = loaded.state.step
         self.skipped = int(loaded.state.extra.get("skipped_steps", 0))
+        self.foreign = dict(loaded.state.extra.get("foreign") or {})
 
     def save(self) -> Path | None:
         if not self.writer:
@@ -126,7 +134,8 @@ class Trainer:
                 rng={"engine": self.run.backend.engine_name, "state": engine.rng_state()},
                 data_position=self.data.state(),
                 extra={"data": self.run.data.state(), "model_data": self.run.model.data_state(),
-                       "backend": self.run.backend.name, "skipped_steps": self.skipped},
+                       "backend": self.run.backend.name, "skipped_steps": self.skipped,
+                       **({"foreign": self.foreign} if self.foreign else {})},
             ),
             keep_last=int(self.cfg.train.keep_last),
         )

@@ -413,6 +413,8 @@ def _attention_cases() -> list[Case]:
             "causal_and_padding": build(2, 2, 2, 5, 5, 8, mask="padding", causal=True),
             "value_dim": build(2, 2, 2, 3, 4, 8, dv=5), "scale": build(1, 2, 2, 3, 4, 8, scale=0.3),
             "single_query": build(2, 4, 2, 1, 7, 16), "peaked": build(1, 2, 2, 4, 16, 32, mag=3.0),
+            # A KV-cache decode step: one query per row against the cache, a per-row mask of its slots.
+            "gqa_cache_step": build(2, 4, 2, 1, 7, 8, mask="bool"),
         }.items()
     ]
 

@@ -50,7 +50,7 @@ def register_models(register: Register) -> None:
 @hookimpl
 def register_commands(register: Register) -> None:
     register(CommandSpec(name="generate", help="draw images for a prompt with a text-to-image checkpoint; writes a PNG",
-                         configure=_configure, run=_run))
+                         configure=_configure, run=_run, models=(NAME,)))
 
 
 @hookimpl
