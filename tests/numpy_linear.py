@@ -5,6 +5,8 @@ differentiated by a hand-written ``torch.autograd.Function``. Test plugins, regi
   ``(x.T @ g).T`` naturally is; torch 2.13's fused CPU AdamW once trained such weights wrongly.
 * ``scaled-vjp`` scales linear's vector-Jacobian product by 0.999: forward exact, training nearly
   right, and every check but the gradient conformance blind to it.
+* ``stride-blind`` has ``numpy-linear``'s gradients and an ``adamw_update`` route that reads each
+  gradient's memory in its parameter's layout, as torch 2.13's fused CPU kernel did.
 """
 
 from __future__ import annotations
@@ -47,6 +49,19 @@ def numpy_linear(scale: float = 1.0):
     return linear
 
 
+def stride_blind_adamw(params, grads, exp_avgs, exp_avg_sqs, step, lr, beta1=0.9, beta2=0.999, eps=1e-8,
+                       weight_decay=0.01):
+    """torch's AdamW on gradients reinterpreted with their parameter's strides."""
+    import torch
+
+    from isthmus.backends.torch import optim
+
+    grads = [torch.as_strided(g, p.shape, p.stride(), g.storage_offset()) if g.numel() else g
+             for p, g in zip(params, grads)]
+    return optim.adamw_update(params, grads, exp_avgs, exp_avg_sqs, step, lr, beta1, beta2, eps,
+                              weight_decay, path="loop")
+
+
 def _factory(request):
     from isthmus.plugins.cpu import factory
 
@@ -56,8 +71,8 @@ def _factory(request):
 class NumpyLinearPlugin:
     """Registers backend ``name``: the cpu backend's parts, ``linear`` routed to :func:`numpy_linear`."""
 
-    def __init__(self, name: str = "numpy-linear", scale: float = 1.0) -> None:
-        self.name, self.scale = name, scale
+    def __init__(self, name: str = "numpy-linear", scale: float = 1.0, adamw=None) -> None:
+        self.name, self.scale, self.adamw = name, scale, adamw
 
     @hookimpl
     def register_backends(self, register):
@@ -69,6 +84,8 @@ class NumpyLinearPlugin:
     @hookimpl
     def register_kernels(self, register):
         register(KernelRoute(backend=self.name, op="linear", impl=numpy_linear(self.scale), engine="torch"))
+        if self.adamw is not None:
+            register(KernelRoute(backend=self.name, op="adamw_update", impl=self.adamw, engine="torch"))
 
 
 def strided_gradients() -> NumpyLinearPlugin:
@@ -81,11 +98,16 @@ def scaled_vjp() -> NumpyLinearPlugin:
     return NumpyLinearPlugin("scaled-vjp", 0.999)
 
 
+def stride_blind() -> NumpyLinearPlugin:
+    """Strided weight gradients and an optimizer that ignores their strides."""
+    return NumpyLinearPlugin("stride-blind", 1.0, stride_blind_adamw)
+
+
 CONFTEST = '''
-from numpy_linear import scaled_vjp, strided_gradients
+from numpy_linear import scaled_vjp, stride_blind, strided_gradients
 
 
 def pytest_isthmus_plugins(config):
-    return [("numpy-linear", strided_gradients()), ("scaled-vjp", scaled_vjp())]
+    return [("numpy-linear", strided_gradients()), ("scaled-vjp", scaled_vjp()), ("stride-blind", stride_blind())]
 '''
-"""A ``conftest.py`` that gives a kit run both backends (with ``tests/`` on ``PYTHONPATH``)."""
+"""A ``conftest.py`` that gives a kit run these backends (with ``tests/`` on ``PYTHONPATH``)."""

@@ -414,10 +414,10 @@ def compare_gradient(got: np.ndarray, entry: dict[str, Any], offset: int, dtype:
     first = int(np.argmax(bad))
     where = tuple(int(i) for i in np.unravel_index(first, got.shape)) if got.ndim else ()
     kink = bool(entry["kinks"][offset + first])
-    expected = (f"a subgradient in [{low[first]!r}, {high[first]!r}] (kink)" if kink
-                else f"reference {low[first]!r}")
+    expected = (f"a subgradient in [{float(low[first])!r}, {float(high[first])!r}] (kink)" if kink
+                else f"reference {float(low[first])!r}")
     return (False, max_abs, max_rel, f"{int(bad.sum())}/{size} entries out of tolerance; first at {where}: "
-                                     f"got {g[first]!r}, {expected}")
+                                     f"got {float(g[first])!r}, {expected}")
 
 
 def run_gradient_case(kernels: Any, engine: Any, reference_kernels: Any, reference_engine: Any,
