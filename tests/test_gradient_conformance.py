@@ -14,7 +14,8 @@ import torch
 from isthmus.kernels.interface import OPS, Kernels
 from isthmus.kernels.routing import KernelSet
 from isthmus.verify.grad_cases import DIFFERENTIABLE, gradient_cases
-from isthmus.verify.gradients import golden, run_gradient_case, run_gradient_suite
+from isthmus.verify.differences import golden
+from isthmus.verify.gradients import run_gradient_case, run_gradient_suite
 
 GRAD_CASES = gradient_cases()
 

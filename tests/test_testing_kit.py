@@ -160,14 +160,23 @@ def test_a_wrong_backward_fails_the_kit_naming_the_op(linear_dir):
     assert counts(out) == {"passed": 1, "failed": 1}  # the forward case passes
 
 
-def test_strided_gradients_train_like_cpu_and_a_stride_blind_optimizer_does_not(linear_dir):
-    """numpy-linear's weight gradients are transposed views: the optimizer's cases and training
-    against cpu pass. An optimizer route that ignores the strides fails both, naming adamw_update."""
-    selected = ("-k", "training_matches_cpu or adamw_update or gradient_conformance and linear")
-    good = kit(linear_dir, "--isthmus-backend=numpy-linear", *selected)
+STRIDES = ("-k", "training_matches_cpu or adamw_update or gradient_conformance and linear")
+
+
+def test_strided_gradients_train_like_cpu(linear_dir):
+    """numpy-linear's weight gradients are transposed views (torch 2.13's fused CPU AdamW trained
+    them to loss 2.85 where cpu reached 2.54 in these 8 steps): the optimizer's cases, linear's
+    gradients and training against cpu pass."""
+    good = kit(linear_dir, "--isthmus-backend=numpy-linear", *STRIDES)
     assert good.returncode == 0, good.stdout[-4000:] + good.stderr[-2000:]
-    assert counts(good.stdout)["passed"] >= 1 + 2 * 7 + 2 * 4  # training, 7 adamw cases, 4 linear gradients
-    bad = kit(linear_dir, "--isthmus-backend=stride-blind", *selected)
+    assert counts(good.stdout)["passed"] == 1 + 2 * 7 + 2 * 4  # training, 7 adamw cases, 4 linear gradients
+
+
+@pytest.mark.slow
+def test_a_stride_blind_optimizer_fails_training_against_cpu(linear_dir):
+    """An optimizer route that reads gradients with their parameters' strides fails the strided
+    optimizer cases and training against cpu, naming adamw_update."""
+    bad = kit(linear_dir, "--isthmus-backend=stride-blind", *STRIDES)
     out = bad.stdout
     assert bad.returncode == 1, out + bad.stderr
     failed = set(re.findall(r"^FAILED (\S+)", out, re.M))
