@@ -182,7 +182,12 @@ def _differences(fn: Callable[[np.ndarray], np.ndarray], x0: np.ndarray, f0: np.
             if not jump.any():
                 right[i] = left[i] = (r + lft) / 2
                 break
+            if factor == REFINE[0]:
+                first = r, lft
         else:
+            # At a kink: the one-sided quotients of the first step, whose rounding is that of a
+            # smooth coordinate's (the smaller steps only showed that the kink does not go away).
+            r, lft = first
             if not (np.all(np.isfinite(r)) and np.all(np.isfinite(lft))):
                 undefined[i] = True
                 continue
