@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from isthmus.backends.ascend import routes
+from isthmus.verify.gradients import run_gradient_suite
 from isthmus.verify.conformance import run_suite, summary
 from isthmus.kernels.routing import KernelRoute, KernelSet
 
@@ -57,9 +58,13 @@ def test_routes_pass_conformance_against_the_documented_operators(fake_torch_npu
     # The fused operators really served most cases; the rest fell back for stated reasons.
     assert routes.taken["attention"] >= 12 and routes.taken["rotary_embedding"] >= 4
     assert routes.taken["rms_norm"] >= 4 and routes.taken["adamw_update"] >= 6
+    # The gradients through the routes (torch autograd over the documented operators' fakes).
+    gradients = run_gradient_suite(kernels, engine, dtypes=[dtype], ops=routes.ROUTED_OPS)
+    assert gradients and all(r.ok for r in gradients), summary(gradients)
     reasons = {why for (op, why) in routes.fallbacks}
+    # bfloat16 gradients of float32 weights (the optimizer's mixed-dtype case) take the torch path.
     assert reasons <= {"additive float mask", "empty", "normalises more than the last dim",
-                       "rank outside 1..8 or empty", "rank outside 2..8"}, reasons
+                       "rank outside 1..8 or empty", "rank outside 2..8", "mixed dtypes bfloat16, float32"}, reasons
 
 
 def test_gradients_flow_through_the_routes_like_the_generic_kernels(fake_torch_npu):

@@ -114,3 +114,24 @@ def test_backend_options_are_checked_here_without_importing_an_engine():
     errors = [line for line in result.stderr.splitlines() if line.startswith("isthmus: error:")]
     assert errors == ["isthmus: error: backend.options.allow_hf23: unknown ascend option (did you mean "
                       "'allow_hf32'?); valid: allow_hf32, precision_mode, jit_level, fused_kernels"]
+
+
+def test_kernels_check_runs_gradients_and_names_the_op_of_a_wrong_backward(monkeypatch, capsys):
+    """``isthmus kernels --check`` on a backend whose linear VJP is scaled by 0.999 (a test plugin)."""
+    from numpy_linear import scaled_vjp, strided_gradients
+
+    from isthmus.cli import main as cli
+    from isthmus.registry.manager import load_plugins
+
+    _, registry = load_plugins(autoload=False, extra=[("scaled-vjp", scaled_vjp()),
+                                                      ("numpy-linear", strided_gradients())])
+    monkeypatch.setattr(cli, "registry", lambda: registry)
+    assert cli.main(["kernels", "--check", "--backend", "scaled-vjp", "--ops", "linear"]) == 1
+    out = capsys.readouterr().out
+    rows = {tuple(line.split()[:3]): line.split()[-1] for line in out.splitlines() if line.startswith("linear ")}
+    assert rows[("linear", "forward", "float32")] == "ok" and rows[("linear", "gradient", "float32")] == "FAIL"
+    assert "FAIL gradient linear/bias [float32]: dense cotangent, d/dx: " in out
+    assert out.rstrip().endswith("(ops with failures: linear)")
+    assert cli.main(["kernels", "--check", "--backend", "numpy-linear", "--ops", "linear,adamw_update"]) == 0
+    assert cli.main(["kernels", "--check", "--backend", "numpy-linear", "--ops", "lienar"]) == 2
+    assert "--ops: unknown op(s) lienar; valid: " in capsys.readouterr().err

@@ -27,6 +27,7 @@ import torch
 from isthmus.backends.cuda import detect as detect_module
 from isthmus.backends.cuda import routes
 from isthmus.backends.cuda.options import CudaOptions, parse_options
+from isthmus.verify.gradients import run_gradient_suite
 from isthmus.config.composer import ConfigError
 from isthmus.verify.conformance import run_suite, summary
 from isthmus.kernels.routing import KernelRoute, KernelSet
@@ -350,7 +351,12 @@ def test_routes_pass_conformance_on_cpu_tensors(dtype, capability):
     flash = routes.taken["attention/flash_attention"]
     assert (flash > 0) is (dtype != "float32" and capability >= (8, 0))
     assert routes.taken["attention/efficient_attention"] > 0
-    assert {why for (_op, why) in routes.fallbacks} <= {"empty or scalar", "empty"}
+    gradients = run_gradient_suite(kernels, engine, dtypes=[dtype], ops=routes.ROUTED_OPS)
+    assert gradients and all(r.ok for r in gradients), summary(gradients)
+    # Gradients in another dtype than their weights (the optimizer's mixed-dtype case) fall back.
+    assert {why for (_op, why) in routes.fallbacks} <= {"empty or scalar", "empty",
+                                                        "mixed dtypes bfloat16, float32 within one parameter",
+                                                        "mixed dtypes float16, float32 within one parameter"}
 
 
 def test_gradients_through_the_routes_match_the_generic_kernels():

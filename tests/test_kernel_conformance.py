@@ -217,6 +217,33 @@ def test_adamw_update_matches_torch_optim_adamw(path):
         torch.testing.assert_close(v, optimizer.state[want]["exp_avg_sq"], rtol=1e-6, atol=1e-9)
 
 
+@pytest.mark.parametrize("path", [None, "fused", "foreach", "loop"])
+@pytest.mark.parametrize("layout", ["transposed", "mixed_dtype"])
+def test_adamw_update_takes_transposed_and_mixed_dtype_gradients(path, layout):
+    """A backward may return ``(x.T @ g).T`` (a transposed view) or bfloat16 gradients of float32
+    weights. torch 2.13's fused CPU AdamW moved such a transposed gradient's weight by 2 * lr more
+    than the other paths, and no path took a bfloat16 gradient."""
+    params, grads = _adamw_problem(4)
+    if layout == "mixed_dtype":
+        grads = [[g.bfloat16() for g in step] for step in grads]
+    hyper = dict(lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.1)
+    expected = [p.clone().requires_grad_(True) for p in params]
+    optimizer = torch.optim.AdamW(expected, **hyper, foreach=False)
+    ours = [p.clone() for p in params]
+    exp_avgs, exp_avg_sqs = [torch.zeros_like(p) for p in params], [torch.zeros_like(p) for p in params]
+    for step, step_grads in enumerate(grads, start=1):
+        for p, g in zip(expected, step_grads):
+            p.grad = g.float().contiguous()
+        optimizer.step()
+        given = [g.t().contiguous().t() if layout == "transposed" and g.dim() == 2 else g for g in step_grads]
+        assert layout != "transposed" or not given[0].is_contiguous()
+        ours, exp_avgs, exp_avg_sqs = torch_optim.adamw_update(
+            ours, given, exp_avgs, exp_avg_sqs, step, hyper["lr"], *hyper["betas"], hyper["eps"],
+            hyper["weight_decay"], path=path)
+    for ours_p, want in zip(ours, expected):
+        torch.testing.assert_close(ours_p, want.detach(), rtol=1e-6, atol=1e-7)
+
+
 def test_adamw_kernel_returns_its_lists_and_picks_a_path(usable_kernel_sets):
     _, k, engine = usable_kernel_sets[0]
     params, grads = _adamw_problem(1)

@@ -28,9 +28,9 @@ def test_selftest_on_cpu_passes_every_stage(tmp_path):
     for heading in ("## 1. Detection", "## 2. Kernel conformance", "## 3. Short training run",
                     "## 4. Checkpoint round trip", "## 5. Portability against cpu and the float64 reference"):
         assert heading in text
-    assert text.count("**PASS**") == 4 and "**FAIL**" not in text
-    assert "bitwise equal" in text and "vs float64 reference" in text
-    assert text.rstrip().splitlines()[-1].startswith("RESULT: PASS (exit 0): 4/4 checks passed on cpu/torch")
+    assert text.count("**PASS**") == 5 and "**FAIL**" not in text
+    assert "### Gradients" in text and "bitwise equal" in text and "vs float64 reference" in text
+    assert text.rstrip().splitlines()[-1].startswith("RESULT: PASS (exit 0): 5/5 checks passed on cpu/torch")
     assert text.strip() in result.stdout.replace("\r", "")  # what is printed is what is written, plus progress
 
 
@@ -98,3 +98,17 @@ def test_a_wrong_kernel_fails_the_selftest_with_exit_1(tmp_path):
     code, text = run_selftest("broken", steps=2, stream=None, registry=registry, workdir=tmp_path)
     assert code == EXIT_FAIL
     assert "softmax/" in text and "RESULT: FAIL (exit 1)" in text and "failed: kernel conformance" in text
+
+
+@pytest.mark.slow
+def test_a_wrong_backward_fails_the_selftest_naming_the_op(tmp_path):
+    """linear's vector-Jacobian product scaled by 0.999: the forward, training, checkpoint and
+    portability stages pass; the gradient stage fails and names linear."""
+    from numpy_linear import scaled_vjp
+
+    _, registry = load_plugins(autoload=False, extra=[("scaled-vjp", scaled_vjp())])
+    code, text = run_selftest("scaled-vjp", steps=2, stream=None, registry=registry, workdir=tmp_path)
+    assert code == EXIT_FAIL
+    assert "failed: gradient conformance" in text and "failing ops: linear" in text
+    assert "`linear/bias` [float32]: dense cotangent, d/dx" in text
+    assert text.rstrip().splitlines()[-1].startswith("RESULT: FAIL (exit 1): 4/5 checks passed")

@@ -326,6 +326,9 @@ class MindSporeKernels:
         flat = tuple(n for pair in reversed(pads) for n in pair)  # ops.pad lists the last dim first
         if not any(flat):
             return x
+        if x.size == 0:  # all fill; PadV3's backward refuses an empty input ("output size must be > 0")
+            shape = tuple(n + before + after for n, (before, after) in zip(x.shape, pads))
+            return ops.full(shape, value, dtype=x.dtype)
         return ops.pad(x, flat, mode="constant", value=value)
 
     # linear algebra

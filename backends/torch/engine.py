@@ -93,11 +93,15 @@ class TorchEngine(Engine):
     ) -> tuple[torch.Tensor, Any, dict[str, torch.Tensor]]:
         """``fn(params) -> (loss, aux)``; returns the detached loss, aux and d loss / d params.
 
-        A parameter the loss does not reach gets a zero gradient, so optimizer lists stay aligned.
+        A parameter the loss does not reach gets a zero gradient, so optimizer lists stay aligned,
+        also when it reaches none (a loss over an empty tensor is a constant with no graph).
         """
         leaves = list(params.values())
         loss, aux = fn(params)
-        grads = torch.autograd.grad(loss, leaves, allow_unused=True)
+        if loss.requires_grad:
+            grads = torch.autograd.grad(loss, leaves, allow_unused=True)
+        else:
+            grads = (None,) * len(leaves)
         return (
             loss.detach(),
             aux,

@@ -3,6 +3,12 @@
 Three interchangeable paths compute the same ``torch.optim.AdamW`` update: the fused kernel
 (``torch._fused_adamw_``) where the device type has one, multi-tensor ``torch._foreach_*`` math
 for tensors on one device, and a per-tensor loop for everything else.
+
+A gradient in another float dtype than its parameter is cast to the parameter's first. The fused
+kernel walks the four tensors' memory in step, so it gives wrong updates when their layouts differ:
+on torch 2.13's CPU a transposed gradient moved its weight by 2 * lr more than the other paths. It
+gets contiguous tensors only: gradients are copied, and a parameter or moment that is a strided
+view is updated as a contiguous copy, returned in its place.
 """
 
 from __future__ import annotations
@@ -54,6 +60,7 @@ def adamw_update(params, grads, exp_avgs, exp_avg_sqs, step: int, lr: float, bet
     """One in-place AdamW step (see :meth:`isthmus.kernels.interface.Kernels.adamw_update`); ``path`` forces
     an implementation, for tests. Returns the same lists."""
     params, grads, exp_avgs, exp_avg_sqs = adamw_lists(step, params, grads, exp_avgs, exp_avg_sqs)
+    grads = [g if g.dtype == p.dtype else g.to(p.dtype) for p, g in zip(params, grads)]
     path = path or adamw_path(params, grads, exp_avgs, exp_avg_sqs)
     run = {"fused": _fused, "foreach": _foreach, "loop": _loop}[path]
     with torch.no_grad():
@@ -62,6 +69,8 @@ def adamw_update(params, grads, exp_avgs, exp_avg_sqs, step: int, lr: float, bet
 
 
 def _fused(params, grads, exp_avgs, exp_avg_sqs, step, lr, beta1, beta2, eps, weight_decay):
+    for items in (params, grads, exp_avgs, exp_avg_sqs):  # see the module doc: layouts must agree
+        items[:] = [t if t.is_contiguous() else t.contiguous() for t in items]
     groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
     for i, p in enumerate(params):
         groups.setdefault((p.device, p.dtype), []).append(i)

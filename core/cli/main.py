@@ -169,23 +169,37 @@ def cmd_kernels(args: argparse.Namespace) -> int:
 
 def check_kernels(backend: Any, args: argparse.Namespace) -> int:
     from isthmus.verify.conformance import run_suite
+    from isthmus.verify.gradients import run_gradient_suite
 
     dtypes = [d for d in ("float32", "bfloat16") if d in backend.capabilities.dtypes] or ["float64"]
-    results = run_suite(backend.kernels, backend.engine, dtypes=dtypes)
-    by_op: dict[tuple[str, str], list[Any]] = {}
+    ops = [o.strip() for o in args.ops.split(",") if o.strip()] if getattr(args, "ops", None) else None
+    if ops:
+        from isthmus.kernels.interface import OPS
+
+        unknown = [o for o in ops if o not in OPS]
+        if unknown:
+            raise IsthmusError(f"--ops: unknown op(s) {', '.join(unknown)}; valid: {', '.join(OPS)}")
+    results = run_suite(backend.kernels, backend.engine, dtypes=dtypes, ops=ops)
+    if backend.capabilities.autodiff:
+        results += run_gradient_suite(backend.kernels, backend.engine, dtypes=dtypes, ops=ops)
+    by_op: dict[tuple[str, str, str], list[Any]] = {}
     for r in results:
-        by_op.setdefault((r.op, r.dtype), []).append(r)
-    rows, failed = [], 0
-    for (op, dtype), group in sorted(by_op.items()):
+        by_op.setdefault((r.op, r.kind, r.dtype), []).append(r)
+    rows, failed = [], []
+    for (op, kind, dtype), group in sorted(by_op.items()):
         ran = [r for r in group if not r.skipped_reason]
         bad = [r for r in ran if not r.ok]
-        failed += len(bad)
+        failed += bad
         worst = max((r.max_abs_err for r in ran), default=0.0)
-        rows.append([op, dtype, str(len(ran)), f"{worst:.2e}", "FAIL" if bad else ("ok" if ran else "skipped")])
-    print(f"kernel conformance of {backend.name}/{backend.engine_name} on {backend.device} against the float64 reference")
-    print(table(rows, ["op", "dtype", "cases", "max abs err", "result"]))
+        rows.append([op, kind, dtype, str(len(ran)), f"{worst:.2e}", "FAIL" if bad else ("ok" if ran else "skipped")])
+    print(f"kernel conformance of {backend.name}/{backend.engine_name} on {backend.device} against the float64 reference"
+          + ("" if backend.capabilities.autodiff else " (forward only: the backend does not differentiate)"))
+    print(table(rows, ["op", "check", "dtype", "cases", "max abs err", "result"]))
+    for r in failed:
+        print(f"FAIL {r.kind} {r.op}/{r.case_name} [{r.dtype}]: {r.message}")
     ran_total = sum(1 for r in results if not r.skipped_reason)
-    print(f"{ran_total - failed} passed, {failed} failed")
+    print(f"{ran_total - len(failed)} passed, {len(failed)} failed"
+          + (f" (ops with failures: {', '.join(sorted({r.op for r in failed}))})" if failed else ""))
     return 1 if failed else 0
 
 
@@ -217,7 +231,9 @@ def parser() -> argparse.ArgumentParser:
     s = sub.add_parser("kernels", help="which implementation serves each kernel op")
     s.add_argument("--backend", default="auto")
     s.add_argument("--engine", default=None)
-    s.add_argument("--check", action="store_true", help="run the conformance suite against the reference")
+    s.add_argument("--check", action="store_true",
+                   help="run the conformance suite (forward, optimizer and gradients) against the reference")
+    s.add_argument("--ops", default=None, metavar="OP,OP", help="with --check: only these ops")
     s.add_argument("--json", action="store_true")
     s.set_defaults(run=cmd_kernels)
 

@@ -378,6 +378,10 @@ class Kernels(Protocol):
             v = beta2 * v + (1 - beta2) * g * g
             p = p - (lr / (1 - beta1**step)) * m / (sqrt(v) / sqrt(1 - beta2**step) + eps)
 
+        A gradient may be a strided view (a transposed backward result) and may have another float
+        dtype than its parameter (bfloat16 gradients of float32 weights): it is cast to the
+        parameter's dtype first, and the update is the same as for a contiguous gradient.
+
         Returns ``(params, exp_avgs, exp_avg_sqs)``. An implementation may update in place and return
         the same objects; callers must use the returned values."""
         ...

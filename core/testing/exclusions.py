@@ -5,12 +5,15 @@ of forking the suite (as Keras 3 backends do)::
 
     # isthmus-exclusions.yaml
     exclude:
-      - op: conv2d                      # a kernel op (isthmus.kernels.interface.OPS), or `training` / `checkpoint`
-        reason: no conv kernel on this device yet
+      - op: conv2d                      # a kernel op (isthmus.kernels.interface.OPS), or an integration
+        reason: no conv kernel on this device yet   # test: `training`, `checkpoint`, `training_vs_cpu`
       - op: attention
         cases: [attention-gqa, test_attention_4d_gqa]   # optional: only these case ids
         reason: grouped-query attention lands in 0.2
         skip: true                      # optional: do not even run (a kernel that hangs or crashes)
+      - op: layer_norm
+        kind: gradient                  # optional: only its gradient cases (or `forward`: only the others)
+        reason: the fused backward rounds rstd to bfloat16
 
 An excluded test still runs (unless ``skip: true``): a failure is reported as xfail with the
 reason, a pass is counted so the summary can say the exclusion is no longer needed. An unknown op
@@ -26,8 +29,11 @@ from pathlib import Path
 from typing import Any, Iterable
 
 FILE_NAME = "isthmus-exclusions.yaml"
-KIT_TESTS = ("training", "checkpoint")
-"""Names for the kit's two integration tests, excludable like ops."""
+KIT_TESTS = ("training", "checkpoint", "training_vs_cpu")
+"""Names for the kit's integration tests, excludable like ops."""
+KINDS = ("forward", "gradient")
+"""What an entry's ``kind`` may name: a kernel op's forward cases (values, the ONNX oracle, the
+optimizer's steps) or its gradient cases; no kind covers both."""
 
 
 class ExclusionsError(ValueError):
@@ -36,16 +42,19 @@ class ExclusionsError(ValueError):
 
 @dataclass(frozen=True)
 class Exclusion:
-    """One entry: ``op`` (all its cases, or only ``cases``), why, and whether to skip running it."""
+    """One entry: ``op`` (all its cases, or only ``cases``; of one ``kind`` or, when empty, of
+    both), why, and whether to skip running it."""
 
     op: str
     reason: str
     cases: tuple[str, ...] = ()
     skip: bool = False
+    kind: str = ""
 
-    def covers(self, op: str, case_ids: Iterable[str] = ()) -> bool:
-        """Whether this entry applies to ``op`` in a case known by any of ``case_ids``."""
-        return op == self.op and (not self.cases or any(c in self.cases for c in case_ids))
+    def covers(self, op: str, case_ids: Iterable[str] = (), kind: str | None = None) -> bool:
+        """Whether this entry applies to ``op`` in a case known by any of ``case_ids``, of ``kind``."""
+        return (op == self.op and (not self.cases or any(c in self.cases for c in case_ids))
+                and (not self.kind or kind is None or kind == self.kind))
 
 
 @dataclass
@@ -55,10 +64,10 @@ class Exclusions:
     entries: list[Exclusion] = field(default_factory=list)
     source: str = ""
 
-    def match(self, ops: Iterable[str], case_ids: Iterable[str] = ()) -> Exclusion | None:
-        """The first entry covering any of ``ops`` in the case known by ``case_ids``."""
+    def match(self, ops: Iterable[str], case_ids: Iterable[str] = (), kind: str | None = None) -> Exclusion | None:
+        """The first entry covering any of ``ops`` in the case known by ``case_ids``, of ``kind``."""
         ids = tuple(case_ids)
-        return next((e for op in ops for e in self.entries if e.covers(op, ids)), None)
+        return next((e for op in ops for e in self.entries if e.covers(op, ids, kind)), None)
 
 
 def valid_ops() -> tuple[str, ...]:
@@ -85,9 +94,9 @@ def parse(data: Any, source: str = "") -> Exclusions:
         if not isinstance(item, dict):
             problems.append(f"{at}: expected a mapping with 'op' and 'reason'")
             continue
-        unknown_keys = set(item) - {"op", "reason", "cases", "skip"}
+        unknown_keys = set(item) - {"op", "reason", "cases", "skip", "kind"}
         if unknown_keys:
-            problems.append(f"{at}: unknown keys {sorted(unknown_keys)}; valid: op, reason, cases, skip")
+            problems.append(f"{at}: unknown keys {sorted(unknown_keys)}; valid: op, reason, cases, skip, kind")
         op, reason = str(item.get("op", "")), str(item.get("reason") or "").strip()
         if op not in ops:
             close = difflib.get_close_matches(op, ops, n=1)
@@ -99,7 +108,12 @@ def parse(data: Any, source: str = "") -> Exclusions:
         if not isinstance(cases, list):
             problems.append(f"{at}: 'cases' must be a list of case ids")
             cases = []
-        entries.append(Exclusion(op, reason, tuple(str(c) for c in cases), bool(item.get("skip", False))))
+        kind = str(item.get("kind") or "")
+        if kind and kind not in KINDS:
+            problems.append(f"{at}: kind '{kind}' is not one of {', '.join(KINDS)} (leave it out for both)")
+        elif kind and op in KIT_TESTS:
+            problems.append(f"{at}: kind applies to kernel ops; '{op}' is an integration test")
+        entries.append(Exclusion(op, reason, tuple(str(c) for c in cases), bool(item.get("skip", False)), kind))
     if problems:
         raise ExclusionsError("\n".join(problems))
     return Exclusions(entries, source)

@@ -6,11 +6,14 @@ A third-party backend package runs::
 
 and its session gets the kit's tests, collected under the node ``isthmus-kit``: every kernel
 conformance case under float32 and bfloat16 (where the backend's capabilities list the dtype)
-against the float64 reference, every mapped ONNX operator test case, a training smoke test of
+against the float64 reference, the optimizer's steps among them; every gradient case
+(:mod:`isthmus.verify.gradients`: the backend's vector-Jacobian products against float64 finite
+differences of the reference); every mapped ONNX operator test case; a training smoke test of
 the default model at its smoke size (``ModelSpec.smoke``) through the real trainer (loss finite
-and falling) and a checkpoint round trip (save, load, resume one step: weights identical to an
-uninterrupted step). The tests live in
-:mod:`isthmus.testing.suite`. Without ``--isthmus-backend`` the plugin does nothing.
+and falling); a checkpoint round trip (save, load, resume one step: weights identical to an
+uninterrupted step); and a few training steps against the same steps on ``cpu``, within a stated
+band. The tests live in :mod:`isthmus.testing.suite`. Without ``--isthmus-backend`` the plugin does
+nothing.
 
 An exclusions file (:mod:`isthmus.testing.exclusions`) turns known gaps into xfails with their
 reason; the terminal summary lists them. A ``conftest.py`` may add in-process isthmus plugins
@@ -53,7 +56,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--isthmus-exclusions", metavar="PATH", default=None,
                     help="exclusions file (default: isthmus-exclusions.yaml in the rootdir or rootdir/tests)")
     group.addoption("--isthmus-quick", action="store_true", default=False,
-                    help="a fast subset: float32 only, one conformance and one ONNX case per op")
+                    help="a fast subset: float32 only, one conformance, one gradient and one ONNX case per op")
 
 
 @dataclass
@@ -65,8 +68,8 @@ class Kit:
     engine: str | None
     quick: bool
     exclusions: Any
-    excused: list[tuple[str, str, str]] = field(default_factory=list)  # (test id, op, reason)
-    unneeded: set[tuple[str, str]] = field(default_factory=set)  # (op, test id) passing while excluded
+    excused: list[tuple[str, Any, str]] = field(default_factory=list)  # (test id, entry, reason)
+    unneeded: set[tuple[Any, str]] = field(default_factory=set)  # (entry, test id) passing while excluded
     skipped_dtypes: list[str] = field(default_factory=list)
     _built: Any = None
 
@@ -98,18 +101,19 @@ class Kit:
         self.skipped_dtypes = [d for d in wanted if d not in offered]
         return [d for d in wanted if d in offered]
 
-    def excused_failure(self, test_id: str, ops: list[str], case_ids: list[str]) -> Any:
-        """The exclusion covering a failure of ``ops``, recorded for the summary (or ``None``)."""
-        entry = self.exclusions.match(ops, case_ids)
+    def excused_failure(self, test_id: str, ops: list[str], case_ids: list[str], kind: str | None = None) -> Any:
+        """The exclusion covering a failure of ``ops`` (cases of ``kind``), recorded for the summary
+        (or ``None``)."""
+        entry = self.exclusions.match(ops, case_ids, kind)
         if entry is not None:
-            self.excused.append((test_id, entry.op, entry.reason))
+            self.excused.append((test_id, entry, entry.reason))
         return entry
 
-    def note_pass(self, test_id: str, ops: list[str], case_ids: list[str]) -> None:
+    def note_pass(self, test_id: str, ops: list[str], case_ids: list[str], kind: str | None = None) -> None:
         """Remember a passing test that an exclusion covers: that entry may be stale."""
-        entry = self.exclusions.match(ops, case_ids)
+        entry = self.exclusions.match(ops, case_ids, kind)
         if entry is not None:
-            self.unneeded.add((entry.op, test_id))
+            self.unneeded.add((entry, test_id))
 
 
 KIT_KEY = pytest.StashKey[Kit]()
@@ -178,8 +182,8 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
         return
     write(f"{len(kit.exclusions.entries)} entries from {kit.exclusions.source}")
     for entry in kit.exclusions.entries:
-        excused = sum(op == entry.op for _, op, _ in kit.excused)
-        passing = sum(op == entry.op for op, _ in kit.unneeded)
-        scope = f" cases {', '.join(entry.cases)}" if entry.cases else ""
+        excused = sum(e is entry for _, e, _ in kit.excused)
+        passing = sum(e is entry for e, _ in kit.unneeded)
+        scope = (f" ({entry.kind} cases)" if entry.kind else "") + (f" cases {', '.join(entry.cases)}" if entry.cases else "")
         mode = "not run" if entry.skip else f"excused {excused} failing, {passing} passing anyway"
         write(f"  {entry.op}{scope}: {entry.reason} ({mode})")

@@ -17,6 +17,7 @@ from isthmus.verify.checks import (
     check_dropout_seeded,
     check_dropout_statistics,
     check_dtype_names,
+    check_global_norm_layouts,
 )
 
 # Integer, bool and exact-value cases do not depend on the float dtype under test: they run once.
@@ -490,6 +491,16 @@ def _dropout_optimizer_cases() -> list[Case]:
         Case("adamw_update", "three_steps", check=check_adamw_steps),
         Case("adamw_update", "no_decay", check=lambda run: check_adamw_steps(run, weight_decay=0.0,
                                                                             steps=2)),
+        # A backward may hand the optimizer transposed views (torch's fused CPU AdamW once moved
+        # such weights by 2 * lr more than the loop), or gradients in another dtype than the weights.
+        Case("adamw_update", "strided_grads", check=lambda run: check_adamw_steps(run, grads="strided")),
+        Case("adamw_update", "strided_no_decay", check=lambda run: check_adamw_steps(
+            run, weight_decay=0.0, grads="strided")),
+        Case("adamw_update", "mixed_dtype_grads", check=lambda run: check_adamw_steps(run, grads="mixed")),
+        # Bias corrections at step 1000: 1 - 0.9**1000 is 1 to float precision, 1 - 0.999**1000 = 0.63.
+        Case("adamw_update", "step_1000", check=lambda run: check_adamw_steps(run, first_step=998)),
+        Case("adamw_update", "step_1000_strided", check=lambda run: check_adamw_steps(
+            run, first_step=998, grads="strided", weight_decay=0.0)),
         _case("global_norm", "several", lambda r: (([_n(r, (3, 4)), _n(r, (5,)), _n(r, (2, 2, 2))],),
                                                    {}), out_dtype="wide", scale="abs"),
         _case("global_norm", "with_empty", lambda r: (([_n(r, (0, 3)), _n(r, (4,))],), {}),
@@ -497,6 +508,7 @@ def _dropout_optimizer_cases() -> list[Case]:
         _case("global_norm", "large", lambda r: (([_n(r, (64,), 1e4)],), {}), out_dtype="wide",
               scale="abs"),
         _case("global_norm", "no_tensors", lambda r: (([],), {}), out_dtype="float32"),
+        Case("global_norm", "strided_and_mixed", check=check_global_norm_layouts),
     ]
 
 

@@ -93,7 +93,8 @@ class Case:
 
 @dataclass
 class CaseResult:
-    """The outcome of one case under one dtype. ``skipped_reason`` is set when it did not run."""
+    """The outcome of one case under one dtype. ``skipped_reason`` is set when it did not run;
+    ``kind`` is ``"forward"`` or ``"gradient"`` (:mod:`isthmus.verify.gradients`)."""
 
     op: str
     case_name: str
@@ -103,6 +104,7 @@ class CaseResult:
     ok: bool = True
     skipped_reason: str = ""
     message: str = ""
+    kind: str = "forward"
 
     @property
     def skipped(self) -> bool:
@@ -358,7 +360,7 @@ def run_suite(kernels: Any, engine: Any, dtypes: Sequence[str] = ("float32", "bf
 
 def summary(results: Sequence[CaseResult]) -> str:
     """A short text table: failures with their messages, then counts."""
-    lines = [f"FAIL {r.op}/{r.case_name} [{r.dtype}]: {r.message}" for r in results
+    lines = [f"FAIL {r.kind} {r.op}/{r.case_name} [{r.dtype}]: {r.message}" for r in results
              if not r.ok and not r.skipped]
     passed = sum(r.ok and not r.skipped for r in results)
     skipped = sum(r.skipped for r in results)

@@ -6,7 +6,9 @@ tested). Stages, each reported even when an earlier one failed:
 
 1. detection: the backend's probe, and its full report when it has one (the ascend probe lists
    every missing piece of CANN, driver and devices with its fix);
-2. kernel conformance against the NumPy float64 reference (:func:`isthmus.verify.conformance.run_suite`);
+2. kernel conformance against the NumPy float64 reference (:func:`isthmus.verify.conformance.run_suite`,
+   the optimizer's steps included), then gradient conformance: every differentiable op's gradients
+   against float64 finite differences of the reference (:func:`isthmus.verify.gradients.run_gradient_suite`);
 3. a short training run of the default model at its smoke size (config composition, trainer, checkpoint);
 4. a checkpoint round trip: saved tensors equal the live ones bitwise, and reloaded weights give
    the same forward output;
@@ -113,20 +115,23 @@ def detection(report: Report, registry: Any, name: str) -> Any:
     return row
 
 
-def conformance(backend: Any) -> Check:
+def conformance(backend: Any, gradients: bool = False) -> Check:
     from isthmus.verify.conformance import run_suite
+    from isthmus.verify.gradients import run_gradient_suite
 
     dtypes = [d for d in ("float32", "bfloat16") if d in backend.capabilities.dtypes] or ["float64"]
-    results = run_suite(backend.kernels, backend.engine, dtypes=dtypes)
+    suite = run_gradient_suite if gradients else run_suite
+    results = suite(backend.kernels, backend.engine, dtypes=dtypes)
     ran = [r for r in results if not r.skipped]
     failed = [r for r in ran if not r.ok]
     per_dtype = "; ".join(f"{d}: {sum(r.ok for r in ran if r.dtype == d)}/{sum(r.dtype == d for r in ran)}"
                           for d in dtypes)
     listing = "".join(f"\n  - `{r.op}/{r.case_name}` [{r.dtype}]: {r.message}" for r in failed[:20])
     more = f"\n  - ... and {len(failed) - 20} more" if len(failed) > 20 else ""
-    return Check("kernel conformance", not failed,
+    ops = f"; failing ops: {', '.join(sorted({r.op for r in failed}))}" if failed else ""
+    return Check("gradient conformance" if gradients else "kernel conformance", not failed,
                  f"{len(ran) - len(failed)} passed, {len(failed)} failed, {len(results) - len(ran)} skipped "
-                 f"({per_dtype}){listing}{more}")
+                 f"({per_dtype}){ops}{listing}{more}")
 
 
 def compose_tiny(registry: Any, name: str, engine: str | None, steps: int, out: Path) -> Any:
@@ -274,8 +279,14 @@ def run_selftest(name: str, engine: str | None = None, steps: int = 8, stream: T
                f"- capabilities: {backend.capabilities.as_dict()}", "")
     report.add("## 2. Kernel conformance", "")
     _stage(report, checks, "kernel conformance", lambda: conformance(backend))
-    state: dict[str, Any] = {}
     skipped: list[str] = []
+    report.add("### Gradients", "")
+    if backend.capabilities.autodiff:
+        _stage(report, checks, "gradient conformance", lambda: conformance(backend, gradients=True))
+    else:
+        skipped.append("gradient conformance")
+        report.add("**SKIPPED**: the backend computes forward only", "")
+    state: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="isthmus-selftest-") as scratch:
         out = Path(workdir or scratch) / f"selftest-{name}"
         report.add("## 3. Short training run", "")
