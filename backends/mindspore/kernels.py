@@ -118,6 +118,10 @@ class MindSporeKernels:
     def arange(self, start, stop=None, step=1, dtype="int64"):
         if stop is None:
             start, stop = 0, start
+        if self.engine.feeding_now:
+            # ops.arange asks ops.typeof for its Python arguments' types, which a trace cannot
+            # record: the range is built on the host (in float64, rounded once to ``dtype``).
+            return ms.Tensor(np.arange(start, stop, step, dtype=np.float64), ms_dtype(dtype))
         return ops.arange(start, stop, step, dtype=ms_dtype(dtype))
 
     def shape(self, x):
@@ -393,8 +397,9 @@ class MindSporeKernels:
         if p >= 1:
             return ops.zeros_like(x)
         # Masks come from the engine's numpy generator: reproducible, and restorable from a
-        # checkpoint on any device target (a device generator's state is not portable).
-        keep = ms.Tensor(self.engine.generator.random(tuple(x.shape)) >= p)
+        # checkpoint on any device target (a device generator's state is not portable). In a
+        # traced graph they are inputs, drawn from the same generator per call.
+        keep = self.engine.dropout_mask(tuple(x.shape), p)
         return ops.where(keep, x * scalar(1.0 / (1.0 - p), x), ops.zeros_like(x))
 
     def cross_entropy(self, logits, targets, ignore_index=-100, reduction="mean", weight=None):

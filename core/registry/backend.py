@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 from isthmus.kernels.routing import KernelSet
 
 if TYPE_CHECKING:  # numpy stays out of `isthmus backends` start-up
     import numpy as np
+
+    from isthmus.train.step import StepRunner, TrainStep
 
 
 class Engine(Protocol):
@@ -36,6 +38,30 @@ class Engine(Protocol):
     def runtime_info(self) -> dict[str, Any]:
         """Threads, device names and counts, as the engine sees them."""
         ...
+
+    def compile_step(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        """``fn`` (a kernel-level function such as ``model.loss``, called as ``fn(k, params, batch,
+        ...)``) compiled for this engine, or ``fn`` itself. Default: ``fn`` (the engine runs eagerly)."""
+        return fn
+
+    def compile_train_step(self, step: "TrainStep") -> "StepRunner | None":
+        """A runner for the whole train step ``step`` (:mod:`isthmus.train.step`: the differentiated
+        objective, then clipping, AdamW and the loss-scale policy), which the engine may compile;
+        ``None`` (the default) leaves the step to the trainer, op by op."""
+        return None
+
+
+def compile_step(engine: Any, fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``engine.compile_step(fn)``, or the :class:`Engine` default for an engine without one."""
+    own = getattr(engine, "compile_step", None)
+    return own(fn) if own is not None else Engine.compile_step(engine, fn)
+
+
+def compile_train_step(engine: Any, step: "TrainStep") -> "StepRunner | None":
+    """``engine.compile_train_step(step)``, or the :class:`Engine` default (``None``) for an engine
+    without one."""
+    own = getattr(engine, "compile_train_step", None)
+    return own(step) if own is not None else Engine.compile_train_step(engine, step)
 
 
 @dataclass(frozen=True)

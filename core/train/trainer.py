@@ -21,6 +21,7 @@ from isthmus.train.parallel import NullLog, QuietProgress, RankSlice, token_coun
 from isthmus.nn.precision import Policy
 from isthmus.train.run import Run, plain
 from isthmus.train.runlog import MetricsLog, Progress, plot_loss
+from isthmus.train.step import whole_step
 
 EVAL_SAMPLES_DURING_TRAINING = 128
 
@@ -80,6 +81,10 @@ class Trainer:
         compile_step = getattr(engine, "compile_step", None)
         self.loss_fn = compile_step(self.run.model.loss) if compile_step is not None else self.run.model.loss
         self.optimizer = AdamW(betas=tuple(t.betas), eps=t.eps, weight_decay=t.weight_decay)
+        # An engine that runs the whole step itself (MindSpore: compiled in graph mode) gets it
+        # here; data parallel keeps the step below, which averages gradients across ranks.
+        self.whole_step = (whole_step(backend, self.run.model, self.policy, self.specs, self.optimizer, self.train_cfg)
+                           if self.comm is None else None)
         if self.resume is None:
             self.params = engine.parameters(initialise(self.specs, int(self.cfg.seed)))
             self.optimizer.init_state(k, self.params)
@@ -137,6 +142,10 @@ class Trainer:
     def train_step(self, lr: float) -> tuple[float, float, str]:
         """Returns (loss, grad norm, skip reason or '')."""
         backend, t = self.run.backend, self.train_cfg
+        if self.whole_step is not None:
+            batches = [to_device(backend, next(self.data)) for _ in range(int(t.grad_accum))]
+            self.params, loss, norm, skip = self.whole_step(self.params, self.optimizer, self.policy, batches, lr)
+            return loss, norm, skip
         k, engine, policy = backend.kernels, backend.engine, self.policy
         scale = policy.scale
         total = None

@@ -25,6 +25,7 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
+from isthmus.registry.backend import compile_step
 from isthmus.verify.conformance import Tol
 from isthmus.verify.op_replay import OpFinding, Recorder, replay
 from isthmus.registry.store import Registry
@@ -140,12 +141,13 @@ def _on(engine: Any, arrays: Mapping[str, np.ndarray], dtype: str | None = None)
 
 def forward_and_loss(backend: Any, model: Any, params: Mapping[str, np.ndarray], batch: Mapping[str, np.ndarray],
                      dtype: str) -> tuple[np.ndarray, np.ndarray]:
-    """Logits and loss of ``model`` on ``backend`` computing in ``dtype`` (host arrays)."""
+    """Logits and loss of ``model`` on ``backend`` computing in ``dtype`` (host arrays), compiled
+    where the engine compiles (MindSpore in graph mode)."""
     engine, k = backend.engine, backend.kernels
     p, b = _on(engine, params, dtype), _on(engine, batch, dtype)
     with engine.no_grad():
-        logits = model.forward(k, p, b)
-        loss, _ = model.loss(k, p, b, training=False)
+        logits = compile_step(engine, model.forward)(k, p, b)
+        loss, _ = compile_step(engine, model.loss)(k, p, b, training=False)
         return np.asarray(engine.to_numpy(logits)), np.asarray(engine.to_numpy(loss))
 
 
