@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import os
 import warnings
 from typing import Any, Callable, Iterator, Mapping
@@ -36,6 +37,7 @@ MS_DTYPES: dict[str, Any] = {
     "bool": ms.bool_,
 }
 _NAMES = {dtype: name for name, dtype in MS_DTYPES.items()}
+log = logging.getLogger("isthmus.mindspore")
 
 
 def ms_dtype(name: str) -> Any:
@@ -128,6 +130,7 @@ class MindSporeEngine:
         self.step_runner: Any = None  # the last compile_train_step result, for runtime_info
         self._feed: Any = None  # where dropout masks come from while a graph is probed or traced
         self._compiled: dict[Any, Any] = {}  # compile_step's functions, compiled once per process
+        self.fell_back: set[str] = set()  # models that could not compile and run in PyNative
 
     # ------------------------------------------------------------------ graph mode
     @property
@@ -167,12 +170,19 @@ class MindSporeEngine:
         except TypeError:  # unhashable: compiled afresh
             known = None
         if known is None:
-            label = getattr(getattr(fn, "__self__", None), "name", None)
+            owner = getattr(getattr(fn, "__self__", None), "name", None)
             name = getattr(fn, "__name__", "function")
-            known = GraphFunction(self, fn, f"model {label}.{name}" if label else name)
+            known = GraphFunction(self, fn, f"model {owner}" if owner else name, f"{owner}.{name}" if owner else name)
             with contextlib.suppress(TypeError):
                 self._compiled[fn] = known
         return known
+
+    def fall_back(self, model: str, problem: Exception) -> None:
+        """Note that ``model`` cannot compile and runs in PyNative (``backend.options.fallback``):
+        warned once per model, however many of its functions try."""
+        if model not in self.fell_back:
+            self.fell_back.add(model)
+            log.warning("%s; running it in PyNative (backend.options.fallback=true)", problem)
 
     def compile_train_step(self, step: Any) -> Any:
         """The runner of :class:`isthmus.train.step.TrainStep` ``step``: the objective compiled in

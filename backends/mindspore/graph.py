@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import logging
 import os
 import sys
 from typing import Any, Callable, Iterator, Sequence
@@ -31,8 +30,6 @@ import numpy as np
 # MindSpore comes through the engine module, which quiets its logging before it loads.
 from isthmus.backends.mindspore.engine import ms, ops
 from isthmus.errors import IsthmusError
-
-log = logging.getLogger("isthmus.mindspore")
 _MINDSPORE_DIR = os.path.dirname(ms.__file__) + os.sep
 HINT = ("write it with kernels (k.where, k.maximum), or set backend.options.mode=pynative "
         "(backend.options.fallback=true switches by itself)")
@@ -152,7 +149,8 @@ class _FramesWithSource:
     and fails ("'NoneType' object is not subscriptable") when a frame has no source lines, as code
     made by ``exec`` (dataclass methods, pytest's rewritten asserts) anywhere up the stack has none.
     Reading source for every frame at every op also makes a trace from a deep stack slow (minutes
-    under pytest). File names and line numbers are all it uses."""
+    under pytest). File names and line numbers are all it uses; frames of code without a file
+    (``<frozen runpy>``, ``<string>``) are left out, as MindSpore logs an error for each."""
 
     def __getattr__(self, name: str) -> Any:
         return getattr(inspect, name)
@@ -162,7 +160,8 @@ class _FramesWithSource:
         frames, frame = [], sys._getframe(1)
         while frame is not None:
             code = frame.f_code
-            frames.append(inspect.FrameInfo(frame, code.co_filename, frame.f_lineno, code.co_name, [""], 0))
+            if not code.co_filename.startswith("<"):
+                frames.append(inspect.FrameInfo(frame, code.co_filename, frame.f_lineno, code.co_name, [""], 0))
             frame = frame.f_back
         return frames
 
@@ -179,6 +178,25 @@ def _cheap_caller_lines() -> Iterator[None]:
         yield
     finally:
         jit_trace.inspect = original
+
+
+def _tensor_text(self: Any) -> str:
+    return "Tensor"  # not even the shape: reading it costs ~17 us, ~20 ms a captioner step
+
+
+@contextlib.contextmanager
+def _short_tensor_text() -> Iterator[None]:
+    """Tensors print as ``Tensor`` within.
+
+    MindSpore's trace builds ``logger.debug(f"... {args}")`` messages whether or not debug logging
+    is on, formatting every argument's values: at every call of a traced function (~250 ms per
+    captioner step, more than its kernels take) and at every op while tracing."""
+    originals = ms.Tensor.__str__, ms.Tensor.__repr__
+    ms.Tensor.__str__ = ms.Tensor.__repr__ = _tensor_text
+    try:
+        yield
+    finally:
+        ms.Tensor.__str__, ms.Tensor.__repr__ = originals
 
 
 def _reset_trace_state() -> None:
@@ -230,9 +248,10 @@ class Traced:
         """``call(*tensors, *masks)``, where ``call`` wraps :attr:`compiled` (``value_and_grad``
         of it, or itself); the first call traces, under the host-read guard."""
         if self.checked:
-            return call(*tensors, *self.masks())
+            with _short_tensor_text():
+                return call(*tensors, *self.masks())
         try:
-            with host_reads_forbidden(self.label), _cheap_caller_lines():
+            with host_reads_forbidden(self.label), _cheap_caller_lines(), _short_tensor_text():
                 out = call(*tensors, *self.masks())
         except BaseException:
             _reset_trace_state()
@@ -257,13 +276,14 @@ class GraphFunction:
     what :meth:`MindSporeEngine.compile_step` returns in graph mode. Arguments and results are any
     nesting of tuples, lists and dicts around tensors."""
 
-    def __init__(self, engine: Any, fn: Callable[..., Any], label: str) -> None:
-        self.engine, self.fn, self.label = engine, fn, label
+    def __init__(self, engine: Any, fn: Callable[..., Any], owner: str, label: str) -> None:
+        self.engine, self.fn, self.owner, self.label = engine, fn, owner, label
         self.entries: dict[Any, tuple[Traced, list[Any]]] = {}
         self.eager = False
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        if self.eager or self.engine.feeding_now:  # inside another trace: that one records the ops
+        if self.eager or self.engine.feeding_now or self.owner in self.engine.fell_back:
+            # (inside another trace, that one records the ops; a model that fell back stays eager)
             return self.fn(*args, **kwargs)
         tensors, structure = flatten((args, kwargs))
         try:
@@ -281,12 +301,12 @@ class GraphFunction:
                 output_structure[:] = [out_structure]
                 return tuple(out_tensors)
 
-            entry = (Traced(self.engine, flat_fn, self.label), output_structure)
+            entry = (Traced(self.engine, flat_fn, self.owner), output_structure)
             try:
                 entry[0].prepare(tensors)
                 flat_out = entry[0].run(entry[0].compiled, tensors)
             except Exception as error:
-                return self._fall_back(compile_failure(self.label, error, entry[0]), args, kwargs)
+                return self._fall_back(compile_failure(self.owner, error, entry[0]), args, kwargs)
             self.entries[key] = entry
         else:
             flat_out = entry[0].run(entry[0].compiled, tensors)
@@ -297,7 +317,7 @@ class GraphFunction:
     def _fall_back(self, problem: GraphBreak, args: Any, kwargs: Any) -> Any:
         if not self.engine.execution.fallback:
             raise problem
-        log.warning("%s; running it in PyNative (backend.options.fallback=true)", problem)
+        self.engine.fall_back(self.owner, problem)
         self.eager = True
         return self.fn(*args, **kwargs)
 

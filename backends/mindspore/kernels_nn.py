@@ -35,6 +35,21 @@ def conv2d_patches(x: ms.Tensor, weight: ms.Tensor, bias: ms.Tensor | None, stri
     return out if bias is None else out + ops.reshape(bias, (1, out_c, 1, 1))
 
 
+def conv2d_disjoint(x: ms.Tensor, weight: ms.Tensor, bias: ms.Tensor | None) -> ms.Tensor:
+    """``conv2d`` with stride equal to the kernel size, no padding, dilation or groups: every patch
+    is a row of a matrix (rows and columns that no patch covers are dropped, as the convolution
+    drops them), then one matmul."""
+    n, c, h, w = x.shape
+    out_c, _, kh, kw = weight.shape
+    out_h, out_w = h // kh, w // kw
+    if (out_h * kh, out_w * kw) != (h, w):
+        x = x[:, :, :out_h * kh, :out_w * kw]
+    rows = ops.transpose(ops.reshape(x, (n, c, out_h, kh, out_w, kw)), (0, 2, 4, 1, 3, 5))
+    out = ops.dense(ops.reshape(rows, (n * out_h * out_w, c * kh * kw)), ops.reshape(weight, (out_c, c * kh * kw)),
+                    bias)
+    return ops.transpose(ops.reshape(out, (n, out_h, out_w, out_c)), (0, 3, 1, 2))
+
+
 def rotary_embedding(x: ms.Tensor, cos: ms.Tensor, sin: ms.Tensor, interleaved: bool = False) -> ms.Tensor:
     """See :meth:`isthmus.kernels.interface.Kernels.rotary_embedding`."""
     r = cos.shape[-1]

@@ -19,7 +19,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from isthmus.backends.mindspore.engine import ms, ops
-from isthmus.backends.mindspore.graph import Traced, compile_failure, log
+from isthmus.backends.mindspore.graph import Traced, compile_failure
 
 
 class MindSporeStepRunner:
@@ -48,14 +48,14 @@ class MindSporeStepRunner:
             loss, g = self.objective(p, batch, scale)
             grads.append(g)
             losses.append(loss)
-        flat = [*p, *(exp_avg[n] for n in names), *(exp_avg_sq[n] for n in names),
-                *(t for g in grads for t in g), *losses, ms.Tensor(np.asarray(hyper, np.float64), dtype)]
-        traced = self.updates.get(len(batches))
-        if traced is None:
-            traced = self.updates[len(batches)] = Traced(self.engine, self._flat_update(len(batches)),
-                                                         f"{self.label} (update)", probe=False)
-            traced.prepare(flat)
-        out = traced.run(traced.compiled, flat)
+        # mutable: a tuple of tensors is otherwise a constant of the AST graph, recompiled per call.
+        groups = [ms.mutable(tuple(p)), ms.mutable(tuple(exp_avg[n] for n in names)),
+                  ms.mutable(tuple(exp_avg_sq[n] for n in names)), ms.mutable(tuple(t for g in grads for t in g)),
+                  ms.mutable(tuple(losses)), ms.Tensor(np.asarray(hyper, np.float64), dtype)]
+        update = self.updates.get(len(batches))
+        if update is None:
+            update = self.updates[len(batches)] = self._compile_update(len(batches), groups)
+        out = update[0].run(update[1], groups)
         n = len(names)
         stats = np.asarray(out[3 * n].asnumpy(), dtype=np.float64)
         return dict(zip(names, out[:n])), dict(zip(names, out[n:2 * n])), dict(zip(names, out[2 * n:3 * n])), stats
@@ -81,7 +81,7 @@ class MindSporeStepRunner:
                 problem = compile_failure(self.label, error, traced)
                 if not self.engine.execution.fallback:
                     raise problem from None
-                log.warning("%s; running the model in PyNative (backend.options.fallback=true)", problem)
+                self.engine.fall_back(self.label, problem)
                 self.compiled_objective = False
                 self.description = f"pynative after a graph fallback ({problem})"
         params = dict(zip(self.names, p))
@@ -93,7 +93,10 @@ class MindSporeStepRunner:
 
         def objective(*flat: Any) -> tuple[Any, Any]:
             params = dict(zip(names, flat[:n]))
-            batch = dict(zip(keys, flat[n:n + len(keys)]))
+            # The batch is a graph input like the parameters, and the traced graph's backward would
+            # compute its gradient too (for the captioner, a Conv2DBackpropInput costing a quarter of
+            # the step): stop_gradient marks it constant.
+            batch = {key: ops.stop_gradient(t) for key, t in zip(keys, flat[n:n + len(keys)])}
             value, loss = step.objective(params, batch, flat[n + len(keys)] if scaled else None)
             # Two outputs, one differentiated: value_and_grad seeds every output, so the reported
             # loss leaves through stop_gradient.
@@ -101,17 +104,28 @@ class MindSporeStepRunner:
 
         return objective
 
-    def _flat_update(self, micro: int) -> Any:
-        names, step, n = self.names, self.step, len(self.names)
+    def _compile_update(self, micro: int, groups: list[Any]) -> tuple[Traced, Any]:
+        """The update as a traced function of six tuples, called from a ``mindspore.jit`` (AST)
+        function: MindSpore runs a trace nested in an AST graph faster than the same trace on its
+        own (measured on 2 busy cores: 741 AdamW ops on fresh inputs, 38 ms against 63 ms)."""
+        names, step = self.names, self.step
 
-        def update(*flat: Any) -> tuple[Any, ...]:
-            p, m, v = (dict(zip(names, flat[i * n:(i + 1) * n])) for i in range(3))
-            grads = [dict(zip(names, flat[(3 + j) * n:(4 + j) * n])) for j in range(micro)]
-            losses = flat[(3 + micro) * n:(3 + micro) * n + micro]
-            new_p, new_m, new_v, stats = step.update(p, m, v, grads, losses, flat[-1])
+        def update(p: Any, m: Any, v: Any, g: Any, losses: Any, hyper: Any) -> tuple[Any, ...]:
+            n = len(names)
+            grads = [dict(zip(names, g[j * n:(j + 1) * n])) for j in range(micro)]
+            new_p, new_m, new_v, stats = step.update(dict(zip(names, p)), dict(zip(names, m)), dict(zip(names, v)),
+                                                     grads, list(losses), hyper)
             return (*(new_p[x] for x in names), *(new_m[x] for x in names), *(new_v[x] for x in names), stats)
 
-        return update
+        traced = Traced(self.engine, update, f"{self.label} (update)", probe=False)
+        traced.prepare(groups)
+        inner = traced.compiled
+
+        @ms.jit(jit_level=self.engine.execution.jit_level)
+        def isthmus_update(p, m, v, g, losses, hyper):  # tuples, not *args: a starred call loses the trace
+            return inner(p, m, v, g, losses, hyper)
+
+        return traced, isthmus_update
 
 
 __all__ = ["MindSporeStepRunner"]
