@@ -305,6 +305,8 @@ class MindSporeKernels:
         if sum(sizes) != x.shape[axis]:
             raise ValueError(f"split sizes {sizes} do not sum to dim {x.shape[axis]}")
         axis = axis % x.ndim
+        if len(sizes) > 1 and all(sizes):  # one Split kernel (its gradient a Concat), not a slice per piece
+            return list(ops.split(x, sizes, axis))
         pieces, start = [], 0
         for size in sizes:  # slices, not ops.split: size-0 pieces are allowed
             index = (slice(None),) * axis + (slice(start, start + size),)
@@ -396,7 +398,8 @@ class MindSporeKernels:
         return nn.rotary_embedding(x, cos, sin, interleaved)
 
     def attention(self, q, k, v, mask=None, causal=False, scale=None):
-        return nn.attention(q, k, v, mask, causal, scale)
+        host_check = self.engine.device_target == "CPU" and not self.engine.feeding_now
+        return nn.attention(q, k, v, mask, causal, scale, host_check)
 
     def dropout(self, x, p, training=True):
         if not training or p == 0:

@@ -69,8 +69,10 @@ def rotary_embedding(x: ms.Tensor, cos: ms.Tensor, sin: ms.Tensor, interleaved: 
 
 
 def attention(q: ms.Tensor, k: ms.Tensor, v: ms.Tensor, mask: ms.Tensor | None = None,
-              causal: bool = False, scale: float | None = None) -> ms.Tensor:
-    """See :meth:`isthmus.kernels.interface.Kernels.attention`."""
+              causal: bool = False, scale: float | None = None, host_check: bool = False) -> ms.Tensor:
+    """See :meth:`isthmus.kernels.interface.Kernels.attention`. ``host_check``: ask on the host
+    whether any row is dead and skip the fix-up when none is (op by op on the CPU, where the
+    answer costs less than the ops it saves; never in a traced graph, where it would be frozen)."""
     hq, hkv, sq, skv = q.shape[1], k.shape[1], q.shape[2], k.shape[2]
     if hq % hkv:
         raise ValueError(f"query heads {hq} are not a multiple of kv heads {hkv}")
@@ -89,6 +91,8 @@ def attention(q: ms.Tensor, k: ms.Tensor, v: ms.Tensor, mask: ms.Tensor | None =
     if mask is None or mask.dtype == ms.bool_:
         allowed = tril if mask is None else (ops.logical_and(mask, tril) if causal else mask)
         dead = ops.logical_not(ops.any(allowed, -1, True))
+        if host_check and not bool(ops.any(dead)):  # a prefix-LM or causal mask has no dead row
+            return ops.matmul(ops.softmax(ops.where(allowed, scores, -math.inf), -1), v)
         scores = ops.where(ops.logical_or(allowed, dead), scores, -math.inf)
     else:
         bias = ops.cast(mask, q.dtype)
