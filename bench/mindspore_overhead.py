@@ -5,7 +5,8 @@ in each execution mode: PyNative against a hand-written PyNative loop, graph aga
 isthmus: the real ``isthmus.train.trainer.Trainer`` with ``backend=cpu backend.engine=mindspore
 backend.options.mode=<mode>``, timed by a plugin on the trainer's own events (``on_train_start``,
 ``on_step_end``). A third isthmus side, ``op-by-op``, is the trainer's own step with the engine's
-whole-step hook switched off: every op dispatched from Python, as the engine ran before graph mode.
+whole-step hook switched off: every op dispatched from Python, the path the engine had before graph
+mode (with today's kernels).
 Hand-written: ``bench/mindspore_cells.py`` (``CellCaptioner``; PyNative: ``value_and_grad`` +
 ``ops.clip_by_global_norm`` + the optimizer; graph: ``ClippedTrainStep``, an ``nn.TrainOneStepCell``
 with the clipping in its ``construct``); ``mindspore.experimental.optim.AdamW`` + ``LambdaLR`` by
@@ -13,11 +14,13 @@ default (torch's AdamW, as isthmus's ``adamw_update``). Both sides start from th
 (isthmus's ``initialise``, copied by canonical name) and walk the same batches with the same
 schedule; both read the loss back every ``log_every`` steps (isthmus reads loss and norm every step).
 
-Timing: the first step (for graph: compiling plus one step) apart from the steady state (the end of
-step 1 to the end of the last step). A warm-up round (not counted), then ``--rounds`` rounds; each
-round runs every side once, from fresh weights, one after the other in one process (MindSpore keeps
-threads and determinism per process), so the ratios are measured under the same load. Not timed:
-model and optimizer construction, weight init, the trainer's final evaluation and checkpoint.
+Timing: steps interleave. The plugin runs one hand-written step after each isthmus step (and, beside
+graph mode, one op-by-op step), so the sides alternate step by step and see the same load (this
+machine's cores are shared); each side's clock covers its own steps only. The first step (for
+graph: compiling plus one step) is reported apart from the steady state (the other steps). A
+warm-up round (not counted), then ``--rounds`` rounds, each from fresh weights and optimizers, in
+one process (MindSpore keeps threads and determinism per process). Not timed: model and optimizer
+construction, weight init, the trainer's final evaluation and checkpoint.
 
 Before timing, per mode: the hand-written loss and gradient norm on the first batch must equal the
 isthmus Trainer's first ``train_step`` within 1e-4 / 1e-3, or the run aborts. After each run the
@@ -66,48 +69,112 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 # ---------------------------------------------------------------------------------------------
-class StepClock:
-    """A trainer plugin noting (wall, CPU) time at the start and at the end of every step."""
+class HandLoop:
+    """The hand-written loop in ``mode``, one step per call: fresh model and optimizer, the batches
+    and schedule isthmus walks, the loss read back every ``log_every`` steps (and after step 1)."""
 
-    def __init__(self) -> None:
-        self.marks: list[tuple[float, float]] = []
+    def __init__(self, run, arrays: dict[str, np.ndarray], log_path: Path, optimizer_kind: str, mode: str) -> None:
+        from mindspore_cells import graph_trainer, hand_model, hand_trainer
 
-    def mark(self) -> None:
-        self.marks.append((time.perf_counter(), time.process_time()))
+        t = run.config.train
+        self.steps, self.log_every, self.mode = int(t.steps), max(1, int(t.log_every)), mode
+        model = hand_model(run, arrays)
+        model.set_train(True)
+        self.step_fn = (graph_trainer(run, model, optimizer_kind) if mode == "graph"
+                        else hand_trainer(run, model, optimizer_kind)[0])
+        self.lrs = lr_schedule(run)
+        self.data = run.train_data.iter_batches(int(t.batch_size), seed=int(run.config.seed))
+        self.log = open(log_path, "w", encoding="utf-8")
+        self.n, self.last, self.times = 0, float("nan"), []
 
-    def timings(self) -> dict:
-        (w0, _), (w1, c1), (w2, c2) = self.marks[0], self.marks[1], self.marks[-1]
-        return {"first_step_s": w1 - w0, "steady_wall_s": w2 - w1, "steady_cpu_s": c2 - c1,
-                "steady_steps": len(self.marks) - 2}
+    def step(self) -> None:
+        from mindspore_cells import graph_mode
+
+        with graph_mode() if self.mode == "graph" else contextlib.nullcontext():
+            wall, cpu = time.perf_counter(), time.process_time()
+            self.n += 1
+            loss = self.step_fn(next(self.data))
+            if self.n % self.log_every == 0 or self.n in (1, self.steps):
+                self.last = float(loss.asnumpy())
+                self.log.write(json.dumps({"split": "train", "step": self.n, "loss": self.last,
+                                           "lr": self.lrs[self.n - 1]}) + "\n")
+                self.log.flush()
+            self.times.append((time.perf_counter() - wall, time.process_time() - cpu))
+        if self.n == self.steps:
+            self.log.close()
 
 
-def clock_plugin(clock: StepClock):
+class OpByOpLoop:
+    """The trainer's own step (the engine's whole-step hook off: every op from Python), one step
+    per call, driven like ``Trainer.fit`` drives it (the learning rate of each step)."""
+
+    def __init__(self, run, run_dir: Path) -> None:
+        import isthmus.train.trainer as trainer_module
+        from isthmus.train.trainer import Trainer
+
+        original = trainer_module.whole_step
+        trainer_module.whole_step = lambda *a, **kw: None
+        try:
+            self.trainer = Trainer(run, run_dir, manager=None, progress=False)
+            self.trainer.start_state()
+        finally:
+            trainer_module.whole_step = original
+        self.times: list[tuple[float, float]] = []
+        self.last = float("nan")
+
+    def step(self) -> None:
+        from isthmus.nn.optim import learning_rate
+
+        trainer, t = self.trainer, self.trainer.train_cfg
+        wall, cpu = time.perf_counter(), time.process_time()
+        trainer.step += 1
+        lr = learning_rate(trainer.step, float(t.lr), int(t.warmup_steps), int(t.steps), str(t.schedule))
+        loss, _, skip = trainer.train_step(lr)
+        self.last = loss if not skip else self.last
+        self.times.append((time.perf_counter() - wall, time.process_time() - cpu))
+
+
+def timings(times: list[tuple[float, float]]) -> dict:
+    """The first step apart from the rest (the steady state)."""
+    steady = times[1:]
+    return {"first_step_s": times[0][0], "steady_wall_s": sum(w for w, _ in steady),
+            "steady_cpu_s": sum(c for _, c in steady), "steady_steps": len(steady),
+            "step_wall_s": [w for w, _ in times]}
+
+
+def interleaving_plugin(isthmus_times: list, others: list):
+    """A trainer plugin that times each isthmus step by the trainer's own events (from the end of
+    the previous step, or of the other sides' steps run after it, to the end of this one) and runs
+    one step of each of ``others`` after each: every side sees the same load, step by step."""
     from isthmus.registry.hookspecs import hookimpl
+
+    mark: list[tuple[float, float]] = []
 
     class Plugin:
         @hookimpl
         def on_train_start(self, trainer):
-            clock.mark()
+            mark[:] = [(time.perf_counter(), time.process_time())]
 
         @hookimpl
         def on_step_end(self, trainer, step, metrics):
-            clock.mark()
+            wall, cpu = time.perf_counter(), time.process_time()
+            isthmus_times.append((wall - mark[0][0], cpu - mark[0][1]))
+            for other in others:
+                other.step()
+            mark[0] = (time.perf_counter(), time.process_time())
 
     return Plugin()
 
 
-def isthmus_run(run, manager, run_dir: Path, op_by_op: bool = False) -> dict:
-    """One fresh ``Trainer.fit()``: the first step and the steady state, and the last loss."""
+def isthmus_run(run, manager, run_dir: Path, others: list) -> dict:
+    """One fresh ``Trainer.fit()``, with a step of each of ``others`` after each of its steps."""
     import isthmus.train.trainer as trainer_module
     from isthmus.train.trainer import Trainer
 
     trainer_module.plot_loss = lambda *a, **kw: None  # after the clock; keeps matplotlib out of the way
-    clock = StepClock()
-    plugin = clock_plugin(clock)
+    times: list[tuple[float, float]] = []
+    plugin = interleaving_plugin(times, others)
     manager.register(plugin)
-    original_whole_step = trainer_module.whole_step
-    if op_by_op:
-        trainer_module.whole_step = lambda *a, **kw: None
     try:
         trainer = Trainer(run, run_dir, manager=manager, progress=False)
         trainer.save = lambda: None  # the final-step checkpoint is not what we measure
@@ -115,37 +182,8 @@ def isthmus_run(run, manager, run_dir: Path, op_by_op: bool = False) -> dict:
         gc.collect()
         result = trainer.fit()
     finally:
-        trainer_module.whole_step = original_whole_step
         manager.unregister(plugin)
-    return {**clock.timings(), "last_loss": result.final_loss, "steps": result.steps}
-
-
-def hand_run(run, arrays: dict[str, np.ndarray], log_path: Path, optimizer_kind: str, mode: str) -> dict:
-    """The hand-written loop in ``mode``, fresh model and optimizer, timed like :func:`isthmus_run`."""
-    from mindspore_cells import graph_mode, graph_trainer, hand_model, hand_trainer
-
-    t = run.config.train
-    steps, log_every = int(t.steps), max(1, int(t.log_every))
-    model = hand_model(run, arrays)
-    model.set_train(True)
-    step = graph_trainer(run, model, optimizer_kind) if mode == "graph" else hand_trainer(run, model, optimizer_kind)[0]
-    lrs = lr_schedule(run)
-    data = run.train_data.iter_batches(int(t.batch_size), seed=int(run.config.seed))
-    last = float("nan")
-    clock = StepClock()
-    gc.collect()
-    with open(log_path, "w", encoding="utf-8") as log, graph_mode() if mode == "graph" else contextlib.nullcontext():
-        clock.mark()
-        for n in range(1, steps + 1):
-            loss = step(next(data))
-            if n % log_every == 0 or n == steps:
-                last = float(loss.asnumpy())
-                log.write(json.dumps({"split": "train", "step": n, "loss": last, "lr": lrs[n - 1]}) + "\n")
-                log.flush()
-            if n == 1:
-                float(loss.asnumpy())  # the first step ends when its loss exists (graph launches return early)
-            clock.mark()
-    return {**clock.timings(), "last_loss": last, "steps": steps}
+    return {**timings(times), "last_loss": result.final_loss, "steps": result.steps}
 
 
 def check_agreement(run, arrays: dict[str, np.ndarray], work: Path, optimizer_kind: str) -> dict:
@@ -189,17 +227,18 @@ def summarise(rows: list[dict], modes: list[str]) -> dict:
         summary[mode] = {
             "median_isthmus": med["isthmus"], "median_hand": med["hand"], "ratio_of_medians": med["isthmus"] / med["hand"],
             "median_ratio_in_round": statistics.median(rate(r["isthmus"]) / rate(r["hand"]) for r in mine),
+            "median_ratio_of_paired_steps": statistics.median(r["ratio_of_paired_steps"] for r in mine),
             "median_cpu_isthmus": cpu["isthmus"], "median_cpu_hand": cpu["hand"],
             "cpu_ratio_of_medians": cpu["isthmus"] / cpu["hand"],
             "median_first_step_s_isthmus": statistics.median(r["isthmus"]["first_step_s"] for r in mine),
             "median_first_step_s_hand": statistics.median(r["hand"]["first_step_s"] for r in mine),
         }
-    old = [r["op_by_op"] for r in rows if r.get("op_by_op")]
+    old = [r for r in rows if r.get("op_by_op")]
     if old:
-        summary["op_by_op"] = {"median": statistics.median(rate(r) for r in old),
-                               "median_first_step_s": statistics.median(r["first_step_s"] for r in old)}
-        for mode in modes:
-            summary[mode]["over_op_by_op"] = summary[mode]["median_isthmus"] / summary["op_by_op"]["median"]
+        summary["op_by_op"] = {"median": statistics.median(rate(r["op_by_op"]) for r in old),
+                               "median_first_step_s": statistics.median(r["op_by_op"]["first_step_s"] for r in old)}
+        mode = old[0]["mode"]  # measured beside this mode's steps, round by round
+        summary[mode]["over_op_by_op"] = statistics.median(rate(r["isthmus"]) / rate(r["op_by_op"]) for r in old)
     return summary
 
 
@@ -223,25 +262,33 @@ def main(argv: list[str] | None = None) -> int:
         print(f"agreement on the first step, {mode} (batch {args.batch_size}, {len(arrays)} parameter tensors):")
         agreement[mode] = check_agreement(run, arrays, work / f"check-{mode}", args.optimizer)
 
+    # The op-by-op step runs beside the graph side (the figure the issue asks for: graph over it).
+    op_by_op_with = None if args.no_op_by_op else ("graph" if "graph" in runs else args.modes[0])
+    # Its engine in PyNative: in graph mode the trainer's own step would call a compiled loss.
+    op_run = None if args.no_op_by_op else (runs.get("pynative") or make_run(
+        args, work / "op-by-op", engine="mindspore", extra=("backend.options.mode=pynative",)))[0]
     rows = []
     print(f"\n{'round':>7} {'mode':>8} | {'steady steps/s':^26} | {'first step s':^17} | last loss")
     print(f"{'':>7} {'':>8} | {'isthmus':>8} {'hand':>8} {'ratio':>8} | {'isthmus':>8} {'hand':>8} | isthmus / hand")
     for r in range(args.rounds + 1):
         round_rows = []
         for mode, (run, manager) in runs.items():
-            mine = isthmus_run(run, manager, work / f"isthmus-{mode}-{r}")
-            hand = hand_run(run, arrays, work / f"hand-{mode}-{r}.jsonl", args.optimizer, mode)
-            row = {"round": r, "mode": mode, "isthmus": mine, "hand": hand}
+            loop = HandLoop(run, arrays, work / f"hand-{mode}-{r}.jsonl", args.optimizer, mode)
+            old = OpByOpLoop(op_run, work / f"op-by-op-{r}") if mode == op_by_op_with else None
+            mine = isthmus_run(run, manager, work / f"isthmus-{mode}-{r}", [loop] + ([old] if old else []))
+            hand = {**timings(loop.times), "last_loss": loop.last, "steps": loop.n}
+            row = {"round": r, "mode": mode, "isthmus": mine, "hand": hand,
+                   "ratio_of_paired_steps": statistics.median(
+                       h / i for i, h in zip(mine["step_wall_s"][1:], hand["step_wall_s"][1:]))}
+            if old:
+                row["op_by_op"] = {**timings(old.times), "last_loss": old.last, "steps": len(old.times)}
             round_rows.append(row)
             print(f"{'warm-up' if r == 0 else r:>7} {mode:>8} | {rate(mine):8.2f} {rate(hand):8.2f} "
                   f"{rate(mine) / rate(hand):8.3f} | {mine['first_step_s']:8.2f} {hand['first_step_s']:8.2f} | "
                   f"{mine['last_loss']:.6f} / {hand['last_loss']:.6f}", flush=True)
-        if not args.no_op_by_op:
-            run, manager = runs.get("pynative") or next(iter(runs.values()))
-            old = isthmus_run(run, manager, work / f"op-by-op-{r}", op_by_op=True)
-            round_rows[0]["op_by_op"] = old
-            print(f"{'warm-up' if r == 0 else r:>7} {'op-by-op':>8} | {rate(old):8.2f} {'':>8} {'':>8} | "
-                  f"{old['first_step_s']:8.2f} {'':>8} | {old['last_loss']:.6f}", flush=True)
+            if old:
+                print(f"{'':>7} {'op-by-op':>8} | {rate(row['op_by_op']):8.2f} {'':>8} {'':>8} | "
+                      f"{row['op_by_op']['first_step_s']:8.2f} {'':>8} | {old.last:.6f}", flush=True)
         if r:
             rows += round_rows
 
