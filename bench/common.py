@@ -33,9 +33,11 @@ def base_parser(description: str, rounds: int, steps: int, out: Path) -> argpars
     return p
 
 
-def make_run(args: argparse.Namespace, out_dir: Path, backend: str = "cpu", engine: str = "torch"):
+def make_run(args: argparse.Namespace, out_dir: Path, backend: str = "cpu", engine: str = "torch",
+             extra: tuple[str, ...] = ()):
     """The prepared isthmus run every side trains: ``backend`` with ``engine`` (the backend's
-    default engine when it is that), the default train config cut down to ``args``."""
+    default engine when it is that), the default train config cut down to ``args``, then ``extra``
+    overrides."""
     from isthmus.registry.manager import load_plugins
     from isthmus.train.run import compose_run, prepare
 
@@ -58,6 +60,7 @@ def make_run(args: argparse.Namespace, out_dir: Path, backend: str = "cpu", engi
         overrides.append(f"backend.engine={engine}")
     if args.num_train is not None:
         overrides.append(f"data.num_train={args.num_train}")
+    overrides += list(extra)
     cfg = compose_run(registry, overrides)
     run = prepare(cfg, registry)
     if run.backend.engine_name != engine:

@@ -1,40 +1,39 @@
-"""Per-step overhead of isthmus's MindSpore engine against the same model written as a plain MindSpore ``nn.Cell``.
+"""Per-step speed of isthmus's MindSpore engine against the same model written by hand in MindSpore,
+in each execution mode: PyNative against a hand-written PyNative loop, graph against a hand-written
+``nn.TrainOneStepCell`` in ``GRAPH_MODE``.
 
-isthmus: the real ``isthmus.train.trainer.Trainer`` with ``backend=cpu backend.engine=mindspore``, timed
-by its own step-loop clock (``TrainResult.wall_s``) as ``bench/overhead.py`` times the torch one.
-Hand-written: ``CellCaptioner`` below, tiny-captioner in ``mindspore.nn`` / ``mindspore.ops`` only
-(``nn.Conv2d`` patch embed, ``nn.Embedding``, ``nn.LayerNorm``, ``nn.Dense``, attention with the
-prefix-LM bool mask and rotary halves as ``isthmus.models.captioner.model`` / ``isthmus.nn.layers`` define
-them, erf GELU, untied head; rotary tables and mask built once), trained the way MindSpore's
-tutorials do: ``mindspore.value_and_grad`` over the optimizer's parameters,
-``ops.clip_by_global_norm``, then the optimizer: by default ``mindspore.experimental.optim.AdamW``
-+ its ``LambdaLR`` (torch's AdamW semantics, which isthmus's ``adamw_update`` follows, so both
-sides follow the same trajectory), or with ``--optimizer adamweightdecay`` ``nn.AdamWeightDecay``
-with the per-step lr list (MindSpore's classic AdamW: no bias correction, so the losses drift apart
-after the first update; the per-step work is alike). Decay on matrices only, isthmus's warmup +
-cosine schedule; ``loss.asnumpy()`` to a JSONL file every ``log_every`` steps. Both sides start from
-the same weights (isthmus's ``initialise``, copied by canonical name) and walk the same batches.
+isthmus: the real ``isthmus.train.trainer.Trainer`` with ``backend=cpu backend.engine=mindspore
+backend.options.mode=<mode>``, timed by a plugin on the trainer's own events (``on_train_start``,
+``on_step_end``). A third isthmus side, ``op-by-op``, is the trainer's own step with the engine's
+whole-step hook switched off: every op dispatched from Python, the path the engine had before graph
+mode (with today's kernels).
+Hand-written: ``bench/mindspore_cells.py`` (``CellCaptioner``; PyNative: ``value_and_grad`` +
+``ops.clip_by_global_norm`` + the optimizer; graph: ``ClippedTrainStep``, an ``nn.TrainOneStepCell``
+with the clipping in its ``construct``); ``mindspore.experimental.optim.AdamW`` + ``LambdaLR`` by
+default (torch's AdamW, as isthmus's ``adamw_update``). Both sides start from the same weights
+(isthmus's ``initialise``, copied by canonical name) and walk the same batches with the same
+schedule; both read the loss back every ``log_every`` steps (isthmus reads loss and norm every step).
 
-Both run in this one process, in the execution mode the engine sets: PyNative with
-``launch_blocking`` (``backends/mindspore/engine.py``; the engine has no graph-mode path on CPU),
-the engine's CPU thread count (``--threads``) and deterministic setting, since MindSpore keeps
-these per process. A warm-up round (not counted), then ``--rounds`` rounds of isthmus then
-hand-written, each run from fresh weights. Not timed: model / optimizer construction, weight init,
-the trainer's final evaluation (replaced by a no-op as in overhead.py).
+Timing: steps interleave. The plugin runs one hand-written step after each isthmus step (and, beside
+graph mode, one op-by-op step), so the sides alternate step by step and see the same load (this
+machine's cores are shared); each side's clock covers its own steps only. The first step (for
+graph: compiling plus one step) is reported apart from the steady state (the other steps). A
+warm-up round (not counted), then ``--rounds`` rounds, each from fresh weights and optimizers, in
+one process (MindSpore keeps threads and determinism per process). Not timed: model and optimizer
+construction, weight init, the trainer's final evaluation and checkpoint.
 
-Before timing: the hand-written loss on the first batch must equal the loss of the isthmus
-Trainer's first ``train_step`` within 1e-4 (and the global gradient norm within 1e-3), from the
-same weights, or the run aborts. After each round the last logged losses of both are printed
-(with the default optimizer they agree to ~1e-6). Writes ``bench/results/mindspore_overhead.json``.
-Run: ``.venv-bench/bin/python bench/mindspore_overhead.py`` (or ``.venv/bin/python``: it needs nothing beyond the project).
+Before timing, per mode: the hand-written loss and gradient norm on the first batch must equal the
+isthmus Trainer's first ``train_step`` within 1e-4 / 1e-3, or the run aborts. After each run the
+last logged losses are compared. Writes ``bench/results/mindspore_overhead.json``.
+Run: ``.venv-bench/bin/python bench/mindspore_overhead.py`` (``.venv/bin/python`` works too).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
-import math
 import os
 import shutil
 import statistics
@@ -52,309 +51,268 @@ from common import base_parser, isthmus_first_step, lr_schedule, machine, make_r
 
 LOSS_TOL = 1e-4
 NORM_TOL = 1e-3
-IGNORE_INDEX = -100
+SIDES = ("isthmus", "hand")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = base_parser(__doc__.split("\n")[0], rounds=3, steps=30, out=HERE / "results" / "mindspore_overhead.json")
+    p.add_argument("--modes", default="pynative,graph", help="comma-separated: pynative, graph")
+    p.add_argument("--no-op-by-op", action="store_true", help="leave out the trainer's op-by-op step")
     p.add_argument("--optimizer", choices=["adamw", "adamweightdecay"], default="adamw",
                    help="hand-written side: mindspore.experimental.optim.AdamW + LambdaLR (torch's AdamW, as "
                         "isthmus's) or nn.AdamWeightDecay with a per-step lr list (no bias correction)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    if not args.modes or any(m not in ("pynative", "graph") for m in args.modes):
+        p.error(f"--modes: {args.modes} must name pynative and/or graph")
+    return args
 
 
 # ---------------------------------------------------------------------------------------------
-# the hand-written Cell (MindSpore is imported by the isthmus engine first, which quiets its log)
+class HandLoop:
+    """The hand-written loop in ``mode``, one step per call: fresh model and optimizer, the batches
+    and schedule isthmus walks, the loss read back every ``log_every`` steps (and after step 1)."""
+
+    def __init__(self, run, arrays: dict[str, np.ndarray], log_path: Path, optimizer_kind: str, mode: str) -> None:
+        from mindspore_cells import graph_trainer, hand_model, hand_trainer
+
+        t = run.config.train
+        self.steps, self.log_every, self.mode = int(t.steps), max(1, int(t.log_every)), mode
+        model = hand_model(run, arrays)
+        model.set_train(True)
+        self.step_fn = (graph_trainer(run, model, optimizer_kind) if mode == "graph"
+                        else hand_trainer(run, model, optimizer_kind)[0])
+        self.lrs = lr_schedule(run)
+        self.data = run.data.train.iter_batches(int(t.batch_size), seed=int(run.config.seed))
+        self.log = open(log_path, "w", encoding="utf-8")
+        self.n, self.last, self.times = 0, float("nan"), []
+
+    def step(self) -> None:
+        from mindspore_cells import graph_mode
+
+        with graph_mode() if self.mode == "graph" else contextlib.nullcontext():
+            wall, cpu = time.perf_counter(), time.process_time()
+            self.n += 1
+            loss = self.step_fn(next(self.data))
+            if self.n % self.log_every == 0 or self.n in (1, self.steps):
+                self.last = float(loss.asnumpy())
+                self.log.write(json.dumps({"split": "train", "step": self.n, "loss": self.last,
+                                           "lr": self.lrs[self.n - 1]}) + "\n")
+                self.log.flush()
+            self.times.append((time.perf_counter() - wall, time.process_time() - cpu))
+        if self.n == self.steps:
+            self.log.close()
 
 
-def build_cell_classes():
-    import mindspore as ms
-    from mindspore import nn, ops
+class OpByOpLoop:
+    """The trainer's own step (the engine's whole-step hook off: every op from Python), one step
+    per call, driven like ``Trainer.fit`` drives it (the learning rate of each step)."""
 
-    def rotate(x, cos, sin):
-        half = cos.shape[-1]
-        a, b = x[..., :half], x[..., half:]
-        return ops.cat([a * cos - b * sin, a * sin + b * cos], -1)
+    def __init__(self, run, run_dir: Path) -> None:
+        import isthmus.train.trainer as trainer_module
+        from isthmus.train.trainer import Trainer
 
-    class Attention(nn.Cell):
-        def __init__(self, dim, n_heads):
-            super().__init__()
-            self.n_heads = n_heads
-            self.scale = 1.0 / math.sqrt(dim // n_heads)
-            self.qkv = nn.Dense(dim, 3 * dim)
-            self.proj = nn.Dense(dim, dim)
+        original = trainer_module.whole_step
+        trainer_module.whole_step = lambda *a, **kw: None
+        try:
+            self.trainer = Trainer(run, run_dir, manager=None, progress=False)
+            self.trainer.start_state()
+        finally:
+            trainer_module.whole_step = original
+        self.times: list[tuple[float, float]] = []
+        self.last = float("nan")
 
-        def construct(self, x, rope=None, mask=None):
-            batch, seq, dim = x.shape
-            q, k, v = (ops.transpose(ops.reshape(t, (batch, seq, self.n_heads, dim // self.n_heads)), (0, 2, 1, 3))
-                       for t in ops.split(self.qkv(x), dim, axis=-1))
-            if rope is not None:
-                q, k = rotate(q, *rope), rotate(k, *rope)
-            scores = ops.matmul(q, ops.transpose(k, (0, 1, 3, 2))) * self.scale
-            if mask is not None:
-                scores = ops.masked_fill(scores, ops.logical_not(mask), -math.inf)
-            out = ops.matmul(ops.softmax(scores, -1), v)
-            return self.proj(ops.reshape(ops.transpose(out, (0, 2, 1, 3)), (batch, seq, dim)))
+    def step(self) -> None:
+        from isthmus.nn.optim import learning_rate
 
-    class MLP(nn.Cell):
-        def __init__(self, dim, hidden):
-            super().__init__()
-            self.fc1 = nn.Dense(dim, hidden)
-            self.fc2 = nn.Dense(hidden, dim)
-
-        def construct(self, x):
-            return self.fc2(ops.gelu(self.fc1(x), approximate="none"))
-
-    class Block(nn.Cell):
-        def __init__(self, dim, n_heads, hidden, eps):
-            super().__init__()
-            self.norm1 = nn.LayerNorm((dim,), epsilon=eps)
-            self.attn = Attention(dim, n_heads)
-            self.norm2 = nn.LayerNorm((dim,), epsilon=eps)
-            self.mlp = MLP(dim, hidden)
-
-        def construct(self, x, rope=None, mask=None):
-            x = x + self.attn(self.norm1(x), rope, mask)
-            return x + self.mlp(self.norm2(x))
-
-    class Vision(nn.Cell):
-        def __init__(self, c):
-            super().__init__()
-            d = c.d_model
-            self.patch = nn.Conv2d(c.channels, d, c.patch_size, stride=c.patch_size, pad_mode="valid", has_bias=True)
-            self.position = nn.Embedding(c.num_patches, d)
-            self.blocks = nn.CellList([Block(d, c.n_heads, c.mlp_ratio * d, c.norm_eps) for _ in range(c.n_layers_vision)])
-            self.norm = nn.LayerNorm((d,), epsilon=c.norm_eps)
-
-        def construct(self, images):
-            x = self.patch(images)
-            x = ops.transpose(ops.reshape(x, (x.shape[0], x.shape[1], -1)), (0, 2, 1)) + self.position.embedding_table
-            for block in self.blocks:
-                x = block(x)
-            return self.norm(x)
-
-    class Text(nn.Cell):
-        def __init__(self, c):
-            super().__init__()
-            d = c.d_model
-            self.embed = nn.Embedding(c.vocab_size, d)
-            self.blocks = nn.CellList([Block(d, c.n_heads, c.mlp_ratio * d, c.norm_eps) for _ in range(c.n_layers_text)])
-            self.norm = nn.LayerNorm((d,), epsilon=c.norm_eps)
-            self.head = nn.Dense(d, c.vocab_size, has_bias=False)
-
-    class CellCaptioner(nn.Cell):
-        """tiny-captioner as a MindSpore Cell; ``c`` is an ``isthmus.models.captioner.model.CaptionerConfig``."""
-
-        def __init__(self, c, max_text):
-            super().__init__()
-            if c.mlp != "gelu" or c.norm != "layer" or c.dropout:
-                raise ValueError("the hand-written baseline covers mlp=gelu, norm=layer, dropout=0 only")
-            self.prefix = c.num_patches
-            self.vision = Vision(c)
-            self.text = Text(c)
-            total = self.prefix + max_text
-            half = c.d_model // c.n_heads // 2
-            angles = (np.arange(total, dtype=np.float32)[:, None]
-                      * np.exp(np.arange(half, dtype=np.float32) * np.float32(-2.0 * math.log(10_000.0) / (2 * half)))[None, :])
-            self.rope_cos, self.rope_sin = ms.Tensor(np.cos(angles)), ms.Tensor(np.sin(angles))
-            i = np.arange(total)
-            # Query i may attend key j iff j < max(i + 1, prefix): bidirectional prefix, causal text.
-            self.mask = ms.Tensor(i[None, :] < np.maximum(i[:, None] + 1, self.prefix))
-
-        def construct(self, images, tokens):
-            image_tokens = self.vision(images)
-            total = self.prefix + tokens.shape[1]
-            x = ops.cat([image_tokens, self.text.embed(tokens)], 1)
-            rope = (self.rope_cos[:total], self.rope_sin[:total])
-            mask = self.mask[:total, :total]
-            for block in self.text.blocks:
-                x = block(x, rope, mask)
-            return self.text.head(self.text.norm(x[:, self.prefix:]))
-
-        def loss(self, images, tokens, targets):
-            logits = self(images, tokens)
-            return ops.cross_entropy(ops.reshape(logits, (-1, logits.shape[-1])), ops.reshape(targets, (-1,)),
-                                     ignore_index=IGNORE_INDEX)
-
-    return CellCaptioner
+        trainer, t = self.trainer, self.trainer.train_cfg
+        wall, cpu = time.perf_counter(), time.process_time()
+        trainer.step += 1
+        lr = learning_rate(trainer.step, float(t.lr), int(t.warmup_steps), int(t.steps), str(t.schedule))
+        loss, _, skip = trainer.train_step(lr)
+        self.last = loss if not skip else self.last
+        self.times.append((time.perf_counter() - wall, time.process_time() - cpu))
 
 
-# MindSpore's own parameter names for the canonical (torch-style) ones isthmus uses.
-RENAMES = {"norm1.weight": "norm1.gamma", "norm1.bias": "norm1.beta", "norm2.weight": "norm2.gamma",
-           "norm2.bias": "norm2.beta", "norm.weight": "norm.gamma", "norm.bias": "norm.beta",
-           "position.weight": "position.embedding_table", "embed.weight": "embed.embedding_table"}
+def timings(times: list[tuple[float, float]]) -> dict:
+    """The first step apart from the rest (the steady state)."""
+    steady = times[1:]
+    return {"first_step_s": times[0][0], "steady_wall_s": sum(w for w, _ in steady),
+            "steady_cpu_s": sum(c for _, c in steady), "steady_steps": len(steady),
+            "step_wall_s": [w for w, _ in times]}
 
 
-def cell_name(canonical: str) -> str:
-    for suffix, replacement in RENAMES.items():
-        if canonical.endswith(suffix):
-            return canonical[: -len(suffix)] + replacement
-    return canonical
+def interleaving_plugin(isthmus_times: list, others: list):
+    """A trainer plugin that times each isthmus step by the trainer's own events (from the end of
+    the previous step, or of the other sides' steps run after it, to the end of this one) and runs
+    one step of each of ``others`` after each: every side sees the same load, step by step."""
+    from isthmus.registry.hookspecs import hookimpl
+
+    mark: list[tuple[float, float]] = []
+
+    class Plugin:
+        @hookimpl
+        def on_train_start(self, trainer):
+            mark[:] = [(time.perf_counter(), time.process_time())]
+
+        @hookimpl
+        def on_step_end(self, trainer, step, metrics):
+            wall, cpu = time.perf_counter(), time.process_time()
+            isthmus_times.append((wall - mark[0][0], cpu - mark[0][1]))
+            for other in others:
+                other.step()
+            mark[0] = (time.perf_counter(), time.process_time())
+
+    return Plugin()
 
 
-def hand_model(run, arrays: dict[str, np.ndarray]):
-    import mindspore as ms
+def isthmus_run(run, manager, run_dir: Path, others: list) -> dict:
+    """One fresh ``Trainer.fit()``, with a step of each of ``others`` after each of its steps."""
+    import isthmus.train.trainer as trainer_module
+    from isthmus.train.trainer import Trainer
 
-    model = build_cell_classes()(run.model.config, run.train_data.max_len)
-    params = dict(model.parameters_and_names())
-    wanted = {cell_name(name): name for name in arrays}
-    if set(params) != set(wanted):
-        raise SystemExit(f"parameter names differ: only isthmus {sorted(set(wanted) - set(params))}, "
-                         f"only MindSpore {sorted(set(params) - set(wanted))}")
-    for name, param in params.items():
-        array = arrays[wanted[name]]
-        if tuple(param.shape) != array.shape:
-            raise SystemExit(f"{name}: MindSpore shape {tuple(param.shape)} != isthmus {array.shape}")
-        param.set_data(ms.Tensor(array.copy()))
-    return model
-
-
-def hand_trainer(run, model, optimizer_kind: str):
-    """The MindSpore tutorial's training step: returns step(host batch) -> loss (a Tensor), and the
-    ``value_and_grad`` function it uses."""
-    import mindspore as ms
-    from mindspore import nn, ops
-
-    t = run.config.train
-    # The usual rule: decay matrices (weights, embeddings, conv kernels), not biases or norm scales.
-    decay = [p for p in model.trainable_params() if len(p.shape) >= 2]
-    no_decay = [p for p in model.trainable_params() if len(p.shape) < 2]
-    lrs = lr_schedule(run)
-    if optimizer_kind == "adamw":
-        from mindspore.experimental import optim
-
-        optimizer = optim.AdamW(
-            [{"params": decay, "weight_decay": float(t.weight_decay)}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=float(t.lr), betas=tuple(float(b) for b in t.betas), eps=float(t.eps))
-        # LambdaLR asks for epoch e (a Tensor) before step e + 1; the factor is isthmus's lr over the base.
-        scheduler = optim.lr_scheduler.LambdaLR(optimizer, lambda e: lrs[min(int(e), len(lrs) - 1)] / float(t.lr))
-    else:
-        optimizer = nn.AdamWeightDecay(
-            [{"params": decay, "weight_decay": float(t.weight_decay)}, {"params": no_decay, "weight_decay": 0.0}],
-            learning_rate=lrs, beta1=float(t.betas[0]), beta2=float(t.betas[1]), eps=float(t.eps))
-        scheduler = None
-    grad_fn = ms.value_and_grad(model.loss, None, optimizer.parameters)
-    clip = float(t.clip_norm)
-
-    def step(batch):
-        loss, grads = grad_fn(ms.Tensor(batch["images"]), ms.Tensor(batch["tokens"]), ms.Tensor(batch["targets"]))
-        optimizer(ops.clip_by_global_norm(grads, clip))
-        if scheduler is not None:
-            scheduler.step()
-        return loss
-
-    return step, grad_fn
-
-
-# ---------------------------------------------------------------------------------------------
+    trainer_module.plot_loss = lambda *a, **kw: None  # after the clock; keeps matplotlib out of the way
+    times: list[tuple[float, float]] = []
+    plugin = interleaving_plugin(times, others)
+    manager.register(plugin)
+    try:
+        trainer = Trainer(run, run_dir, manager=manager, progress=False)
+        trainer.save = lambda: None  # the final-step checkpoint is not what we measure
+        trainer.eval_and_log = lambda *a, **kw: {}  # nor the final evaluation
+        gc.collect()
+        result = trainer.fit()
+    finally:
+        manager.unregister(plugin)
+    return {**timings(times), "last_loss": result.final_loss, "steps": result.steps}
 
 
 def check_agreement(run, arrays: dict[str, np.ndarray], work: Path, optimizer_kind: str) -> dict:
     import mindspore as ms
     from mindspore import ops
+    from mindspore_cells import hand_model, hand_trainer
 
-    loss_i, norm_i, weights = isthmus_first_step(run, work / "check")
+    loss_i, norm_i, weights = isthmus_first_step(run, work)
     if any(not np.array_equal(weights[name], arrays[name]) for name in arrays):
         raise SystemExit("ABORT: the trainer's initial weights differ from initialise()")
     decay_ok = all(run.model.param_specs()[name].decay == (array.ndim >= 2) for name, array in arrays.items())
-    model = hand_model(run, arrays)
-    _, grad_fn = hand_trainer(run, model, optimizer_kind)
+    _, grad_fn = hand_trainer(run, hand_model(run, arrays), optimizer_kind)
     t = run.config.train
-    host = next(run.train_data.iter_batches(int(t.batch_size), seed=int(run.config.seed)))
+    host = next(run.data.train.iter_batches(int(t.batch_size), seed=int(run.config.seed)))
     loss, grads = grad_fn(ms.Tensor(host["images"]), ms.Tensor(host["tokens"]), ms.Tensor(host["targets"]))
     loss = float(loss.asnumpy())
     norm = float(ops.sqrt(sum(ops.sum(g * g) for g in grads)).asnumpy())
     loss_diff, norm_diff = abs(loss - loss_i), abs(norm - norm_i)
-    print(f"agreement on the first step (batch {int(t.batch_size)}, {len(arrays)} parameter tensors):")
     print(f"  loss       isthmus {loss_i:.8f}  hand-written {loss:.8f}  |diff| {loss_diff:.2e}  (tol {LOSS_TOL:g})")
     print(f"  grad norm  isthmus {norm_i:.6f}  hand-written {norm:.6f}  |diff| {norm_diff:.2e}  (tol {NORM_TOL:g})")
-    print(f"  decay groups match: {decay_ok}")
     if not (loss_diff <= LOSS_TOL and norm_diff <= NORM_TOL and decay_ok):
         raise SystemExit("ABORT: the two implementations do not agree; the timing would compare different work")
-    return {"loss_isthmus": loss_i, "loss_hand": loss, "loss_abs_diff": loss_diff,
-            "grad_norm_isthmus": norm_i, "grad_norm_hand": norm, "grad_norm_abs_diff": norm_diff,
-            "decay_groups_match": decay_ok}
+    return {"loss_isthmus": loss_i, "loss_hand": loss, "loss_abs_diff": loss_diff, "grad_norm_isthmus": norm_i,
+            "grad_norm_hand": norm, "grad_norm_abs_diff": norm_diff, "decay_groups_match": decay_ok}
 
 
-def hand_run(run, arrays: dict[str, np.ndarray], log_path: Path, optimizer_kind: str) -> tuple[float, float, float, int]:
-    """(wall s, CPU s, last loss, steps) of the hand-written loop, fresh model and optimizer."""
-    t = run.config.train
-    steps, log_every = int(t.steps), max(1, int(t.log_every))
-    model = hand_model(run, arrays)
-    model.set_train(True)
-    step, _ = hand_trainer(run, model, optimizer_kind)
-    lrs = lr_schedule(run)
-    data = run.train_data.iter_batches(int(t.batch_size), seed=int(run.config.seed))
-    last = float("nan")
-    gc.collect()
-    with open(log_path, "w", encoding="utf-8") as log:
-        start, cpu_start = time.perf_counter(), time.process_time()
-        for n in range(1, steps + 1):
-            loss = step(next(data))
-            if n % log_every == 0 or n == steps:
-                last = float(loss.asnumpy())
-                log.write(json.dumps({"split": "train", "step": n, "loss": last, "lr": lrs[n - 1]}) + "\n")
-                log.flush()
-        wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
-    return wall, cpu, last, steps
+def rate(row: dict) -> float:
+    return row["steady_steps"] / row["steady_wall_s"]
+
+
+def cpu_rate(row: dict) -> float:
+    return row["steady_steps"] / row["steady_cpu_s"]
+
+
+def summarise(rows: list[dict], modes: list[str]) -> dict:
+    summary: dict = {}
+    for mode in modes:
+        mine = [r for r in rows if r["mode"] == mode]
+        med = {side: statistics.median(rate(r[side]) for r in mine) for side in SIDES}
+        cpu = {side: statistics.median(cpu_rate(r[side]) for r in mine) for side in SIDES}
+        summary[mode] = {
+            "median_isthmus": med["isthmus"], "median_hand": med["hand"], "ratio_of_medians": med["isthmus"] / med["hand"],
+            "median_ratio_in_round": statistics.median(rate(r["isthmus"]) / rate(r["hand"]) for r in mine),
+            "median_ratio_of_paired_steps": statistics.median(r["ratio_of_paired_steps"] for r in mine),
+            "median_cpu_isthmus": cpu["isthmus"], "median_cpu_hand": cpu["hand"],
+            "cpu_ratio_of_medians": cpu["isthmus"] / cpu["hand"],
+            "median_first_step_s_isthmus": statistics.median(r["isthmus"]["first_step_s"] for r in mine),
+            "median_first_step_s_hand": statistics.median(r["hand"]["first_step_s"] for r in mine),
+        }
+    old = [r for r in rows if r.get("op_by_op")]
+    if old:
+        summary["op_by_op"] = {"median": statistics.median(rate(r["op_by_op"]) for r in old),
+                               "median_first_step_s": statistics.median(r["op_by_op"]["first_step_s"] for r in old)}
+        mode = old[0]["mode"]  # measured beside this mode's steps, round by round
+        summary[mode]["over_op_by_op"] = statistics.median(rate(r["isthmus"]) / rate(r["op_by_op"]) for r in old)
+    return summary
 
 
 def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     args = parse_args(argv)
     from isthmus.nn.params import initialise
-    from overhead import isthmus_run
 
     work = Path(tempfile.mkdtemp(prefix="isthmus-ms-overhead-"))
-    run, _ = make_run(args, work / "isthmus", engine="mindspore")
+    runs = {mode: make_run(args, work / f"isthmus-{mode}", engine="mindspore", extra=(f"backend.options.mode={mode}",))
+            for mode in args.modes}
     import mindspore as ms
 
-    mode = "PyNative" if ms.get_context("mode") == ms.PYNATIVE_MODE else "graph"
-    print(f"setup {time.perf_counter() - started:.1f}s: {run.model.name}, {len(run.train_data)} training samples, "
-          f"batch {args.batch_size}, {args.steps} steps per run, MindSpore {ms.__version__} {mode} mode, "
-          f"{args.threads} CPU kernel threads, deterministic {ms.get_context('deterministic')}")
-    arrays = initialise(run.model.param_specs(), int(run.config.seed))
-    agreement = check_agreement(run, arrays, work, args.optimizer)
+    first_run = next(iter(runs.values()))[0]
+    print(f"setup {time.perf_counter() - started:.1f}s: {first_run.model.name}, {len(first_run.data.train)} training "
+          f"samples, batch {args.batch_size}, {args.steps} steps per run, MindSpore {ms.__version__}, modes "
+          f"{', '.join(args.modes)}, {args.threads} CPU kernel threads, deterministic {ms.get_context('deterministic')}")
+    arrays = initialise(first_run.model.param_specs(), int(first_run.config.seed))
+    agreement = {}
+    for mode, (run, _) in runs.items():
+        print(f"agreement on the first step, {mode} (batch {args.batch_size}, {len(arrays)} parameter tensors):")
+        agreement[mode] = check_agreement(run, arrays, work / f"check-{mode}", args.optimizer)
 
+    # The op-by-op step runs beside the graph side (the figure the issue asks for: graph over it).
+    op_by_op_with = None if args.no_op_by_op else ("graph" if "graph" in runs else args.modes[0])
+    # Its engine in PyNative: in graph mode the trainer's own step would call a compiled loss.
+    op_run = None if args.no_op_by_op else (runs.get("pynative") or make_run(
+        args, work / "op-by-op", engine="mindspore", extra=("backend.options.mode=pynative",)))[0]
     rows = []
-    print(f"\n{'round':>7} | {'steps/s (wall)':^26} | {'steps/s (CPU time)':^26} | last loss")
-    print(f"{'':>7} | {'isthmus':>8} {'hand':>8} {'ratio':>8} | {'isthmus':>8} {'hand':>8} {'ratio':>8} | isthmus / hand")
+    print(f"\n{'round':>7} {'mode':>8} | {'steady steps/s':^26} | {'first step s':^17} | last loss")
+    print(f"{'':>7} {'':>8} | {'isthmus':>8} {'hand':>8} {'ratio':>8} | {'isthmus':>8} {'hand':>8} | isthmus / hand")
     for r in range(args.rounds + 1):
-        wall_i, cpu_i, loss_i, n_i = isthmus_run(run, work / f"isthmus-{r}")
-        wall_h, cpu_h, loss_h, n_h = hand_run(run, arrays, work / f"hand-{r}.jsonl", args.optimizer)
-        assert n_i == n_h == args.steps, (n_i, n_h)
-        row = {"round": r, "isthmus_steps_per_s": n_i / wall_i, "hand_steps_per_s": n_h / wall_h,
-               "ratio": wall_h / wall_i, "isthmus_cpu_steps_per_s": n_i / cpu_i, "hand_cpu_steps_per_s": n_h / cpu_h,
-               "cpu_ratio": cpu_h / cpu_i, "isthmus_wall_s": wall_i, "hand_wall_s": wall_h,
-               "last_loss_isthmus": loss_i, "last_loss_hand": loss_h}
-        print(f"{'warm-up' if r == 0 else r:>7} | {row['isthmus_steps_per_s']:8.2f} {row['hand_steps_per_s']:8.2f} "
-              f"{row['ratio']:8.3f} | {row['isthmus_cpu_steps_per_s']:8.2f} {row['hand_cpu_steps_per_s']:8.2f} "
-              f"{row['cpu_ratio']:8.3f} | {loss_i:.6f} / {loss_h:.6f}", flush=True)
+        round_rows = []
+        for mode, (run, manager) in runs.items():
+            loop = HandLoop(run, arrays, work / f"hand-{mode}-{r}.jsonl", args.optimizer, mode)
+            old = OpByOpLoop(op_run, work / f"op-by-op-{r}") if mode == op_by_op_with else None
+            mine = isthmus_run(run, manager, work / f"isthmus-{mode}-{r}", [loop] + ([old] if old else []))
+            hand = {**timings(loop.times), "last_loss": loop.last, "steps": loop.n}
+            row = {"round": r, "mode": mode, "isthmus": mine, "hand": hand,
+                   "ratio_of_paired_steps": statistics.median(
+                       h / i for i, h in zip(mine["step_wall_s"][1:], hand["step_wall_s"][1:]))}
+            if old:
+                row["op_by_op"] = {**timings(old.times), "last_loss": old.last, "steps": len(old.times)}
+            round_rows.append(row)
+            print(f"{'warm-up' if r == 0 else r:>7} {mode:>8} | {rate(mine):8.2f} {rate(hand):8.2f} "
+                  f"{rate(mine) / rate(hand):8.3f} | {mine['first_step_s']:8.2f} {hand['first_step_s']:8.2f} | "
+                  f"{mine['last_loss']:.6f} / {hand['last_loss']:.6f}", flush=True)
+            if old:
+                print(f"{'':>7} {'op-by-op':>8} | {rate(row['op_by_op']):8.2f} {'':>8} {'':>8} | "
+                      f"{row['op_by_op']['first_step_s']:8.2f} {'':>8} | {old.last:.6f}", flush=True)
         if r:
-            rows.append(row)
+            rows += round_rows
 
-    med_i = statistics.median(r["isthmus_steps_per_s"] for r in rows)
-    med_h = statistics.median(r["hand_steps_per_s"] for r in rows)
-    cpu_i = statistics.median(r["isthmus_cpu_steps_per_s"] for r in rows)
-    cpu_h = statistics.median(r["hand_cpu_steps_per_s"] for r in rows)
-    summary = {"median_isthmus": med_i, "median_hand": med_h, "ratio_of_medians": med_i / med_h,
-               "ratio_of_sums": sum(r["hand_wall_s"] for r in rows) / sum(r["isthmus_wall_s"] for r in rows),
-               "median_cpu_isthmus": cpu_i, "median_cpu_hand": cpu_h, "cpu_ratio_of_medians": cpu_i / cpu_h}
-    print(f"{'median':>7} | {med_i:8.2f} {med_h:8.2f} {med_i / med_h:8.3f} | {cpu_i:8.2f} {cpu_h:8.2f} {cpu_i / cpu_h:8.3f} |")
-    print(f"ratio isthmus / hand-written MindSpore: {summary['ratio_of_medians']:.3f} (of medians), "
-          f"{summary['ratio_of_sums']:.3f} (of sums), CPU time {summary['cpu_ratio_of_medians']:.3f}")
-    drift = max(abs(r["last_loss_isthmus"] - r["last_loss_hand"]) for r in rows)
+    summary = summarise(rows, args.modes)
+    for mode in args.modes:
+        s = summary[mode]
+        print(f"{mode}: isthmus {s['median_isthmus']:.2f} vs hand-written {s['median_hand']:.2f} steps/s (medians): "
+              f"ratio {s['ratio_of_medians']:.3f} (median of in-round ratios {s['median_ratio_in_round']:.3f}, "
+              f"CPU time {s['cpu_ratio_of_medians']:.3f}); first step {s['median_first_step_s_isthmus']:.2f} s vs "
+              f"{s['median_first_step_s_hand']:.2f} s" + (f"; {s['over_op_by_op']:.2f}x the op-by-op step"
+                                                          if "over_op_by_op" in s else ""))
+    drift = max(abs(r["isthmus"]["last_loss"] - r["hand"]["last_loss"]) for r in rows)
     if args.optimizer == "adamw" and drift > 1e-3:
-        print(f"WARNING: the last losses of the two loops drifted apart by {drift:.2e} (same optimizer semantics: expect ~1e-6)")
+        print(f"WARNING: the last losses of isthmus and hand-written drifted apart by {drift:.2e} (expect ~1e-6)")
     load = os.getloadavg()
     wall = time.perf_counter() - started
     print(f"load average at the end: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} on {os.cpu_count()} CPUs; wall time {wall:.0f}s")
-
     write_result(args.out, {
-        "settings": {"rounds": args.rounds, "steps": args.steps, "batch_size": args.batch_size,
-                     "threads": args.threads, "precision": args.precision, "mode": mode, "optimizer": args.optimizer,
-                     "warmup_steps": int(run.config.train.warmup_steps), "num_train": len(run.train_data),
-                     "deterministic": str(ms.get_context("deterministic")), "order_in_round": ["isthmus", "hand"]},
+        "settings": {"rounds": args.rounds, "steps": args.steps, "batch_size": args.batch_size, "threads": args.threads,
+                     "precision": args.precision, "modes": args.modes, "optimizer": args.optimizer,
+                     "warmup_steps": int(first_run.config.train.warmup_steps), "num_train": len(first_run.data.train),
+                     "deterministic": str(ms.get_context("deterministic")), "op_by_op": not args.no_op_by_op,
+                     "order_in_round": [f"{side}-{mode}" for mode in args.modes for side in SIDES]
+                     + ([] if args.no_op_by_op else ["op-by-op"])},
         "machine": machine(load, mindspore=ms.__version__),
         "agreement": agreement,
         "rounds": rows,

@@ -68,6 +68,25 @@ MINDSPORE = {
     "wall_s": 167.5,
 }
 
+def mode_summary(isthmus: float, hand: float, first: float) -> dict:
+    return {"median_isthmus": isthmus, "median_hand": hand, "ratio_of_medians": isthmus / hand,
+            "median_ratio_in_round": isthmus / hand, "median_cpu_isthmus": isthmus, "median_cpu_hand": hand,
+            "cpu_ratio_of_medians": isthmus / hand, "median_first_step_s_isthmus": first,
+            "median_first_step_s_hand": 2 * first}
+
+
+MINDSPORE_MODES = {  # what bench/mindspore_overhead.py writes since graph mode
+    "settings": {"rounds": 5, "steps": 20, "batch_size": 64, "threads": 2, "precision": "fp32",
+                 "modes": ["pynative", "graph"], "optimizer": "adamw", "op_by_op": True},
+    "machine": {**MACHINE, "mindspore": "2.10.0"},
+    "agreement": {},
+    "rounds": [],
+    "summary": {"pynative": mode_summary(2.9, 2.8, 1.5), "graph": {**mode_summary(6.3, 6.0, 4.0), "over_op_by_op": 3.4},
+                "op_by_op": {"median": 1.85, "median_first_step_s": 0.6}},
+    "last_loss_max_abs_diff": 1e-6,
+    "wall_s": 300.0,
+}
+
 COLDSTART = {"runs": 7, "median_s": {"isthmus backends": 0.1024, "import isthmus.cli.main": 0.0399,
                                      "import torch": 1.6072, "python -c pass": 0.0266},
              "engines_imported": "[]", "target_met": True}
@@ -212,3 +231,18 @@ def test_insertion_edge_cases_keep_the_original_text(text):
     updated = summary.splice(text, block)
     assert updated.count(summary.START) == 1
     assert updated.replace("\n".join(block), "", 1).replace("\n", "") == text.replace("\n", "")
+
+
+def test_mindspore_in_both_modes_is_judged_per_mode_and_on_the_graph_speedup(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text(README)
+    results = write_results(tmp_path / "results", mindspore_overhead=MINDSPORE_MODES)
+    summary.main(["--results", str(results), "--readme", str(readme)])
+    line = row(readme.read_text(), "mindspore_overhead")
+    assert "PyNative: isthmus 2.90 vs hand-written 2.80 steps/s, ratio **1.036**" in line
+    assert "graph: isthmus 6.30 vs hand-written 6.00 steps/s, ratio **1.050**, first step 4.0 vs 8.0 s" in line
+    assert "graph **3.40x** the trainer's op-by-op step" in line and "| yes |" in line
+    slow = json.loads(json.dumps(MINDSPORE_MODES))
+    slow["summary"]["graph"]["over_op_by_op"] = 2.5
+    summary.main(["--results", str(write_results(tmp_path / "slow", mindspore_overhead=slow)), "--readme", str(readme)])
+    assert "| **no** |" in row(readme.read_text(), "mindspore_overhead")

@@ -34,6 +34,19 @@ def test_selftest_on_cpu_passes_every_stage(tmp_path):
     assert text.strip() in result.stdout.replace("\r", "")  # what is printed is what is written, plus progress
 
 
+@pytest.mark.slow
+def test_selftest_on_cpu_mindspore_compares_graph_with_pynative(tmp_path):
+    pytest.importorskip("mindspore")
+    report = tmp_path / "report.md"
+    result = selftest("--backend", "cpu", "--engine", "mindspore", "--steps", "4", "--report", str(report))
+    assert result.returncode == EXIT_PASS, result.stdout[-3000:] + result.stderr[-3000:]
+    text = report.read_text()
+    stage = text.split("## 6. Graph against PyNative", 1)[1]
+    assert stage.lstrip().startswith("**PASS**") and "max relative gap to pynative" in stage
+    assert "graph (mindspore.jit trace" in stage and "pynative (update compiled" in stage
+    assert text.rstrip().splitlines()[-1].startswith("RESULT: PASS (exit 0): 5/5 checks passed on cpu/mindspore")
+
+
 @pytest.mark.without_ascend
 def test_selftest_on_ascend_here_ends_with_no_ascend_device():
     result = selftest("--backend", "ascend")

@@ -286,7 +286,8 @@ def test_trainer_uses_an_engines_compile_step_and_logs_its_memory_stats(tmp_path
     hooks = StepHooks(run.backend.engine)
     run.backend.engine = hooks
     Trainer(run, tmp_path, manager).fit()
-    assert hooks.compiled == [run.model.loss] and hooks.loss_calls == 4  # the loss of every step went through it
+    # The loss of every step went through it, and so did the final evaluation's (one batch of 32).
+    assert hooks.compiled == [run.model.loss, run.model.loss] and hooks.loss_calls == 4 + 1
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     logged = [r["mem_peak_allocated_mib"] for r in rows if r["split"] == "train"]
     # One reset before the first step, then one reading per logged window (steps 2 and 4).

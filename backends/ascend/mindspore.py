@@ -12,13 +12,13 @@ is unverified.
 
 from __future__ import annotations
 
-import inspect
 import re
 from typing import Any
 
 from isthmus.registry.backend import Capabilities
 from isthmus.backends.ascend.engine import AscendEngine
 from isthmus.backends.ascend.options import AscendOptions, parse_options
+from isthmus.backends.mindspore.modes import ExecutionOptions
 from isthmus.backends.ascend.soc import SocInfo, lookup
 from isthmus.config.composer import ConfigError
 from isthmus.errors import BackendUnavailableError
@@ -70,7 +70,7 @@ def apply_precision(ms: Any, options: AscendOptions) -> None:
 
 def capabilities(soc: SocInfo, devices: int) -> Capabilities:
     """The manifest: the SoC's dtypes (never float64), HCCL, no fused torch_npu routes."""
-    return Capabilities(dtypes=soc.dtypes, fused_kernels=frozenset(), compile=False,
+    return Capabilities(dtypes=soc.dtypes, fused_kernels=frozenset(), compile=True,
                         autodiff=soc.training, comm_backend=COMM_BACKEND, max_devices=devices)
 
 
@@ -88,11 +88,8 @@ def build_mindspore(request: BackendRequest, soc_name: str | None) -> BackendPar
     unsupported = {"float64": NO_FLOAT64}
     if not soc.bf16:
         unsupported["bfloat16"] = f"SoC {soc.name} has no bfloat16"
-    kwargs: dict[str, Any] = {"unsupported_dtypes": unsupported}
-    jit_note = "not applied: the MindSpore engine runs PyNative"
-    if "jit_level" in inspect.signature(MindSporeEngine).parameters:
-        kwargs["jit_level"], jit_note = options.jit_level, "applied"
-    inner = MindSporeEngine("Ascend", index, **kwargs)
+    execution = ExecutionOptions(options.mode, options.jit_level, options.fallback)
+    inner = MindSporeEngine("Ascend", index, unsupported_dtypes=unsupported, execution=execution)
     try:
         devices = int(ms.device_context.ascend.device_count())
     except Exception:  # a driver query fault must not hide the engine
@@ -103,7 +100,8 @@ def build_mindspore(request: BackendRequest, soc_name: str | None) -> BackendPar
         "precision_mode": options.precision_mode,
         "allow_hf32_matmul": options.allow_hf32_matmul,
         "allow_hf32_conv": options.allow_hf32_conv,
-        "jit_level": f"{options.jit_level} ({jit_note})",
+        "jit_level": (f"{options.jit_level} (applied to the compiled train step, evaluation and forward)"
+                      if options.mode == "graph" else f"{options.jit_level} (applied to the compiled update)"),
         "comm_backend": COMM_BACKEND,
     })
     from isthmus.backends.mindspore.distributed import DataParallel

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any, Mapping
 
+from isthmus.backends.mindspore.modes import JIT_LEVELS, MODES, parse_execution
 from isthmus.config.composer import ConfigError
 from isthmus.registry.specs import BackendOptions
 from isthmus.registry.store import suggest
@@ -27,9 +28,6 @@ PRECISION_MODES = (
 )
 """``mindspore.device_context.ascend.op_precision.precision_mode`` values (MindSpore 2.10)."""
 
-JIT_LEVELS = ("O0", "O1")
-"""``mindspore.jit(jit_level=...)`` values (``O2`` is deprecated since MindSpore 2.9)."""
-
 
 @dataclass(frozen=True)
 class AscendOptions:
@@ -38,9 +36,11 @@ class AscendOptions:
     ``allow_hf32``: let float32 matmuls and convolutions run in HF32 (torch_npu
     ``torch_npu.npu.matmul.allow_hf32`` / ``torch_npu.npu.conv.allow_hf32``; MindSpore
     ``matmul_allow_hf32`` / ``conv_allow_hf32``). A bool sets both; ``{matmul: .., conv: ..}`` each.
-    ``precision_mode``: MindSpore's operator precision mode. ``jit_level``: MindSpore's graph
-    optimisation level for compiled functions. ``fused_kernels``: route ops to torch_npu fused
-    operators where the SoC has them (false: the generic torch kernels everywhere).
+    ``precision_mode``: MindSpore's operator precision mode. ``mode``, ``jit_level``, ``fallback``:
+    how the MindSpore engine runs (:mod:`isthmus.backends.mindspore.modes`: ``graph`` compiles the
+    train step with ``mindspore.jit`` at ``jit_level``; ``pynative`` runs op by op). ``fused_kernels``:
+    route ops to torch_npu fused operators where the SoC has them (false: the generic torch kernels
+    everywhere). The torch engine reads neither ``mode`` nor ``jit_level``.
     """
 
     allow_hf32_matmul: bool = False
@@ -48,12 +48,14 @@ class AscendOptions:
     precision_mode: str = "must_keep_origin_dtype"
     jit_level: str = "O0"
     fused_kernels: bool = True
+    mode: str = "graph"
+    fallback: bool = False
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
-KEYS = ("allow_hf32", "precision_mode", "jit_level", "fused_kernels")
+KEYS = ("allow_hf32", "precision_mode", "mode", "jit_level", "fallback", "fused_kernels")
 
 
 def _bool(key: str, value: Any, problems: list[str]) -> bool:
@@ -83,20 +85,18 @@ def parse_options(options: Mapping[str, Any] | None) -> AscendOptions:
         conv = _bool("allow_hf32.conv", hf32.get("conv", conv), problems)
     elif hf32 is not None:
         matmul = conv = _bool("allow_hf32", hf32, problems)
-    mode = options.get("precision_mode", defaults.precision_mode)
-    if mode not in PRECISION_MODES:
-        problems.append(f"backend.options.precision_mode: '{mode}' is not a MindSpore precision mode"
-                        f"{suggest(str(mode), list(PRECISION_MODES))}; valid: {', '.join(PRECISION_MODES)}")
-    level = options.get("jit_level", defaults.jit_level)
-    if level not in JIT_LEVELS:
-        problems.append(f"backend.options.jit_level: '{level}' is not one of {', '.join(JIT_LEVELS)}")
+    precision = options.get("precision_mode", defaults.precision_mode)
+    if precision not in PRECISION_MODES:
+        problems.append(f"backend.options.precision_mode: '{precision}' is not a MindSpore precision mode"
+                        f"{suggest(str(precision), list(PRECISION_MODES))}; valid: {', '.join(PRECISION_MODES)}")
+    execution = parse_execution(options, problems)
     fused = _bool("fused_kernels", options.get("fused_kernels", defaults.fused_kernels), problems)
     if problems:
         raise ConfigError(problems)
-    return AscendOptions(matmul, conv, str(mode), str(level), fused)
+    return AscendOptions(matmul, conv, str(precision), execution.jit_level, fused, execution.mode, execution.fallback)
 
 
 OPTIONS = BackendOptions(KEYS, parse_options)
 """What ``BackendSpec.options`` names: checked when a config is composed, on any machine."""
 
-__all__ = ["AscendOptions", "JIT_LEVELS", "KEYS", "OPTIONS", "PRECISION_MODES", "parse_options"]
+__all__ = ["AscendOptions", "JIT_LEVELS", "KEYS", "MODES", "OPTIONS", "PRECISION_MODES", "parse_options"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 
+from isthmus.backends.cpu.options import parse_options
 from isthmus.registry.backend import Capabilities
 from isthmus.registry.specs import BackendParts, BackendRequest
 
@@ -20,7 +21,7 @@ BFLOAT16_GAP = ("MindSpore's CPU build has no bfloat16 kernels for MatMul, Exp, 
 CPU_CAPABILITIES = Capabilities(
     dtypes=frozenset({"float64", "float32", "float16"}),
     fused_kernels=frozenset(),
-    compile=False,  # mindspore.jit on CPU is not wired into the trainer: PyNative only
+    compile=True,  # backend.options.mode=graph: mindspore.jit (trace) of the train step
     comm_backend="mccl",  # mindspore.communication on CPU under msrun (checked: AllReduce works)
     max_devices=1,
 )
@@ -32,12 +33,14 @@ def _cpu_threads() -> int:
 
 
 def build_cpu(request: BackendRequest) -> BackendParts:
-    """A :class:`~isthmus.backends.mindspore.engine.MindSporeEngine` on ``CPU`` and its kernels."""
+    """A :class:`~isthmus.backends.mindspore.engine.MindSporeEngine` on ``CPU`` and its kernels, in
+    the mode ``backend.options`` asks for (:mod:`isthmus.backends.cpu.options`)."""
+    options = parse_options(request.options)
     from isthmus.backends.mindspore.distributed import DataParallel
     from isthmus.backends.mindspore.engine import MindSporeEngine, configure_cpu
     from isthmus.backends.mindspore.kernels import kernel_table
 
-    engine = MindSporeEngine("CPU", 0, unsupported_dtypes={"bfloat16": BFLOAT16_GAP})
+    engine = MindSporeEngine("CPU", 0, unsupported_dtypes={"bfloat16": BFLOAT16_GAP}, execution=options.execution)
     # MindSpore starts 25 CPU kernel threads whatever the machine: on a small host they fight
     # over the cores. Default to the cores this process may run on.
     configure_cpu(int(request.threads) if request.threads else _cpu_threads(), request.deterministic)

@@ -1,4 +1,6 @@
-"""The MindSpore engine: tensors on one device target (CPU, GPU, Ascend) in PyNative mode.
+"""The MindSpore engine: tensors on one device target (CPU, GPU, Ascend); ops dispatch in PyNative
+mode, and in graph mode (``backend.options.mode``, the default) the train step, evaluation and the
+portability forward run as ``mindspore.jit`` graphs (:mod:`isthmus.backends.mindspore.graph`).
 
 Importing this module imports MindSpore quietly: glog keeps only errors unless the user set
 ``GLOG_v``, and the "compiled using NumPy 1.x" notice that MindSpore 2.10's extension prints (to
@@ -9,14 +11,17 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import os
 import warnings
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 os.environ.setdefault("GLOG_v", "3")  # before the import: glog reads it once, at load time
 
 import numpy as np  # noqa: E402
 from isthmus.registry.backend import Engine
+
+from isthmus.backends.mindspore.modes import ExecutionOptions  # noqa: E402
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", DeprecationWarning)
@@ -33,6 +38,7 @@ MS_DTYPES: dict[str, Any] = {
     "bool": ms.bool_,
 }
 _NAMES = {dtype: name for name, dtype in MS_DTYPES.items()}
+log = logging.getLogger("isthmus.mindspore")
 
 
 def ms_dtype(name: str) -> Any:
@@ -105,13 +111,15 @@ class MindSporeEngine(Engine):
     ``generator`` (a numpy ``Generator``) draws dropout masks on the host: its state is plain data,
     so masks are reproducible and a checkpoint restores them exactly, on any device target.
     ``unsupported_dtypes`` maps a dtype this device target lacks kernels for to the reason; the
-    conformance suite skips those dtypes with that reason.
+    conformance suite skips those dtypes with that reason. ``execution``: graph or PyNative mode,
+    ``jit_level`` and ``fallback`` (:mod:`isthmus.backends.mindspore.modes`).
     """
 
     name = "mindspore"
 
     def __init__(self, device_target: str = "CPU", device_id: int = 0, seed: int = 0,
-                 unsupported_dtypes: Mapping[str, str] | None = None) -> None:
+                 unsupported_dtypes: Mapping[str, str] | None = None,
+                 execution: ExecutionOptions | None = None) -> None:
         set_device(device_target, device_id)
         _warm_up()
         self.device_target = device_target
@@ -119,6 +127,71 @@ class MindSporeEngine(Engine):
         self.device = "cpu" if device_target == "CPU" else f"{device_target.lower()}:{device_id}"
         self.unsupported_dtypes = dict(unsupported_dtypes or {})
         self.generator = np.random.default_rng(seed)
+        self.execution = execution or ExecutionOptions()
+        self.step_runner: Any = None  # the last compile_train_step result, for runtime_info
+        self._feed: Any = None  # where dropout masks come from while a graph is probed or traced
+        self._compiled: dict[Any, Any] = {}  # compile_step's functions, compiled once per process
+        self.fell_back: set[str] = set()  # models that could not compile and run in PyNative
+
+    # ------------------------------------------------------------------ graph mode
+    @property
+    def graph_mode(self) -> bool:
+        return self.execution.mode == "graph"
+
+    @property
+    def feeding_now(self) -> bool:
+        """Whether a function is being probed or traced (its kernels' masks come from a feed)."""
+        return self._feed is not None
+
+    @contextlib.contextmanager
+    def feeding(self, feed: Any) -> Iterator[None]:
+        """Dropout masks from ``feed`` (:class:`isthmus.backends.mindspore.graph.MaskFeed`) within."""
+        previous, self._feed = self._feed, feed
+        try:
+            yield
+        finally:
+            self._feed = previous
+
+    def dropout_mask(self, shape: tuple[int, ...], p: float) -> ms.Tensor:
+        """A bool keep-mask (each element kept with probability ``1 - p``): drawn on the host from
+        :attr:`generator`, or, while a graph is traced, its mask input."""
+        if self._feed is not None:
+            return self._feed.mask(shape, p)
+        return ms.Tensor(self.generator.random(tuple(shape)) >= p)
+
+    def compile_step(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        """Graph mode: ``fn`` as a :class:`~isthmus.backends.mindspore.graph.GraphFunction` (compiled
+        per argument signature at its first call); PyNative: ``fn``."""
+        if not self.graph_mode:
+            return fn
+        from isthmus.backends.mindspore.graph import GraphFunction
+
+        try:
+            known = self._compiled.get(fn)
+        except TypeError:  # unhashable: compiled afresh
+            known = None
+        if known is None:
+            owner = getattr(getattr(fn, "__self__", None), "name", None)
+            name = getattr(fn, "__name__", "function")
+            known = GraphFunction(self, fn, f"model {owner}" if owner else name, f"{owner}.{name}" if owner else name)
+            with contextlib.suppress(TypeError):
+                self._compiled[fn] = known
+        return known
+
+    def fall_back(self, model: str, problem: Exception) -> None:
+        """Note that ``model`` cannot compile and runs in PyNative (``backend.options.fallback``):
+        warned once per model, however many of its functions try."""
+        if model not in self.fell_back:
+            self.fell_back.add(model)
+            log.warning("%s; running it in PyNative (backend.options.fallback=true)", problem)
+
+    def compile_train_step(self, step: Any) -> Any:
+        """The runner of :class:`isthmus.train.step.TrainStep` ``step``: the objective compiled in
+        graph mode, op by op in PyNative; the update compiled in both."""
+        from isthmus.backends.mindspore.train_step import MindSporeStepRunner
+
+        self.step_runner = MindSporeStepRunner(self, step, compiled_objective=self.graph_mode)
+        return self.step_runner
 
     def seed(self, n: int) -> None:
         """Reset the dropout generator to a reproducible state."""
@@ -214,8 +287,10 @@ class MindSporeEngine(Engine):
 
     def runtime_info(self) -> dict[str, Any]:
         """Device target and id, device count and CPU kernel threads, as MindSpore sees them."""
+        mode = self.step_runner.description if self.step_runner is not None else (
+            f"graph (mindspore.jit trace, jit_level {self.execution.jit_level})" if self.graph_mode else "pynative")
         info: dict[str, Any] = {"device": self.device, "device_target": self.device_target,
-                                "device_id": self.device_id, "mode": "PyNative"}
+                                "device_id": self.device_id, "mode": mode}
         try:
             module = getattr(ms.device_context, self.device_target.lower(), None)
             info["device_count"] = module.device_count() if module is not None else 1

@@ -35,6 +35,21 @@ def conv2d_patches(x: ms.Tensor, weight: ms.Tensor, bias: ms.Tensor | None, stri
     return out if bias is None else out + ops.reshape(bias, (1, out_c, 1, 1))
 
 
+def conv2d_disjoint(x: ms.Tensor, weight: ms.Tensor, bias: ms.Tensor | None) -> ms.Tensor:
+    """``conv2d`` with stride equal to the kernel size, no padding, dilation or groups: every patch
+    is a row of a matrix (rows and columns that no patch covers are dropped, as the convolution
+    drops them), then one matmul."""
+    n, c, h, w = x.shape
+    out_c, _, kh, kw = weight.shape
+    out_h, out_w = h // kh, w // kw
+    if (out_h * kh, out_w * kw) != (h, w):
+        x = x[:, :, :out_h * kh, :out_w * kw]
+    rows = ops.transpose(ops.reshape(x, (n, c, out_h, kh, out_w, kw)), (0, 2, 4, 1, 3, 5))
+    out = ops.dense(ops.reshape(rows, (n * out_h * out_w, c * kh * kw)), ops.reshape(weight, (out_c, c * kh * kw)),
+                    bias)
+    return ops.transpose(ops.reshape(out, (n, out_h, out_w, out_c)), (0, 3, 1, 2))
+
+
 def rotary_embedding(x: ms.Tensor, cos: ms.Tensor, sin: ms.Tensor, interleaved: bool = False) -> ms.Tensor:
     """See :meth:`isthmus.kernels.interface.Kernels.rotary_embedding`."""
     r = cos.shape[-1]
@@ -54,8 +69,10 @@ def rotary_embedding(x: ms.Tensor, cos: ms.Tensor, sin: ms.Tensor, interleaved: 
 
 
 def attention(q: ms.Tensor, k: ms.Tensor, v: ms.Tensor, mask: ms.Tensor | None = None,
-              causal: bool = False, scale: float | None = None) -> ms.Tensor:
-    """See :meth:`isthmus.kernels.interface.Kernels.attention`."""
+              causal: bool = False, scale: float | None = None, host_check: bool = False) -> ms.Tensor:
+    """See :meth:`isthmus.kernels.interface.Kernels.attention`. ``host_check``: ask on the host
+    whether any row is dead and skip the fix-up when none is (op by op on the CPU, where the
+    answer costs less than the ops it saves; never in a traced graph, where it would be frozen)."""
     hq, hkv, sq, skv = q.shape[1], k.shape[1], q.shape[2], k.shape[2]
     if hq % hkv:
         raise ValueError(f"query heads {hq} are not a multiple of kv heads {hkv}")
@@ -74,6 +91,8 @@ def attention(q: ms.Tensor, k: ms.Tensor, v: ms.Tensor, mask: ms.Tensor | None =
     if mask is None or mask.dtype == ms.bool_:
         allowed = tril if mask is None else (ops.logical_and(mask, tril) if causal else mask)
         dead = ops.logical_not(ops.any(allowed, -1, True))
+        if host_check and not bool(ops.any(dead)):  # a prefix-LM or causal mask has no dead row
+            return ops.matmul(ops.softmax(ops.where(allowed, scores, -math.inf), -1), v)
         scores = ops.where(ops.logical_or(allowed, dead), scores, -math.inf)
     else:
         bias = ops.cast(mask, q.dtype)

@@ -45,6 +45,20 @@ def clip_by_global_norm(k: Any, grads: Mapping[str, Any], max_norm: float | None
     return clipped, norm
 
 
+def adamw_apply(k: Any, p: Any, g: Any, m: Any, v: Any, step_size: Any, bias_correction2_sqrt: Any,
+                decay: Any | None, beta1: float, beta2: float, eps: float) -> tuple[Any, Any, Any]:
+    """One tensor's AdamW step with the step's scalars as tensors (:meth:`AdamW.factors`; ``decay``
+    None: no weight decay), in torch's per-tensor order, the order of the ``adamw_update`` kernels:
+    the same arithmetic, for an engine that compiles the update once for every step."""
+    g = k.cast(g, k.dtype(p))
+    if decay is not None:
+        p = k.mul(p, decay)
+    m = k.add(m, k.mul(k.sub(g, m), 1.0 - beta1))  # torch's lerp form of b1 * m + (1 - b1) * g
+    v = k.add(k.mul(v, beta2), k.mul(k.mul(g, g), 1.0 - beta2))
+    denom = k.add(k.div(k.sqrt(v), bias_correction2_sqrt), eps)
+    return k.sub(p, k.mul(k.div(m, denom), step_size)), m, v
+
+
 @dataclass
 class AdamW:
     """Decoupled-weight-decay Adam over named parameters; decay only where ``ParamSpec.decay``."""
@@ -89,6 +103,14 @@ class AdamW:
             for n, p, m, v in zip(names, new_p, new_m, new_v):
                 params[n], self.exp_avg[n], self.exp_avg_sq[n] = p, m, v
         return params
+
+    def factors(self, lr: float) -> tuple[float, float, float]:
+        """The scalars of the next step (``step + 1``) at ``lr``, computed in Python (float64) as the
+        ``adamw_update`` kernels compute them: ``(lr / (1 - beta1 ** t), sqrt(1 - beta2 ** t),
+        1 - lr * weight_decay)``. :func:`adamw_apply` takes them as tensors, so one compiled
+        update serves every step."""
+        t = self.step + 1
+        return lr / (1.0 - self.betas[0] ** t), math.sqrt(1.0 - self.betas[1] ** t), 1.0 - lr * self.weight_decay
 
     def tensors(self) -> dict[str, Any]:
         """The moment tensors under checkpoint names ``<param>.exp_avg`` / ``<param>.exp_avg_sq``."""

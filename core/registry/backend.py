@@ -11,6 +11,8 @@ from isthmus.kernels.routing import KernelSet
 if TYPE_CHECKING:  # numpy stays out of `isthmus backends` start-up
     import numpy as np
 
+    from isthmus.train.step import StepRunner, TrainStep
+
 
 class Engine(Protocol):
     """The engine-specific half of a backend (torch, MindSpore, NumPy reference, ONNX Runtime).
@@ -94,6 +96,12 @@ class Engine(Protocol):
         """Device memory figures in MiB since the last call (peak, allocated, reserved), for the
         metrics log; the default has none."""
         return {}
+
+    def compile_train_step(self, step: "TrainStep") -> "StepRunner | None":
+        """A runner for the whole train step ``step`` (:mod:`isthmus.train.step`: the differentiated
+        objective, then clipping, AdamW and the loss-scale policy), which the engine may compile;
+        ``None`` (the default) leaves the step to the trainer, op by op."""
+        return None
 
 
 @dataclass(frozen=True)

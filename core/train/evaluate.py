@@ -21,6 +21,7 @@ def loss_evaluation(model: Any, backend: Any, params: Mapping[str, Any], dataset
     k, engine = backend.kernels, backend.engine
     count = len(dataset) if max_samples is None else min(len(dataset), max_samples)
     totals: dict[str, float] = {}
+    loss_fn = engine.compile_step(model.loss)  # MindSpore graph mode compiles it once per process
     with engine.no_grad():
         for start in range(0, count, batch_size):
             indices = np.arange(start, min(count, start + batch_size))
@@ -28,7 +29,7 @@ def loss_evaluation(model: Any, backend: Any, params: Mapping[str, Any], dataset
             use = params
             if policy is not None:
                 batch, use = policy.cast_batch(k, batch), policy.cast_params(k, params)
-            loss, metrics = model.loss(k, use, batch, training=False)
+            loss, metrics = loss_fn(k, use, batch, training=False)
             for name, value in {"eval_loss": loss, **metrics}.items():
                 totals[name] = totals.get(name, 0.0) + float(engine.to_numpy(value)) * len(indices)
     result: dict[str, Any] = {name: value / max(count, 1) for name, value in totals.items()}

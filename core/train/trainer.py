@@ -22,6 +22,7 @@ from isthmus.train.parallel import NullLog, QuietProgress, RankSlice, token_coun
 from isthmus.nn.precision import Policy
 from isthmus.train.run import Run, plain
 from isthmus.train.runlog import MetricsLog, Progress, plot_loss
+from isthmus.train.step import whole_step
 
 EVAL_SAMPLES_DURING_TRAINING = 128
 
@@ -86,6 +87,10 @@ class Trainer:
         # wraps the loss; it falls back to eager itself and says why in its compile_status.
         self.loss_fn = engine.compile_step(self.run.model.loss)
         self.optimizer = AdamW(betas=tuple(t.betas), eps=t.eps, weight_decay=t.weight_decay)
+        # An engine that runs the whole step itself (MindSpore: compiled in graph mode) gets it
+        # here; data parallel keeps the step below, which averages gradients across ranks.
+        self.whole_step = (whole_step(backend, self.run.model, self.policy, self.specs, self.optimizer, self.train_cfg)
+                           if self.comm is None else None)
         if self.resume is None:
             weights = self.init if self.init is not None else self.run.model.initial_parameters(int(self.cfg.seed))
             self.params = self.run.model.place_parameters(engine, {name: weights[name] for name in self.specs})
@@ -146,6 +151,10 @@ class Trainer:
     def train_step(self, lr: float) -> tuple[float, float, str]:
         """Returns (loss, grad norm, skip reason or '')."""
         backend, t = self.run.backend, self.train_cfg
+        if self.whole_step is not None:
+            batches = [to_device(backend, next(self.data)) for _ in range(int(t.grad_accum))]
+            self.params, loss, norm, skip = self.whole_step(self.params, self.optimizer, self.policy, batches, lr)
+            return loss, norm, skip
         k, engine, policy = backend.kernels, backend.engine, self.policy
         scale = policy.scale
         total = None

@@ -277,6 +277,7 @@ def _linalg_cases() -> list[Case]:
         "groups": ((1, 4, 6, 6), (6, 2, 3, 3), {"groups": 2}),
         "depthwise": ((2, 3, 5, 5), (3, 1, 3, 3), {"groups": 3, "padding": 1}),
         "pointwise": ((2, 3, 4, 4), (5, 3, 1, 1), {}),
+        "patches": ((2, 3, 9, 10), (4, 3, 4, 4), {"stride": 4}),  # disjoint, a remainder dropped
         "dilation": ((1, 1, 9, 9), (2, 1, 3, 3), {"dilation": 2}),
     }
     for name, (sx, sw, kwargs) in conv.items():

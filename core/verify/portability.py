@@ -140,12 +140,13 @@ def _on(engine: Any, arrays: Mapping[str, np.ndarray], dtype: str | None = None)
 
 def forward_and_loss(backend: Any, model: Any, params: Mapping[str, np.ndarray], batch: Mapping[str, np.ndarray],
                      dtype: str) -> tuple[np.ndarray, np.ndarray]:
-    """Logits and loss of ``model`` on ``backend`` computing in ``dtype`` (host arrays)."""
+    """Logits and loss of ``model`` on ``backend`` computing in ``dtype`` (host arrays), compiled
+    where the engine compiles (MindSpore in graph mode)."""
     engine, k = backend.engine, backend.kernels
     p, b = _on(engine, params, dtype), _on(engine, batch, dtype)
     with engine.no_grad():
-        logits = model.forward(k, p, b)
-        loss, _ = model.loss(k, p, b, training=False)
+        logits = engine.compile_step(model.forward)(k, p, b)
+        loss, _ = engine.compile_step(model.loss)(k, p, b, training=False)
         return np.asarray(engine.to_numpy(logits)), np.asarray(engine.to_numpy(loss))
 
 

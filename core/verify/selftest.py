@@ -13,7 +13,10 @@ tested). Stages, each reported even when an earlier one failed:
 4. a checkpoint round trip: saved tensors equal the live ones bitwise, and reloaded weights give
    the same forward output;
 5. portability: the same weights and batch on this backend, on ``cpu`` and on the float64
-   reference; logits and loss must agree within the float32 tolerance.
+   reference; logits and loss must agree within the float32 tolerance;
+6. graph against PyNative, for an engine with both modes (MindSpore): the same short run (with
+   dropout) compiled and op by op; the losses must agree to float32 rounding. On Ascend this is
+   the check of ``jit_level`` and ``precision_mode`` under compilation.
 
 Exit codes: 0 every check passed; 1 a check failed; 3 the backend is not usable on this machine
 (nothing ran: on a machine without Ascend, ``--backend ascend`` ends here with "no Ascend
@@ -38,6 +41,7 @@ import numpy as np
 
 EXIT_PASS, EXIT_FAIL, EXIT_NOT_USABLE = 0, 1, 3
 PORTABILITY_TOL = 1e-3  # float32 logits, relative to max |reference|: room for HF32-free device math
+MODES_TOL = 1e-4  # graph vs PyNative losses, relative: the same kernels, compiled (CPU: equal to ~1e-7)
 
 
 @dataclass
@@ -134,7 +138,7 @@ def conformance(backend: Any, gradients: bool = False) -> Check:
                  f"({per_dtype}){ops}{listing}{more}")
 
 
-def compose_tiny(registry: Any, name: str, engine: str | None, steps: int, out: Path) -> Any:
+def compose_tiny(registry: Any, name: str, engine: str | None, steps: int, out: Path, *extra: str) -> Any:
     """The default model at its smoke size (``ModelSpec.smoke``) for a few steps on backend ``name``."""
     from isthmus.config.composer import group_options
     from isthmus.train.run import compose_run
@@ -145,7 +149,7 @@ def compose_tiny(registry: Any, name: str, engine: str | None, steps: int, out: 
                  "train.eval_every=0", "train.checkpoint_every=0", "train.log_every=1", f"output_dir={out}"]
     if engine:
         overrides.append(f"backend.engine={engine}")
-    return compose_run(registry, overrides, smoke=True)
+    return compose_run(registry, [*overrides, *extra], smoke=True)
 
 
 def training(registry: Any, name: str, engine: str | None, steps: int, out: Path, state: dict) -> Check:
@@ -240,6 +244,34 @@ def portability(registry: Any, state: dict) -> Check:
     return Check("portability", ok, f"tolerance {PORTABILITY_TOL:g} (float32); " + "; ".join(rows))
 
 
+def graph_against_pynative(registry: Any, name: str, engine: str | None, steps: int, out: Path) -> Check:
+    """The same run from the same seed, with dropout, in ``backend.options.mode`` graph and pynative."""
+    from isthmus.train.run import prepare
+    from isthmus.train.runlog import read_metrics
+    from isthmus.train.trainer import Trainer
+
+    curves, notes = {}, []
+    for mode in ("graph", "pynative"):
+        run_dir = out / f"mode-{mode}"
+        cfg = compose_tiny(registry, name, engine, steps, run_dir, f"backend.options.mode={mode}", "model.dropout=0.1")
+        run = prepare(cfg, registry)
+        with contextlib.redirect_stdout(io.StringIO()):
+            result = Trainer(run, run_dir, manager=None, progress=False).fit()
+        rows = [row for row in read_metrics(run_dir / "metrics.jsonl") if row.get("split") == "train"]
+        curves[mode] = [row["loss"] for row in rows]
+        steady = rows[1:]
+        rate = len(steady) / sum(1.0 / row["steps_per_s"] for row in steady) if steady else float("nan")
+        notes.append(f"{mode}: first step {1.0 / rows[0]['steps_per_s']:.1f} s, then {rate:.1f} steps/s "
+                     f"({run.backend.engine.runtime_info().get('mode')}); {result.skipped_steps} skipped")
+    pairs = list(zip(curves["graph"], curves["pynative"]))
+    finite = all(a is not None and b is not None and math.isfinite(a) and math.isfinite(b) for a, b in pairs)
+    gap = max((abs(a - b) / max(abs(b), 1e-12) for a, b in pairs), default=math.inf) if finite else math.inf
+    ok = finite and len(pairs) == steps and gap <= MODES_TOL
+    return Check("graph against pynative", ok,
+                 f"{steps} steps with dropout 0.1: losses {curves['graph'][0]:.4f} -> {curves['graph'][-1]:.4f} "
+                 f"(graph), max relative gap to pynative {gap:.1e} (tolerance {MODES_TOL:g}); " + "; ".join(notes))
+
+
 def routes(report: Report, backend: Any) -> None:
     """How often each fused kernel route ran or fell back, for a backend whose engine counts them
     (``runtime_info()`` keys ``route_calls`` and ``route_fallbacks``: ascend with torch_npu)."""
@@ -313,6 +345,10 @@ def run_selftest(name: str, engine: str | None = None, steps: int = 8, stream: T
         else:
             report.add("**FAIL**: skipped, the model could not be prepared", "")
             checks.append(Check("portability", False, "skipped: no model"))
+        if "mode" in info and backend.capabilities.autodiff:  # an engine with graph and PyNative modes
+            report.add("## 6. Graph against PyNative", "")
+            _stage(report, checks, "graph against pynative",
+                   lambda: graph_against_pynative(registry, name, engine, steps, out))
     routes(report, backend)
     failed = [c.name for c in checks if not c.ok]
     verdict = "PASS" if not failed else "FAIL"
