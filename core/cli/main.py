@@ -221,6 +221,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     s.set_defaults(run=cmd_kernels)
 
+    from isthmus.cli.bundles import add_commands as add_bundle_commands
     from isthmus.cli.export import add_commands as add_export_commands
     from isthmus.cli.run import add_commands
     from isthmus.cli.selftest import add_commands as add_selftest_commands
@@ -228,6 +229,7 @@ def parser() -> argparse.ArgumentParser:
     add_commands(sub)
     add_selftest_commands(sub)
     add_export_commands(sub)
+    add_bundle_commands(sub)
     add_plugin_commands(sub)
     return p
 
