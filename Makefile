@@ -64,6 +64,7 @@ bench: $(BENCH_STAMP)
 	-$(BENCH_VENV)/bin/python bench/peers.py
 	-$(BENCH_VENV)/bin/python bench/mindspore_overhead.py
 	-$(BENCH_VENV)/bin/python bench/mfu.py --json bench/results/mfu.json
+	-$(BENCH_VENV)/bin/python bench/dump_cost.py
 	$(BENCH_VENV)/bin/python bench/summary.py
 
 kill-resume: $(STAMP)

@@ -31,6 +31,8 @@ OVERHEAD_TARGET = 1.00
 PEERS_TARGET = 1.00
 COLDSTART_TARGET_S = 0.5
 MFU_TARGET = 0.45
+DUMP_COST_TARGET = 1.3
+DUMP_BUNDLE_TARGET_BYTES = 1_000_000
 
 
 class MarkerError(ValueError):
@@ -139,6 +141,19 @@ def describe_mfu(data: dict[str, Any]) -> tuple[str, str]:
     return text + f" (compile: {data.get('compile') or 'off'})", "n/a (target is for H100 bf16 + compile)"
 
 
+def describe_dump_cost(data: dict[str, Any]) -> tuple[str, str]:
+    settings, median = data["settings"], data["median_s"]
+    ratio, size = data["ratio_wall"], data["bundle_bytes"]
+    text = (f"stats-mode dump pass {median['layer']['wall'] * 1e3:.1f} ms vs plain forward + backward "
+            f"{median['plain']['wall'] * 1e3:.1f} ms: ratio **{ratio_text(ratio)}** (CPU time "
+            f"{ratio_text(data['ratio_cpu'])}; level {settings['level']}, batch {settings['batch']}, "
+            f"{settings['threads']} thread(s), median of {settings['rounds']}; op level {data['ratio_op_level_wall']:.2f}x); "
+            f"stats-mode bundle of the demo checkpoint **{size:,} bytes**")
+    missed = [what for what, ok in (("cost", ratio <= DUMP_COST_TARGET), ("size", size < DUMP_BUNDLE_TARGET_BYTES))
+              if not ok]
+    return text + load_note(data), "yes" if not missed else f"**no** ({', '.join(missed)})"
+
+
 BENCHMARKS = [
     Benchmark("overhead", "isthmus Trainer vs the same model as a hand-written torch loop (steps/s, wall)",
               f"isthmus/hand-written >= {OVERHEAD_TARGET:.2f}", describe_overhead),
@@ -151,6 +166,8 @@ BENCHMARKS = [
               f"< {COLDSTART_TARGET_S} s and no engine imported", describe_coldstart),
     Benchmark("mfu", "GPT-style model from isthmus layers: tokens/s and MFU on the device present",
               f"MFU >= {MFU_TARGET:.0%} (H100, bf16 + compile only)", describe_mfu),
+    Benchmark("dump_cost", "`isthmus dump` (stats mode) vs a plain forward + backward of the same batch; bundle size",
+              f"<= {DUMP_COST_TARGET}x; demo bundle < 1 MB", describe_dump_cost),
 ]
 
 

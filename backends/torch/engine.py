@@ -53,6 +53,7 @@ class TorchEngine(Engine):
         except (RuntimeError, TypeError):
             self.generator = torch.Generator(device="cpu")
         self.generator.manual_seed(seed)
+        self._taps: list[tuple[torch.Tensor, Callable[[Any], None]]] | None = None
 
     def seed(self, n: int) -> None:
         """Reset the dropout generator to a reproducible state."""
@@ -77,6 +78,8 @@ class TorchEngine(Engine):
         tensor = tensor.detach()
         if tensor.dtype == torch.bfloat16:
             tensor = tensor.float()
+        if tensor.device.type == "cpu":  # a numpy copy costs less than a torch one on the host
+            return np.array(tensor.numpy(), copy=True)
         return tensor.to("cpu", copy=True).numpy()
 
     # ------------------------------------------------------------------ training support
@@ -94,8 +97,16 @@ class TorchEngine(Engine):
         A parameter the loss does not reach gets a zero gradient, so optimizer lists stay aligned.
         """
         leaves = list(params.values())
-        loss, aux = fn(params)
-        grads = torch.autograd.grad(loss, leaves, allow_unused=True)
+        self._taps = []  # filled by tap() while fn runs
+        try:
+            loss, aux = fn(params)
+        finally:
+            taps, self._taps = self._taps, None
+        grads = torch.autograd.grad(loss, leaves + [t for t, _ in taps], allow_unused=True)
+        for (_, receive), grad in zip(taps, grads[len(leaves):]):
+            if grad is not None:
+                receive(grad)
+        grads = grads[:len(leaves)]
         return (
             loss.detach(),
             aux,
@@ -149,14 +160,11 @@ class TorchEngine(Engine):
 
     # ------------------------------------------------------------------ dumps
     def tap(self, tensor: Any, receive: Callable[[Any], None]) -> bool:
-        """``receive(gradient)`` during the next backward, through a tensor hook."""
-        if not isinstance(tensor, torch.Tensor) or not tensor.requires_grad:
+        """``receive(gradient)`` after the backward of the :meth:`value_and_grad` running now: the
+        tensor joins the inputs ``torch.autograd.grad`` differentiates for, so no hook is needed."""
+        if self._taps is None or not isinstance(tensor, torch.Tensor) or not tensor.requires_grad:
             return False
-
-        def hook(grad: torch.Tensor) -> None:
-            receive(grad)  # returning None leaves the gradient as it is
-
-        tensor.register_hook(hook)
+        self._taps.append((tensor, receive))
         return True
 
     def placement(self, tensor: Any) -> str:

@@ -153,18 +153,20 @@ def run_pass(backend: Any, model: Any, params: Mapping[str, np.ndarray], batch: 
     box: dict[str, Any] = {}
     tensors: dict[str, np.ndarray] = {}
     with kernel_events.Listener() as listener:
-        capture = Capture(engine, k, level, mode, key, events=listener, backward=autodiff)
-        recording = Recording(k, capture)
+        capture = Capture(engine, k, level, mode, key, events=listener, backward=autodiff, dtype=dtype)
+        # At --level model nothing is recorded per call, so the model runs on the plain kernels.
+        recording = Recording(k, capture) if level != "model" else None
         used: dict[str, Any] = {}
 
         def objective(p: dict[str, Any]) -> tuple[Any, Any]:
             use = policy.cast_params(k, p) if policy is not None else p
             used["params"] = use
-            recording.begin()
-            with captured_forward(model, box) as capturing:
-                used["capturing"] = capturing
-                loss, metrics = model.loss(recording.kernels, use, device_batch, training=False)
-            recording.end()
+            if recording is not None:
+                recording.begin()
+            with captured_forward(model, box):
+                loss, metrics = model.loss(recording.kernels if recording else k, use, device_batch, training=False)
+            if recording is not None:
+                recording.end()
             return loss, metrics
 
         started = time.perf_counter()
@@ -208,7 +210,8 @@ def run_pass(backend: Any, model: Any, params: Mapping[str, np.ndarray], batch: 
         "calls": capture.calls, "backward_taps": capture.taps,
         "backward_records": "none: forward-only backend" if not autodiff else (
             "none: the engine offers no gradient taps" if level != "model" and not capture.taps else "recorded"),
-        "events": capture.events,
+        "events": capture.events + [{"kind": kind, "call": -1, "name": "", "op": detail.split(":")[0], "layer": "",
+                                     "detail": detail} for kind, detail in listener.drain()],
         "seconds": seconds,
     }
     run["overflow"] = overflow(run, tensors)

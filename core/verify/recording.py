@@ -6,8 +6,9 @@ engine and the float64 reference computed elsewhere line up record for record:
 * the **layer** of a call is the innermost :class:`~isthmus.nn.params.Scope` prefix on the Python
   call stack between the model's entry and the kernel call (``vision.blocks.0.attn.qkv`` inside
   :func:`isthmus.nn.layers.linear`, ``vision.blocks.0.attn`` for the attention op itself; in a frame
-  holding several scopes, the one bound last). Model code is the same Python on every engine, so
-  the names are too;
+  holding several scopes, the one bound last); the call also runs in each dotted ancestor of that
+  layer (``vision.blocks.0``, ``vision.blocks``, ``vision``). Model code is the same Python on
+  every engine, so the names are too;
 * the **op record** of a call is ``<layer>/<op>:<n>``, ``n`` counting that op's calls in that layer
   (``<op>:<n>`` at the top of the model);
 * a **layer record** is the output of the last call made while the layer was on the stack, which is
@@ -20,9 +21,8 @@ from __future__ import annotations
 
 import os
 import sys
-from dataclasses import dataclass
 from types import FrameType
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, NamedTuple, Protocol
 
 from isthmus.kernels.interface import OPS
 from isthmus.kernels.routing import KernelSet
@@ -32,20 +32,24 @@ METADATA_OPS = frozenset({"shape", "dtype"})
 CREATION_OPS = frozenset({"asarray", "zeros", "ones", "full", "arange"})
 
 
-@dataclass(frozen=True)
-class CallInfo:
+class CallInfo(NamedTuple):
     """One recorded kernel call: its position, op, canonical name and where the model made it."""
 
     index: int
     op: str
     name: str
     layer: str
-    layers: tuple[str, ...]  # the Scope prefixes on the stack, outermost first
-    where: str
+    layers: tuple[str, ...]  # the layers it runs in, outermost first
+    code: Any  # the calling code object and line, for :attr:`where`
+    line: int
+
+    @property
+    def where(self) -> str:
+        """``function (file.py:line)`` of the model code that made the call."""
+        return f"{self.code.co_name} ({os.path.basename(self.code.co_filename)}:{self.line})"
 
 
-@dataclass(frozen=True)
-class LayerInfo:
+class LayerInfo(NamedTuple):
     """One run of a layer: its record name and the call whose output the layer returned."""
 
     name: str
@@ -81,6 +85,7 @@ class Recording:
         self.sink = sink
         table = {op: self._wrap(op, getattr(kernels, op)) for op in OPS}
         self.kernels = KernelSet(kernels.backend, kernels.engine, table)
+        self._ancestors: dict[str, tuple[str, ...]] = {}
         self.begin()
 
     def begin(self) -> None:
@@ -89,44 +94,42 @@ class Recording:
         self.index = 0
         self._counts: dict[tuple[str, str], int] = {}
         self._layer_runs: dict[str, int] = {}
-        self._open: dict[str, list[Any]] = {}  # layer -> [record name, first call, last CallInfo, last out]
+        self._open: dict[str, tuple[str, int]] = {}  # layer -> (record name, first call)
+        self._layers: tuple[str, ...] = ()
+        self._previous: tuple[CallInfo, Any] | None = None
 
     def end(self) -> None:
         """Close every open layer (innermost first)."""
-        self._close(())
+        self._enter(())
 
     # ------------------------------------------------------------------------------ internals
     def _wrap(self, op: str, fn: Callable[..., Any]) -> Callable[..., Any]:
         if op in METADATA_OPS:
             return fn
+        sink = self.sink
 
         def call(*args: Any, **kwargs: Any) -> Any:
             frame = sys._getframe(1)
             layers = self._scopes(frame)
             out = fn(*args, **kwargs)
             layer = layers[-1] if layers else ""
-            n = self._counts.get((layer, op), 0)
-            self._counts[(layer, op)] = n + 1
-            where = f"{frame.f_code.co_name} ({os.path.basename(frame.f_code.co_filename)}:{frame.f_lineno})"
-            info = CallInfo(self.index, op, op_name(layer, op, n), layer, layers, where)
+            key = (layer, op)
+            n = self._counts.get(key, 0)
+            self._counts[key] = n + 1
+            info = CallInfo(self.index, op, f"{layer}/{op}:{n}" if layer else f"{op}:{n}", layer, layers,
+                            frame.f_code, frame.f_lineno)
             self.index += 1
-            self._close(layers)
-            for path in layers:
-                state = self._open.get(path)
-                if state is None:
-                    runs = self._layer_runs.get(path, 0)
-                    self._layer_runs[path] = runs + 1
-                    self._open[path] = [path if not runs else f"{path}@{runs}", info.index, info, out]
-                else:
-                    state[2], state[3] = info, out
-            self.sink.call(info, args, kwargs, out)
+            if layers != self._layers:
+                self._enter(layers, info.index)
+            self._previous = (info, out)
+            sink.call(info, args, kwargs, out)
             return out
 
         call.__name__ = op
         return call
 
     def _scopes(self, frame: FrameType | None) -> tuple[str, ...]:
-        found: list[str] = []
+        """The innermost scope on the stack and its dotted ancestors, outermost first."""
         while frame is not None and frame is not self._stop:
             # The frame's latest-bound Scope (locals come in the order the code first binds them):
             # in straight-line model code, the one the current part of the code reads.
@@ -134,18 +137,30 @@ class Recording:
             for value in frame.f_locals.values():
                 if type(value) is Scope and value.prefix:
                     prefix = value.prefix
-            if prefix and prefix not in found:
-                found.append(prefix)
+            if prefix:
+                cached = self._ancestors.get(prefix)
+                if cached is None:
+                    parts = prefix.split(".")
+                    cached = self._ancestors[prefix] = tuple(".".join(parts[:i]) for i in range(1, len(parts) + 1))
+                return cached
             frame = frame.f_back
-        found.reverse()  # outermost first
-        return tuple(found)
+        return ()
 
-    def _close(self, keep: tuple[str, ...]) -> None:
-        ended = [path for path in self._open if path not in keep]
-        # Innermost first: a layer and its last sub-layer share a last call; the sub-layer is listed first.
-        for path in sorted(ended, key=lambda p: (self._open[p][2].index, -p.count("."), p)):
-            name, first, last, out = self._open.pop(path)
-            self.sink.layer(LayerInfo(name, path, first, last), out)
+    def _enter(self, layers: tuple[str, ...], first: int = -1) -> None:
+        """The calls now run in ``layers``: close the open layers not among them (their last call
+        is the previous one, which was still inside them), innermost first, and open the new ones."""
+        ended = [path for path in self._open if path not in layers]
+        if ended and self._previous is not None:
+            last, out = self._previous
+            for path in sorted(ended, key=lambda p: -p.count(".")):
+                name, start = self._open.pop(path)
+                self.sink.layer(LayerInfo(name, path, start, last), out)
+        for path in layers:
+            if path not in self._open:
+                runs = self._layer_runs.get(path, 0)
+                self._layer_runs[path] = runs + 1
+                self._open[path] = (path if not runs else f"{path}@{runs}", first)
+        self._layers = layers
 
 
 __all__ = ["CREATION_OPS", "CallInfo", "LayerInfo", "METADATA_OPS", "Recording", "Sink", "op_name"]
