@@ -14,7 +14,9 @@ process on ``backend=cpu`` (torch), alternating, after warm-up rounds:
   host. Writing the bundle is timed apart (``write_s``), as is ``--level op`` (for reference; the
   target is for the default level).
 
-Ratios are dump / plain of the median wall and CPU times over ``--rounds`` rounds. Then one real
+Ratios are dump / plain of the median wall and CPU times over ``--rounds`` rounds, at the dump's
+default batch (``--batch``, 4: the headline) and at the demo's training batch (``--training-batch``,
+64), where the model's own work weighs more against the per-call costs. Then one real
 ``isthmus dump`` (stats mode, default level) of the checkpoint gives the bundle's size. Writes
 ``bench/results/dump_cost.json``. Run: ``.venv/bin/python bench/dump_cost.py``.
 """
@@ -45,8 +47,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=30)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--op-rounds", type=int, default=5, help="rounds of the op-level pass (reported only)")
-    p.add_argument("--batch", type=int, default=4, help="the dump's default batch")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--batch", type=int, default=4, help="the dump's default batch (the headline figure)")
+    p.add_argument("--training-batch", type=int, default=64,
+                   help="also measured: the batch the demo trains with (configs/train/default.yaml)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads (default 1: a pass takes milliseconds, and two threads on a shared 2-core "
+                        "machine mostly measure the neighbours)")
     p.add_argument("--out", type=Path, default=HERE / "results" / "dump_cost.json")
     return p.parse_args(argv)
 
@@ -86,35 +92,40 @@ def main(argv: list[str] | None = None) -> int:
         cfg = checkpoint_config(registry, restored, ["backend=cpu", f"backend.threads={args.threads}"])
         _, backend = build_backend(cfg, registry)
         engine, kernels, model = backend.engine, backend.kernels, restored.model
-        _, batch = batch_recipe(restored.data.eval, args.batch, 0)
-
-        def plain() -> None:
-            params = engine.parameters(restored.params)
-            device_batch = {n: engine.asarray(a) for n, a in batch.items()}
-            loss, _, _ = engine.value_and_grad(lambda p: model.loss(kernels, p, device_batch, training=False), params)
-            float(np.asarray(engine.to_numpy(loss)))
-
         kept: dict = {}
 
-        def layer_pass() -> None:
-            kept["run"], kept["tensors"] = run_pass(backend, model, restored.params, batch, "float32", "layer",
-                                                    "stats", "run0")
+        def measure(size: int, op_rounds: int) -> dict[str, tuple[float, float]]:
+            _, batch = batch_recipe(restored.data.eval, size, 0)
 
-        def op_pass() -> None:
-            run_pass(backend, model, restored.params, batch, "float32", "op", "stats", "run0")
+            def plain() -> None:
+                params = engine.parameters(restored.params)
+                device_batch = {n: engine.asarray(a) for n, a in batch.items()}
+                loss, _, _ = engine.value_and_grad(lambda p: model.loss(kernels, p, device_batch, training=False),
+                                                   params)
+                float(np.asarray(engine.to_numpy(loss)))
 
-        for _ in range(args.warmup):
-            plain(), layer_pass(), op_pass()
-        times: dict[str, list[tuple[float, float]]] = {"plain": [], "layer": [], "op": []}
-        for i in range(args.rounds):
-            times["plain"].append(timed(plain))
-            times["layer"].append(timed(layer_pass))
-            if i < args.op_rounds:
-                times["op"].append(timed(op_pass))
+            def layer_pass() -> None:
+                kept["run"], kept["tensors"] = run_pass(backend, model, restored.params, batch, "float32", "layer",
+                                                        "stats", "run0")
+
+            def op_pass() -> None:
+                run_pass(backend, model, restored.params, batch, "float32", "op", "stats", "run0")
+
+            for _ in range(args.warmup):
+                plain(), layer_pass(), op_pass() if op_rounds else None
+            times: dict[str, list[tuple[float, float]]] = {"plain": [], "layer": [], "op": []}
+            for i in range(args.rounds):
+                times["plain"].append(timed(plain))
+                times["layer"].append(timed(layer_pass))
+                if i < op_rounds:
+                    times["op"].append(timed(op_pass))
+            return {side: (statistics.median(t[0] for t in rows), statistics.median(t[1] for t in rows))
+                    for side, rows in times.items() if rows}
+
+        training = measure(args.training_batch, 0) if args.training_batch != args.batch else None
+        median = measure(args.batch, args.op_rounds)
         write_s = timed(lambda: write_bundle(scratch / "timing-bundle", {"identity": {}, "run": {}, "runs": []},
                                              kept["tensors"]))[0]
-        median = {side: (statistics.median(t[0] for t in rows), statistics.median(t[1] for t in rows))
-                  for side, rows in times.items()}
         ratio = median["layer"][0] / median["plain"][0]
         cpu_ratio = median["layer"][1] / median["plain"][1]
         sizes = {}
@@ -133,6 +144,10 @@ def main(argv: list[str] | None = None) -> int:
         "median_s": {side: {"wall": w, "cpu": c} for side, (w, c) in median.items()},
         "ratio_wall": ratio, "ratio_cpu": cpu_ratio,
         "ratio_op_level_wall": median["op"][0] / median["plain"][0],
+        "training_batch": None if training is None else {
+            "batch": args.training_batch, "median_s": {side: {"wall": w, "cpu": c} for side, (w, c) in training.items()},
+            "ratio_wall": training["layer"][0] / training["plain"][0],
+            "ratio_cpu": training["layer"][1] / training["plain"][1]},
         "write_s": write_s, "records": {"forward": records[0], "backward": records[1]},
         "bundle_bytes": sizes["layer"], "bundle_bytes_op_level": sizes["op"],
         "targets": {"ratio": COST_TARGET, "bundle_bytes": SIZE_TARGET_BYTES},
@@ -142,6 +157,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"plain forward + backward {median['plain'][0] * 1e3:.2f} ms, stats-mode dump pass (layer level) "
           f"{median['layer'][0] * 1e3:.2f} ms: ratio {ratio:.3f} (CPU time {cpu_ratio:.3f}); op level "
           f"{result['ratio_op_level_wall']:.2f}x; writing the bundle {write_s * 1e3:.1f} ms")
+    if training is not None:
+        print(f"at batch {args.training_batch}: ratio {result['training_batch']['ratio_wall']:.3f} "
+              f"(CPU time {result['training_batch']['ratio_cpu']:.3f})")
     print(f"stats-mode bundle of the demo checkpoint: {sizes['layer']:,} bytes (op level {sizes['op']:,})")
     write_result(args.out, result)
     return 0 if all(result["met"].values()) else 1

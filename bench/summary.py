@@ -147,8 +147,11 @@ def describe_dump_cost(data: dict[str, Any]) -> tuple[str, str]:
     text = (f"stats-mode dump pass {median['layer']['wall'] * 1e3:.1f} ms vs plain forward + backward "
             f"{median['plain']['wall'] * 1e3:.1f} ms: ratio **{ratio_text(ratio)}** (CPU time "
             f"{ratio_text(data['ratio_cpu'])}; level {settings['level']}, batch {settings['batch']}, "
-            f"{settings['threads']} thread(s), median of {settings['rounds']}; op level {data['ratio_op_level_wall']:.2f}x); "
-            f"stats-mode bundle of the demo checkpoint **{size:,} bytes**")
+            f"{settings['threads']} thread(s), median of {settings['rounds']}; op level {data['ratio_op_level_wall']:.2f}x")
+    training = data.get("training_batch")
+    if training:
+        text += f"; at the training batch {training['batch']}: {ratio_text(training['ratio_wall'])}"
+    text += f"); stats-mode bundle of the demo checkpoint **{size:,} bytes**"
     missed = [what for what, ok in (("cost", ratio <= DUMP_COST_TARGET), ("size", size < DUMP_BUNDLE_TARGET_BYTES))
               if not ok]
     return text + load_note(data), "yes" if not missed else f"**no** ({', '.join(missed)})"

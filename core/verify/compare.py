@@ -542,7 +542,8 @@ def _training(comparison: Comparison) -> None:
 def summary_line(target: Target) -> str:
     """One line per target for the terminal."""
     if target.status in ("failed", "skipped"):
-        return f"{target.label}: {target.status.upper() if target.status == 'failed' else target.status} ({target.reason})"
+        state = target.status.upper() if target.status == "failed" else target.status
+        return f"{target.label}: {state} ({target.reason})"
     worst = max(target.results + target.forward + target.backward, key=lambda v: v.ratio / v.limit, default=None)
     text = f"{target.label}: {target.dtype}"
     if worst is not None:

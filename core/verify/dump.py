@@ -312,7 +312,8 @@ def dump(registry: Any, checkpoint: str | Path, overrides: Sequence[str], out: s
     caps = backend.capabilities
     if options.golden:
         if "float64" not in caps.dtypes or not caps.autodiff:
-            raise DumpError(f"--golden: backend {label} has no float64 autodiff (dtypes {', '.join(sorted(caps.dtypes))}); "
+            offered = ", ".join(sorted(caps.dtypes))
+            raise DumpError(f"--golden: backend {label} has no float64 autodiff (dtypes {offered}); "
                             f"make the golden bundle on a backend that has, e.g. backend=cpu")
         plan = [("golden", "float64")] + [("floor", d) for d in FLOOR_DTYPES if d in caps.dtypes]
     else:

@@ -1,10 +1,11 @@
 """Per-tensor error metrics against the float64 reference, and the noise-floor verdict.
 
-For a full tensor: max abs and max rel error (over the elements where float64 is not zero), cosine similarity, RMSE and RMSE relative to the
-reference's RMS, the share of elements beyond one-thousandth and five-thousandths relative error,
-and, for 16-bit dtypes, the distance in units in the last place of that dtype. For a stats-only
-record: the error of each statistic relative to the reference's RMS. Either way one number,
-``error``, is what the verdict reads: relative RMSE for tensors, the worst statistic otherwise.
+For a full tensor: max abs and max rel error (over the elements where float64 is not zero), cosine
+similarity, RMSE and RMSE relative to the reference's RMS, the share of elements beyond
+one-thousandth and five-thousandths relative error, and, for 16-bit dtypes, the distance in units in
+the last place of that dtype. For a stats-only record: the error of each statistic relative to the
+reference's RMS. Either way one number, ``error``, is what the verdict reads: relative RMSE for
+tensors, the worst statistic otherwise.
 
 **The noise-floor verdict.** A record breaches when its ``error`` exceeds ``K`` times the error the
 same dtype shows on the reference host for the same record (its *floor*). A floor is at least
@@ -150,5 +151,6 @@ def summarise(metrics: dict[str, Any]) -> str:
     return ", ".join(parts)
 
 
-__all__ = ["K", "MIN_FLOOR", "UNIT_ROUNDOFF", "floor_of", "ratio", "running_floors", "stats_metrics", "summarise", "tensor_metrics", "ulp",
+__all__ = ["K", "MIN_FLOOR", "UNIT_ROUNDOFF", "floor_of", "ratio", "running_floors", "stats_metrics", "summarise",
+           "tensor_metrics", "ulp",
            "verdict_line"]
