@@ -40,8 +40,9 @@ def add_commands(sub: Any) -> None:
     s = sub.add_parser("export", help="export a checkpoint (ONNX), check it in ONNX Runtime against its source")
     s.add_argument("--checkpoint", required=True, metavar="PATH", help="a run dir or checkpoint dir")
     s.add_argument("--format", default="onnx", help="export format (a registered exporter); default onnx")
-    s.add_argument("--exporter", default="kernel",
-                   help="kernel (engine-free, default), torch (torch.onnx dynamo) or mindspore")
+    s.add_argument("--exporter", default=None,
+                   help="kernel (engine-free; the default for models written against kernels), torch (torch.onnx "
+                        "dynamo; the default for a torch-only model) or mindspore")
     s.add_argument("--opset", type=int, default=None, help="ONNX opset (default 17; torch: 18)")
     s.add_argument("--dynamic-batch", action="store_true", help="make the batch dim symbolic (checked at 1 and 5)")
     s.add_argument("--batch-size", type=int, default=1, help="the fixed batch of a static export (default 1)")

@@ -362,7 +362,7 @@ def dump(registry: Any, checkpoint: str | Path, overrides: Sequence[str], out: s
         "run": {"label": label, "backend": backend.name, "engine": backend.engine_name, "device": backend.device,
                 "level": options.level, "mode": options.mode, "overrides": list(overrides), "golden": options.golden,
                 "precision": str(cfg.train.precision)},
-        "environment": environment(backend, cfg, registry),
+        "environment": {**environment(backend, cfg, registry), "model": restored.model.describe()},
         "runs": runs,
     }
     path = write_bundle(out, manifest, tensors)
