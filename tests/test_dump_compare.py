@@ -41,11 +41,12 @@ def no_engine_compare(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def registry():
-    """The built-in plugins and the test plugins, in this process."""
+    """The built-in and installed plugins (the example model package among them) and the test
+    plugins, in this process."""
     import dump_plugins
     from isthmus.registry.manager import load_plugins
 
-    return load_plugins(autoload=False, extra=[("dump_plugins", dump_plugins)])[1]
+    return load_plugins(extra=[("dump_plugins", dump_plugins)])[1]
 
 
 def dump_here(registry, checkpoint: Path, out: Path, *overrides: str, **options) -> Path:
@@ -330,3 +331,35 @@ def test_vjp_probe_masks_exact_kinks_and_finds_a_wrong_derivative():
     straight_through = float(np.sum(cotangents[0] * directions[0]))
     assert smooth and vjp_error(right, float(np.sum(np.abs(cotangents[0] * directions[0]))), numeric) < 1e-9
     assert vjp_error(straight_through, float(np.sum(np.abs(cotangents[0] * directions[0]))), numeric) > 1e-2
+
+
+def test_a_torch_only_model_is_compared_against_a_bundle_not_the_numpy_reference(registry, tmp_path, monkeypatch):
+    from isthmus.train.run import compose_run, prepare
+    from isthmus.train.trainer import Trainer
+    from isthmus.verify.compare import CompareError, compare
+
+    (tmp_path / "tinynet.py").write_text(
+        "import torch.nn as nn\n\n\n"
+        "class Net(nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.body = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),\n"
+        "                                  nn.Flatten(), nn.Linear(4, 3))\n\n"
+        "    def forward(self, images):\n"
+        "        return self.body(images)\n\n\n"
+        "def build():\n"
+        "    return Net()\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    cfg = compose_run(registry, ["model=torch-module", "model.factory=tinynet:build", "model.loss=cross_entropy",
+                                 "data=example-shapes", "data.num_train=32", "data.num_eval=8", "backend=cpu",
+                                 "train.batch_size=8", "train.steps=3", "train.warmup_steps=1", "train.eval_every=0",
+                                 f"output_dir={tmp_path / 'run'}"])
+    Trainer(prepare(cfg, registry), tmp_path / "run").fit()
+    target = dump_here(registry, tmp_path / "run", tmp_path / "cpu", "backend=cpu")
+    golden = dump_here(registry, tmp_path / "run", tmp_path / "golden", "backend=cpu", golden=True)
+    with pytest.raises(CompareError, match="runs on the torch engine only") as caught:
+        compare([target, golden], registry=registry, echo=lambda line: None)
+    assert "\n" not in str(caught.value) and "--reference BUNDLE" in str(caught.value)
+    comparison = compare([target, golden], reference=str(golden), registry=registry, echo=lambda line: None)
+    assert comparison.exit_code == 0 and [t.label for t in comparison.targets] == ["cpu"]
+    assert {v.name for v in comparison.targets[0].results} >= {"logits", "loss"}

@@ -104,6 +104,7 @@ def test_report_files_exist_and_the_html_references_existing_pngs(passing):
         assert (out / image).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 def test_a_perturbed_kernel_fails_the_comparison_and_is_named(passing, trained, tmp_path):
     _, out = passing
     # gelu 0.1% off, dumped in its own process like portability does, against the passing run's golden bundle.

@@ -297,6 +297,11 @@ def compare(paths: Sequence[str | Path], reference: str = "auto", checkpoint: st
     comparison = Comparison(identity["model"], identity["checkpoint"], {k_: v for k_, v in identity["batch"].items()
                                                                         if k_ != "indices"}, "", k)
     truth = None
+    engines = identity.get("engines")
+    if baseline is None and engines is not None and "numpy" not in engines:
+        raise CompareError(f"model {identity['model']} runs on the {' or '.join(engines)} engine only, so the NumPy "
+                           f"float64 reference cannot run it: compare against one bundle with --reference BUNDLE "
+                           f"(a golden bundle, `isthmus dump --golden`, is float64)")
     if baseline is None:
         truth = Reference(registry, checkpoint or identity["checkpoint"]["path"], identity, batch)
         comparison.reference = (f"NumPy float64 reference computed here from checkpoint {truth.path} "

@@ -353,6 +353,7 @@ def dump(registry: Any, checkpoint: str | Path, overrides: Sequence[str], out: s
     manifest = {
         "identity": {
             "model": restored.model.name,
+            "engines": list(restored.model.engines) if restored.model.engines is not None else None,
             "checkpoint": {"sha256": hash_arrays(restored.params), "path": str(restored.loaded.path.resolve()),
                            "step": int(restored.loaded.state.step)},
             "batch": {"sha256": hash_arrays(batch), "split": "eval", "seed": options.seed, "size": options.batch,
