@@ -212,6 +212,19 @@ class Reference:
         self.trace = trace(self.kernels, self.model, self.params64, self.batch64, keep=lambda op: True)
         self.names = lookup(self.trace)
         self._emulated: dict[str, Any] = {}
+        self._accumulation: dict[tuple[int, str], float] = {}
+
+    def accumulation_floor(self, call: int, want: np.ndarray, dtype: str) -> float:
+        """:func:`isthmus.verify.metrics.accumulation_floor` of call ``call`` of the float64 trace."""
+        from isthmus.verify.metrics import accumulation_floor
+
+        key = (call, dtype)
+        if key not in self._accumulation:
+            info = self.trace.calls[call]
+            args, kwargs = self.trace.arguments[call]
+            self._accumulation[key] = accumulation_floor(getattr(self.kernels, info.op), info.op, args, kwargs, want,
+                                                         dtype)
+        return self._accumulation[key]
 
     def emulated(self, dtype: str) -> tuple[Any, dict[str, tuple[int, int]]]:
         """The trace of the reference computing in ``dtype`` (cached) and its name lookup."""
@@ -420,6 +433,7 @@ def _against_truth(comparison: Comparison, target: Target, bundle: Bundle, run: 
         else:
             floor = None
         metrics, floor_error = pair_measure(got, floor, want, dtype)
+        floor_error = max(floor_error, truth.accumulation_floor(where[0], want, dtype))
         target.forward.append(_verdict(record["name"], record["kind"], "forward", record, metrics, floor_error,
                                        dtype, k))
     deepest = _raise_floors(target.forward)

@@ -14,23 +14,9 @@ from typing import Any
 
 import numpy as np
 
+from isthmus.verify.metrics import term_scale
 from isthmus.verify.replay_dump import rounded
 from isthmus.verify.vjp import TOLERANCE, central_difference, directions_for, get, pieces, positions, probes, vjp_error
-
-
-SUMS_OF_PRODUCTS = frozenset({"matmul", "linear", "conv2d", "sum", "mean"})
-"""Ops whose rounding error grows with the sum of the magnitudes of their terms, not with the result
-(which may cancel): their error is taken relative to the op applied to the inputs' magnitudes."""
-
-
-def _sum_scale(function: Any, op: str, args: tuple, kwargs: dict) -> float | None:
-    if op not in SUMS_OF_PRODUCTS:
-        return None
-    magnitudes = [np.abs(a) if isinstance(a, np.ndarray) and a.dtype.kind == "f" else a for a in args]
-    out = np.asarray(function(*magnitudes, **{k: np.abs(v) if isinstance(v, np.ndarray) and v.dtype.kind == "f"
-                                              else v for k, v in kwargs.items()}), dtype=np.float64)
-    rms = float(np.sqrt(np.mean(out * out))) if out.size else 0.0
-    return rms or None
 
 
 def _entry(record: dict[str, Any], **values: Any) -> dict[str, Any]:
@@ -62,7 +48,7 @@ def judge_replay(target: Any, bundle: Any, run: dict[str, Any], truth: Any) -> N
         wanted = [np.asarray(p) for p in pieces(function(*args, **kwargs))]
         judged += 1
         error = 0.0
-        scale = _sum_scale(function, record["op"], args, kwargs)
+        scale = term_scale(function, record["op"], args, kwargs)
         for data, want in zip(record.get("outputs", []), wanted):
             got = (bundle.tensors.get(data["tensor"]) if data.get("tensor") else None, matrix[data["row"]])
             if want.dtype.kind in "biu":
