@@ -2,8 +2,8 @@
 
 A model class derives from :class:`Model` (a ``Protocol``, so type checkers check the signatures)
 and gets working defaults for every optional part: it must write ``name``, ``param_specs``,
-``forward`` and ``loss``; ``evaluate``, ``bind_data``, ``data_state``, ``generate`` and
-``export_checks`` are there to override. The trainer, the export and the portability check call
+``forward`` and ``loss``; ``evaluate``, ``bind_data``, ``data_state``, ``generate``,
+``export_checks`` and ``activation_bytes`` are there to override. The trainer, the export and the portability check call
 only what is declared here, never ``getattr``.
 """
 
@@ -88,6 +88,14 @@ class Model(Protocol):
         ids for a model that captions images or continues text). The default refuses: most models only
         score."""
         raise IsthmusError(f"model {self.name} does not generate")
+
+    def activation_bytes(self, batch_size: int, training: bool = True) -> int | None:
+        """About how many bytes of activations one step holds for ``batch_size`` samples: with
+        ``training``, what autodiff keeps for the backward pass; without, what a forward pass (or
+        a generation) needs at its peak. :mod:`isthmus.train.budget` adds it to the parameters'
+        and optimizer's memory to refuse, before anything is built, a run this machine cannot hold.
+        ``None`` (the default): not estimated, the check counts parameters and data only."""
+        return None
 
     def export_checks(self, backend: Any, params: Mapping[str, Any], run_file: Any, host_batch: Mapping[str, Any],
                       tolerance: float) -> list[Any]:

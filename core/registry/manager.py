@@ -57,8 +57,16 @@ def one_line(exc: BaseException) -> str:
     """``Type: message`` on one line, with the place it was raised, for plugin error records."""
     frames = traceback.extract_tb(exc.__traceback__)
     where = f" (at {Path(frames[-1].filename).name}:{frames[-1].lineno})" if frames else ""
-    text = " ".join(str(exc).split())
+    if isinstance(exc, SystemExit):  # sys.exit() in a plugin: say so, its code is no message
+        return f"called sys.exit({exc.code!r}){where}"
+    text = " ".join(str(exc).split())[:300]
     return f"{type(exc).__name__}: {text}{where}"
+
+
+def contained(exc: BaseException) -> bool:
+    """Whether a plugin's exception is kept inside the plugin (recorded as its error): everything,
+    ``SystemExit`` included, except the user's own Ctrl-C."""
+    return not isinstance(exc, KeyboardInterrupt)
 
 
 def new_manager() -> pluggy.PluginManager:
@@ -110,7 +118,9 @@ def load_plugins(
         registry.plugins[short] = record
         try:
             manager.register(importlib.import_module(module_name), name=short)
-        except Exception as exc:  # a broken built-in must not take the others down
+        except BaseException as exc:  # a broken built-in must not take the others down
+            if not contained(exc):
+                raise
             record.error = one_line(exc)
         trace(f"builtin plugin {short}: {'error ' + record.error if record.error else 'loaded'}")
 
@@ -123,7 +133,9 @@ def load_plugins(
         registry.plugins[name] = record
         try:
             manager.register(plugin, name=name)
-        except Exception as exc:
+        except BaseException as exc:
+            if not contained(exc):
+                raise
             record.error = one_line(exc)
 
     collect(manager, registry)
@@ -147,7 +159,9 @@ def load_entry_point(
     registry.plugins[entry_point.name] = record
     try:
         manager.register(entry_point.load(), name=entry_point.name)
-    except Exception as exc:  # fail soft on discovery: record and go on
+    except BaseException as exc:  # fail soft on discovery, even on sys.exit(): record and go on
+        if not contained(exc):
+            raise
         record.error = one_line(exc)
     trace(f"entry point {entry_point.name} = {entry_point.value}: {record.error or 'loaded'}")
 
@@ -172,11 +186,16 @@ def collect(manager: pluggy.PluginManager, registry: Registry) -> None:
             ) -> None:
                 if not isinstance(spec, _type):
                     raise TypeError(f"{_hook} expects {_type.__name__}, got {type(spec).__name__}")
+                problem = spec_problem(spec)
+                if problem:
+                    raise ValueError(problem)
                 _items.append((_kind, spec))
 
             try:
                 impl.function(register=register)
-            except Exception as exc:
+            except BaseException as exc:
+                if not contained(exc):
+                    raise
                 failed.add(plugin_name)
                 registry.plugins[plugin_name].error = f"{hook_name}: {one_line(exc)}"
                 pending.pop(plugin_name, None)
@@ -192,7 +211,13 @@ def collect(manager: pluggy.PluginManager, registry: Registry) -> None:
             returned = impl.function()
             dirs = [] if returned is None else [returned] if isinstance(returned, (str, Path)) else list(returned)
             config_dirs[plugin_name] = [Path(d) for d in dirs]
-        except Exception as exc:
+            for folder in config_dirs[plugin_name]:
+                if not folder.is_dir():
+                    raise ValueError(f"{folder} is not a directory")
+        except BaseException as exc:
+            if not contained(exc):
+                raise
+            config_dirs.pop(plugin_name, None)
             failed.add(plugin_name)
             registry.plugins[plugin_name].error = f"register_config_dirs: {one_line(exc)}"
             pending.pop(plugin_name, None)
@@ -212,6 +237,27 @@ def collect(manager: pluggy.PluginManager, registry: Registry) -> None:
     for plugin_name, dirs in config_dirs.items():
         if plugin_name not in pending and plugin_name not in failed:
             registry.config_dirs.extend(dirs)
+
+
+def spec_problem(spec: Any) -> str:
+    """What makes a registered spec unusable, checked when it is registered, so that the plugin is
+    marked failed and contributes nothing, instead of breaking the built-in backends later: a
+    kernel route for an op the kernel interface does not have, or an implementation that cannot
+    be called; a spec whose name is not a plain string."""
+    if isinstance(spec, KernelRoute):
+        from isthmus.kernels.interface import OPS
+
+        if spec.op not in OPS:
+            return f"kernel route for unknown op {spec.op!r} (backend {spec.backend!r})"
+        if not callable(spec.impl):
+            return f"kernel route for op {spec.op!r}: impl is {type(spec.impl).__name__}, not a function"
+        if spec.available is not None and not callable(spec.available):
+            return f"kernel route for op {spec.op!r}: available is not a function"
+        return ""
+    name = getattr(spec, "name", None)
+    if not isinstance(name, str) or not name.strip():
+        return f"{type(spec).__name__} name must be a non-empty string, got {name!r}"
+    return ""
 
 
 def stamp(spec: Any, plugin_name: str) -> Any:

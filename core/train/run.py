@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -84,14 +85,27 @@ def saved_data_state(extra: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def model_and_data(cfg: Any, registry: Registry, saved_data: Mapping[str, Any] | None = None,
-                   model_data: Mapping[str, Any] | None = None) -> tuple[Model, DataSplits]:
+                   model_data: Mapping[str, Any] | None = None, training: bool = False,
+                   on_host: bool = True) -> tuple[Model, DataSplits]:
     """The dataset's splits, the model built for them, and the data as the model consumes it.
 
     ``saved_data``: a checkpoint's data state (vocabulary, class names), so ids keep their
     meaning; ``model_data``: what the model fitted on the data then (``Model.data_state()``).
+    Before the data and again before the model's data view and weights are made, their memory is
+    estimated and a request beyond the machine refused (:mod:`isthmus.train.budget`); ``training``
+    and ``on_host`` say what the estimate counts (gradients and optimizer state; the model on
+    the host).
     """
+    from isthmus.train import budget
+    from isthmus.train.sidecar import interpreting
+
+    # A run from a checkpoint takes backend overrides only: there the environment switch is the one.
+    setting, switch = bool(cfg.train.memory_check), "train.memory_check=false" if training else ""
+    data_need = budget.data_estimate(budget.schema_instance(cfg.data))
+    budget.check(data_need, f"the {cfg.data.name} data", setting, switch)
     dataset = registry.dataset(str(cfg.data.name))
-    data = dataset.factory(plain(cfg.data), saved_data)
+    with interpreting("extra.data", f"dataset '{dataset.name}'") if saved_data is not None else nullcontext():
+        data = dataset.factory(plain(cfg.data), saved_data)
     if not isinstance(data, DataSplits):
         raise ModelContractError(f"dataset '{dataset.name}' (plugin {dataset.plugin or '?'}) returned "
                                  f"{type(data).__name__}; a dataset factory returns isthmus.DataSplits")
@@ -100,8 +114,18 @@ def model_and_data(cfg: Any, registry: Registry, saved_data: Mapping[str, Any] |
     if Model not in type(model).__mro__:
         raise ModelContractError(f"model '{spec.name}' (plugin {spec.plugin or '?'}) returned {type(model).__name__}, "
                                  f"which does not derive from isthmus.Model")
-    bound = model.bind_data(data, int(cfg.seed), model_data)
+    batch = int(cfg.train.batch_size) if training else EVAL_BATCH
+    need = budget.model_estimate(model, batch, training, on_host)
+    for part, nbytes in data_need.parts.items():
+        need.add(part, nbytes)
+    doing = f"training {model.name} with batch {batch}" if training else f"running {model.name}"
+    budget.check(need, doing, setting, switch)
+    with interpreting("extra.model_data", f"model '{model.name}'") if model_data is not None else nullcontext():
+        bound = model.bind_data(data, int(cfg.seed), model_data)
     return model, bound
+
+
+EVAL_BATCH = 128  # the batch evaluations run at (isthmus.cli.run.cmd_eval, the trainer's evaluations)
 
 
 def prepare(cfg: Any, registry: Registry, for_training: bool = True, saved_data: Mapping[str, Any] | None = None,
@@ -113,7 +137,8 @@ def prepare(cfg: Any, registry: Registry, for_training: bool = True, saved_data:
     selection, backend = build_backend(cfg, registry)
     if for_training:
         check_capabilities(cfg, backend)
-    model, data = model_and_data(cfg, registry, saved_data, model_data)
+    model, data = model_and_data(cfg, registry, saved_data, model_data, training=for_training,
+                                 on_host=str(backend.device).split(":")[0] == "cpu")
     return Run(cfg, registry, selection, backend, model, data)
 
 
@@ -137,7 +162,26 @@ def compose_run(registry: Registry, overrides: Sequence[str], smoke: bool = Fals
     cfg = composed(overrides)
     if smoke:
         cfg = composed([*registry.model(str(cfg.model.name)).smoke, *overrides])
+    check_engine(cfg, registry)
     return cfg
+
+
+def check_engine(cfg: Any, registry: Registry) -> None:
+    """``backend.engine`` must be an engine of the named backend (of some backend, for ``auto``):
+    the check ``train`` makes when it selects the backend, made when the config is composed, so that
+    ``config show`` and every other command refuse what ``train`` would refuse."""
+    from isthmus.config.composer import ConfigError
+    from isthmus.registry.store import suggest
+
+    engine, name = cfg.backend.engine, str(cfg.backend.name)
+    if engine is None:
+        return
+    specs = [registry.backend(name)] if name != "auto" else registry.backends()
+    engines = sorted({e for spec in specs for e in spec.engines})
+    if str(engine) not in engines:
+        whose = f"of backend '{name}'" if name != "auto" else "of any registered backend"
+        raise ConfigError(f"backend.engine: '{engine}' is not an engine {whose}{suggest(str(engine), engines)}; "
+                          f"valid: {', '.join(engines)}")
 
 
 def compose(overrides: Sequence[str] = (), registry: Registry | None = None, smoke: bool = False) -> Any:

@@ -26,6 +26,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 from isthmus.verify.conformance import Tol
+from isthmus.verify.coverage import check_labels, verdict
 from isthmus.verify.op_replay import OpFinding, Recorder, replay
 from isthmus.registry.store import Registry
 from isthmus.train.restore import Restored, batch_indices, label_status, restore
@@ -114,8 +115,14 @@ class PortabilityReport:
 
     @property
     def exit_code(self) -> int:
-        """1 on any breach (or a golden-gradient check that failed), else 0."""
-        return 1 if any(t.breach for t in self.targets) or self.gradient_check.startswith("FAILED") else 0
+        """1 on any breach (or a golden-gradient check that failed), or when no backend was
+        compared (:func:`isthmus.verify.coverage.verdict`), else 0."""
+        return verdict(self.targets, self.breach)[0]
+
+    @property
+    def breach(self) -> bool:
+        """A target beyond tolerance or failed, or a golden-gradient check that failed."""
+        return any(t.breach for t in self.targets) or self.gradient_check.startswith("FAILED")
 
 
 def compare_tensor(name: str, kind: str, got: np.ndarray, want: np.ndarray, tol: Tol,
@@ -236,6 +243,7 @@ def run_portability(registry: Registry, checkpoint: str | Path, labels: list[str
     from isthmus.verify.report import write_report
     from isthmus.train.restore import build_label
 
+    labels = check_labels(registry, labels)  # a label no plugin knows is an error, not a skip
     restored = restore(registry, checkpoint)
     model = restored.model
     batch = restored.data.eval.batch(batch_indices(batch_size, len(restored.data.eval)))
@@ -294,7 +302,7 @@ def run_portability(registry: Registry, checkpoint: str | Path, labels: list[str
     out = out_dir or restored.run_dir / "portability"
     report.files = write_report(report, Path(out))
     echo(f"report: {report.files['html']} (also report.md, report.json)")
-    echo("portability: " + ("BREACH" if report.exit_code else "all compared backends within tolerance"))
+    echo("portability: " + verdict(report.targets, report.breach)[1])
     return report
 
 
@@ -334,8 +342,8 @@ def _gradients(registry: Registry, report: PortabilityReport, backends: Mapping[
     golden = gradients(golden_backend, restored.model, restored.params, batch, "float64")
     report.gradient_source = f"{source} ({golden_backend.engine_name} autodiff) in float64"
     worst, where = check_gradients(reference, restored.model, restored.params, batch, golden)
-    verdict = "ok" if worst <= GRADIENT_CHECK_TOLERANCE else "FAILED"
-    report.gradient_check = (f"{verdict}: central differences of the NumPy reference loss along a random "
+    judged = "ok" if worst <= GRADIENT_CHECK_TOLERANCE else "FAILED"
+    report.gradient_check = (f"{judged}: central differences of the NumPy reference loss along a random "
                              f"direction per tensor agree with them to {worst:.1e} (worst: {where}; "
                              f"tolerance {GRADIENT_CHECK_TOLERANCE:g})")
     echo(f"gradients: golden from {report.gradient_source}; check against the reference: {report.gradient_check}")
