@@ -50,7 +50,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         check_output(directory, resuming_here, args.overwrite)
     saved = read_state(resume_from) if resume_from is not None else None
     run = prepare(cfg, registry(), saved_data=saved_data_state(saved.extra) if saved else None,
-                  model_data=saved.extra.get("model_data") if saved else None)
+                  model_data=saved.extra.get("model_data") if saved else None, source=resume_from)
     if writer:
         need, free = checkpoint_bytes(run.model, int(cfg.train.keep_last)), free_bytes(directory)
         if free is not None and free < need:
@@ -134,7 +134,7 @@ def checkpoint_run(path: str, overrides: Sequence[str], for_training: bool = Fal
     chosen = overrides or config_files
     cfg = OmegaConf.merge(saved, {"backend": compose_config(overrides, config_files).backend}) if chosen else saved
     run = prepare(cfg, registry(), for_training=for_training, saved_data=saved_data_state(loaded.state.extra),
-                  model_data=loaded.state.extra.get("model_data"))
+                  model_data=loaded.state.extra.get("model_data"), source=loaded.path / "state.json")
     # The model is known only now: check what was loaded against its parameter manifest.
     check_fit(loaded, manifest(run.model.param_specs()), run.model.name)
     engine = run.backend.engine

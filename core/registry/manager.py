@@ -129,7 +129,7 @@ def load_plugins(
             load_entry_point(manager, registry, entry_point)
 
     for name, plugin in extra:
-        record = PluginRecord(name=name, source="in-process", module=getattr(plugin, "__name__", ""))
+        record = PluginRecord(name=name, source="in-process", module=_module_of(plugin))
         registry.plugins[name] = record
         try:
             manager.register(plugin, name=name)
@@ -140,6 +140,16 @@ def load_plugins(
 
     collect(manager, registry)
     return manager, registry
+
+
+def _module_of(plugin: Any) -> str:
+    """The module a plugin object comes from: its own name for a module, else where it is defined."""
+    import inspect
+
+    if inspect.ismodule(plugin):
+        return plugin.__name__
+    owner = plugin if inspect.isclass(plugin) else type(plugin)
+    return f"{owner.__module__}:{owner.__qualname__}"
 
 
 def load_entry_point(

@@ -52,7 +52,7 @@ def restore(registry: Registry, path: str | Path) -> Restored:
     cfg = from_yaml(yaml.safe_dump(loaded.state.config), source=f"{loaded.path}/state.json",
                     schemas=registry.config_schemas())
     model, data = model_and_data(cfg, registry, saved_data_state(loaded.state.extra),
-                                 loaded.state.extra.get("model_data"))
+                                 loaded.state.extra.get("model_data"), source=loaded.path / "state.json")
     loaded = load_checkpoint(loaded.path, expect=manifest(model.param_specs()), model_name=model.name)
     # Master weights are float32 whatever the training precision (bfloat16 files widen exactly).
     params = {n: a.astype(np.float32) if a.dtype.kind == "f" or a.dtype.name == "bfloat16" else a

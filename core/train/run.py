@@ -86,7 +86,7 @@ def saved_data_state(extra: Mapping[str, Any]) -> dict[str, Any]:
 
 def model_and_data(cfg: Any, registry: Registry, saved_data: Mapping[str, Any] | None = None,
                    model_data: Mapping[str, Any] | None = None, training: bool = False,
-                   on_host: bool = True) -> tuple[Model, DataSplits]:
+                   on_host: bool = True, source: Any = "the checkpoint") -> tuple[Model, DataSplits]:
     """The dataset's splits, the model built for them, and the data as the model consumes it.
 
     ``saved_data``: a checkpoint's data state (vocabulary, class names), so ids keep their
@@ -94,7 +94,7 @@ def model_and_data(cfg: Any, registry: Registry, saved_data: Mapping[str, Any] |
     Before the data and again before the model's data view and weights are made, their memory is
     estimated and a request beyond the machine refused (:mod:`isthmus.train.budget`); ``training``
     and ``on_host`` say what the estimate counts (gradients and optimizer state; the model on
-    the host).
+    the host). ``source``: the checkpoint's sidecar, named when what it kept cannot be used.
     """
     from isthmus.train import budget
     from isthmus.train.sidecar import interpreting
@@ -104,7 +104,7 @@ def model_and_data(cfg: Any, registry: Registry, saved_data: Mapping[str, Any] |
     data_need = budget.data_estimate(budget.schema_instance(cfg.data))
     budget.check(data_need, f"the {cfg.data.name} data", setting, switch)
     dataset = registry.dataset(str(cfg.data.name))
-    with interpreting("extra.data", f"dataset '{dataset.name}'") if saved_data is not None else nullcontext():
+    with interpreting("extra.data", f"dataset '{dataset.name}'", source) if saved_data is not None else nullcontext():
         data = dataset.factory(plain(cfg.data), saved_data)
     if not isinstance(data, DataSplits):
         raise ModelContractError(f"dataset '{dataset.name}' (plugin {dataset.plugin or '?'}) returned "
@@ -120,25 +120,41 @@ def model_and_data(cfg: Any, registry: Registry, saved_data: Mapping[str, Any] |
         need.add(part, nbytes)
     doing = f"training {model.name} with batch {batch}" if training else f"running {model.name}"
     budget.check(need, doing, setting, switch)
-    with interpreting("extra.model_data", f"model '{model.name}'") if model_data is not None else nullcontext():
+    with interpreting("extra.model_data", f"model '{model.name}'", source) if model_data is not None else nullcontext():
         bound = model.bind_data(data, int(cfg.seed), model_data)
+    if saved_data is not None:  # from a checkpoint: it must hold what gives ids and codes their meaning
+        _check_saved(saved_data, data, model_data, model, source)
     return model, bound
+
+
+def _check_saved(saved_data: Mapping[str, Any], data: DataSplits, model_data: Any, model: Model, source: Any) -> None:
+    """Refuse a checkpoint that lacks part of the data state its dataset and model keep: rebuilt
+    from the data instead, a vocabulary or a codebook may silently differ from the trained one."""
+    from isthmus.train.sidecar import SidecarError
+
+    missing = [f"extra.data.{key}: missing (dataset keeps it so that ids keep their meaning)"
+               for key in data.state() if key not in saved_data]
+    if model_data is None and model.data_state() is not None:
+        missing.append(f"extra.model_data: missing (model '{model.name}' keeps what it fitted on the data there)")
+    if missing:
+        raise SidecarError(source, missing)
 
 
 EVAL_BATCH = 128  # the batch evaluations run at (isthmus.cli.run.cmd_eval, the trainer's evaluations)
 
 
 def prepare(cfg: Any, registry: Registry, for_training: bool = True, saved_data: Mapping[str, Any] | None = None,
-            model_data: Mapping[str, Any] | None = None) -> Run:
+            model_data: Mapping[str, Any] | None = None, source: Any = "the checkpoint") -> Run:
     """Backend first (cheapest to fail), then data (gives the vocabulary), then the model.
 
-    ``saved_data`` and ``model_data``: what a checkpoint kept of the data (see :func:`model_and_data`).
+    ``saved_data``, ``model_data`` and ``source``: what a checkpoint kept of the data, and where
+    (see :func:`model_and_data`).
     """
     selection, backend = build_backend(cfg, registry)
     if for_training:
         check_capabilities(cfg, backend)
     model, data = model_and_data(cfg, registry, saved_data, model_data, training=for_training,
-                                 on_host=str(backend.device).split(":")[0] == "cpu")
+                                 on_host=str(backend.device).split(":")[0] == "cpu", source=source)
     return Run(cfg, registry, selection, backend, model, data)
 
 

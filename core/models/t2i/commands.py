@@ -86,6 +86,11 @@ def run(args: argparse.Namespace) -> int:
     saved = read_state(ckpt).config.get("model", {})
     size, channels = int(saved.get("image_size", 32) or 32), int(saved.get("channels", 3) or 3)
     out = Path(args.out) if args.out else run_dir_of(ckpt) / "generated" / f"{slug(args.prompt)}-seed{args.seed}.png"
+    side = size * args.scale
+    if side * side * args.count > Image.MAX_IMAGE_PIXELS:  # what Pillow itself would refuse to open
+        raise ConfigError(f"--count {args.count} --scale {args.scale}: the sheet would be {side * args.count}x{side} "
+                          f"pixels, more than the {Image.MAX_IMAGE_PIXELS} an image viewer built on Pillow opens; "
+                          f"lower --count or --scale")
     sheet = sheet_estimate(size, channels, args.count, args.scale)
     out = output_file(out, "--out", need_bytes=sheet.parts["image sheet"] // (args.scale**2) + 2**20,
                       suffixes=(".png",))
