@@ -113,3 +113,16 @@ def test_an_override_after_resume_is_an_override(tmp_path, tiny_run):
     from isthmus.train.checkpoint import load_checkpoint
 
     assert load_checkpoint(run).state.step == 4
+
+
+def test_an_output_without_the_space_it_needs_is_refused_before_any_work(tmp_path, monkeypatch):
+    from isthmus.cli import outputs
+
+    with pytest.raises(outputs.OutputPathError, match=r"--out .*: needs about 888 PiB free but .* has"):
+        outputs.output_dir(tmp_path / "report", "--out", need_bytes=10**18)
+    assert not (tmp_path / "report").exists()  # checking created nothing
+    monkeypatch.setattr(outputs, "free_bytes", lambda path: 4096)  # a nearly full disk
+    result = cli("train", *TINY, f"output_dir={tmp_path / 'run'}")
+    assert result.code == 2
+    assert "the checkpoints of this run need about" in error_line(result) and "4 KiB is free there" in error_line(result)
+    assert not (tmp_path / "run").exists()

@@ -27,7 +27,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from isthmus.train import parallel
     from isthmus.train.atomic import write_text_atomic
     from isthmus.train.budget import human
-    from isthmus.train.checkpoint import read_state
+    from isthmus.train.checkpoint import CheckpointError, read_state
     from isthmus.train.run import prepare, run_dir, saved_data_state
     from isthmus.train.rundir import RunDirChange, RunDirError, check_output
     from isthmus.train.trainer import Trainer
@@ -49,6 +49,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     if writer:
         check_output(directory, resuming_here, args.overwrite)
     saved = read_state(resume_from) if resume_from is not None else None
+    if saved is not None and saved.model_name != str(cfg.model.name):
+        raise CheckpointError(f"--resume {resume_from}: the checkpoint is for model {saved.model_name!r}, but the "
+                              f"config trains {cfg.model.name!r}; resume with model={saved.model_name}")
     run = prepare(cfg, registry(), saved_data=saved_data_state(saved.extra) if saved else None,
                   model_data=saved.extra.get("model_data") if saved else None, source=resume_from)
     if writer:

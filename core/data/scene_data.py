@@ -29,9 +29,10 @@ class ScenesConfig(DataBase):
     max_shapes: int = field(default=MAX_SHAPES, metadata=bounds(ge=1, le=MAX_SHAPES))
 
     def memory_bytes(self) -> int:
-        """The drawn scenes while they are made: label maps and RGB pixels, plus each scene's
-        shapes and caption (about 4 KiB), measured at 32 and 64 pixels."""
-        per_scene = 2 * 3 * self.image_size**2 + 4096
+        """The peak while the scenes are drawn: label maps, RGB pixels and the copies made while
+        splitting them, plus each scene's shapes and caption; measured at 32, 48 and 64 pixels
+        (2 to 3 times the pixels, plus 4 KiB) and rounded up."""
+        per_scene = 3 * 3 * self.image_size**2 + 8192
         return (self.num_train + self.num_eval) * per_scene
 
 
