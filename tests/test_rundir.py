@@ -85,3 +85,22 @@ def test_a_train_killed_before_its_first_checkpoint_is_undone_by_the_next(run, m
     assert result.code == 2 and "already holds a run" in error_line(result)
     assert "put back checkpoints, config.yaml, loss.png, metrics.jsonl of the previous run" in result.out
     assert snapshot(run) == before
+
+
+def test_a_plugin_that_exits_during_training_is_a_named_failure_not_a_success(run, monkeypatch):
+    class Exiting:
+        @staticmethod
+        @hookimpl
+        def on_step_end(trainer, step, metrics):  # noqa: ARG004
+            raise SystemExit(0)
+
+    built, registry = manager.load_plugins(autoload=False, extra=[("quitter", Exiting)])
+    monkeypatch.setattr(manager, "_manager", built)
+    monkeypatch.setattr(manager, "_registry", registry)
+    before = snapshot(run)
+    result = cli("train", *TINY, "train.steps=4", f"output_dir={run}", "--overwrite", "--no-progress")
+    assert result.code == 1
+    line = error_line(result)
+    assert "PluginHookError: plugin 'quitter' failed in on_step_end: called sys.exit(0)" in line
+    assert "report it to the authors of plugin 'quitter'" in line
+    assert snapshot(run) == before

@@ -120,7 +120,7 @@ def _where(exc: BaseException) -> str:
 
 def report_to(exc: BaseException) -> str:
     """Whom to tell: the authors of the plugin whose code raised it, else isthmus's issue tracker."""
-    plugin = _plugin_of(exc)
+    plugin = getattr(exc, "plugin", None) or _plugin_of(exc)
     return f"the authors of plugin '{plugin}'" if plugin else issue_tracker()
 
 

@@ -69,6 +69,38 @@ def contained(exc: BaseException) -> bool:
     return not isinstance(exc, KeyboardInterrupt)
 
 
+class PluginHookError(Exception):
+    """A plugin's event hook (``on_step_end``, ...) raised, or called ``sys.exit()``: a bug in that
+    plugin, reported with its name (the CLI tells the user to report it to the plugin's authors)."""
+
+    def __init__(self, plugin: str, hook: str, cause: BaseException) -> None:
+        self.plugin = plugin
+        super().__init__(f"plugin '{plugin}' failed in {hook}: {one_line(cause)}")
+
+
+def call_hook(manager: pluggy.PluginManager, name: str, **kwargs: Any) -> None:
+    """Call event hook ``name`` on every plugin; an exception of any kind from a plugin (``SystemExit``
+    included, the user's Ctrl-C excepted) becomes a :class:`PluginHookError` naming it."""
+    caller = getattr(manager.hook, name)
+    try:
+        caller(**kwargs)
+    except BaseException as exc:
+        if not contained(exc):
+            raise
+        raise PluginHookError(_owner(caller, exc), name, exc) from exc
+
+
+def _owner(caller: Any, exc: BaseException) -> str:
+    """The plugin whose hook implementation the traceback of ``exc`` passes through."""
+    codes = {getattr(impl.function, "__code__", None): impl.plugin_name for impl in caller.get_hookimpls()}
+    tb = exc.__traceback__
+    found = "?"
+    while tb is not None:
+        found = codes.get(tb.tb_frame.f_code, found)
+        tb = tb.tb_next
+    return found
+
+
 def new_manager() -> pluggy.PluginManager:
     manager = pluggy.PluginManager(hookspecs.PROJECT)
     manager.add_hookspecs(hookspecs)

@@ -73,8 +73,10 @@ class Trainer:
 
     # -- events --------------------------------------------------------------------------
     def emit(self, event: str, **kwargs: Any) -> None:
-        if self.manager is not None:
-            getattr(self.manager.hook, event)(trainer=self, **kwargs)
+        if self.manager is not None:  # a plugin's failure, even sys.exit(), is named as the plugin's
+            from isthmus.registry.manager import call_hook
+
+            call_hook(self.manager, event, trainer=self, **kwargs)
 
     # -- state ---------------------------------------------------------------------------
     def start_state(self) -> None:
