@@ -24,6 +24,7 @@ TINY = ("backend=cpu", "model.d_model=32", "model.n_heads=2", "model.n_layers_vi
 # A text-to-image model likewise.
 TINY_T2I = ("backend=cpu", "model=tiny-t2i", "model.d_model=32", "model.n_heads=2", "model.n_layers=1",
             "model.decoder_d_model=16", "model.decoder_heads=2", "model.decoder_layers=1", "model.codebook_size=16",
+            "model.patch_size=8",
             "model.codebook_iterations=1", "model.sampling_steps=2", "data.num_train=32", "data.num_eval=8",
             "train.batch_size=8", "train.warmup_steps=1", "train.eval_every=0", "train.checkpoint_every=0")
 MAX_FAILURE_LINES = 4

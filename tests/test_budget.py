@@ -87,11 +87,13 @@ def test_scene_data_estimate_covers_the_peak_of_building_it():
         pytest.skip("reads /proc/self/statm")
     from isthmus.data.scene_data import ScenesConfig
 
-    # The peak resident size while building, over the resident size just before (Linux units).
-    code = ("import os, resource, json; from isthmus.data.scene_data import scenes;"
-            "before = int(open('/proc/self/statm').read().split()[1]) * os.sysconf('SC_PAGE_SIZE');"
-            "d = scenes({'name': 'scenes', 'num_train': 4000, 'num_eval': 64, 'seed': 0, 'image_size': 48, 'max_shapes': 3});"
-            "print(json.dumps(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before))")
+    # The peak resident size while building over the resident size just before, from VmHWM and
+    # VmRSS: ru_maxrss would count the parent's pages from before exec (Linux keeps that maximum).
+    code = ("import json; from isthmus.data.scene_data import scenes\n"
+            "def kib(key): return next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith(key))\n"
+            "before = kib('VmRSS:')\n"
+            "d = scenes({'name': 'scenes', 'num_train': 4000, 'num_eval': 64, 'seed': 0, 'image_size': 48, 'max_shapes': 3})\n"
+            "print(json.dumps((kib('VmHWM:') - before) * 1024))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     measured = json.loads(result.stdout.strip().splitlines()[-1])

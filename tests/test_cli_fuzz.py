@@ -257,7 +257,7 @@ def run_property(places_args, heavy: bool, examples: int) -> None:
 def test_every_command_ends_cleanly_on_generated_arguments(places, monkeypatch):
     """The fast tier: a few dozen examples over every command."""
     monkeypatch.setenv("ISTHMUS_PROBE_TIMEOUT", "5")
-    run_property(places, heavy=False, examples=60)
+    run_property(places, heavy=False, examples=50)
 
 
 @pytest.mark.slow

@@ -70,8 +70,9 @@ def contained(exc: BaseException) -> bool:
 
 
 class PluginHookError(Exception):
-    """A plugin's event hook (``on_step_end``, ...) raised, or called ``sys.exit()``: a bug in that
-    plugin, reported with its name (the CLI tells the user to report it to the plugin's authors)."""
+    """A plugin's event hook (``on_step_end``, ...) called ``sys.exit()`` or raised another
+    ``BaseException``: a bug in that plugin, reported with its name (the CLI tells the user to
+    report it to the plugin's authors) instead of ending the command with the plugin's exit code."""
 
     def __init__(self, plugin: str, hook: str, cause: BaseException) -> None:
         self.plugin = plugin
@@ -79,11 +80,15 @@ class PluginHookError(Exception):
 
 
 def call_hook(manager: pluggy.PluginManager, name: str, **kwargs: Any) -> None:
-    """Call event hook ``name`` on every plugin; an exception of any kind from a plugin (``SystemExit``
-    included, the user's Ctrl-C excepted) becomes a :class:`PluginHookError` naming it."""
+    """Call event hook ``name`` on every plugin. An ``Exception`` passes through as it is (callers
+    may stop a run on purpose with one; the CLI names the plugin whose code raised it); a
+    ``SystemExit`` or other ``BaseException`` (the user's Ctrl-C excepted) becomes a
+    :class:`PluginHookError` naming the plugin."""
     caller = getattr(manager.hook, name)
     try:
         caller(**kwargs)
+    except Exception:
+        raise
     except BaseException as exc:
         if not contained(exc):
             raise

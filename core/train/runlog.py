@@ -83,6 +83,13 @@ class MetricsLog:
         except OSError as err:  # the last buffered row could not be flushed
             raise _failed(self.path, err, "close") from err
 
+    def abandon(self) -> None:
+        """Close without raising: the run already failed for another reason."""
+        try:
+            self.file.close()
+        except OSError:
+            pass
+
 
 def _step(row: Mapping[str, Any]) -> float:
     step = row.get("step", 0)

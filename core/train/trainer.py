@@ -243,6 +243,9 @@ class Trainer:
                     self.eval_and_log(metrics_log, progress, EVAL_SAMPLES_DURING_TRAINING)
                 if (int(t.checkpoint_every) and self.step % int(t.checkpoint_every) == 0) or final:
                     checkpoint = self.save()
+        except BaseException:
+            metrics_log.abandon()  # the error that stopped the run is the one to report
+            raise
         finally:
             progress.close()
         wall = time.perf_counter() - started
