@@ -5,14 +5,15 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PIP := $(BIN)/python -m pip --disable-pip-version-check -q
 
-.PHONY: demo demo-t2i test test-slow test-all bench kill-resume clean venv
+.PHONY: demo demo-t2i test lint test-slow test-all tutorials bench kill-resume clean venv
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml constraints.txt examples/isthmus-backend-example/pyproject.toml
+$(STAMP): pyproject.toml constraints.txt examples/isthmus-backend-example/pyproject.toml examples/isthmus-model-example/pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -c constraints.txt -e '.[torch,mindspore,onnx,plots,dev]'
 	$(PIP) install -c constraints.txt -e examples/isthmus-backend-example
+	$(PIP) install -c constraints.txt -e examples/isthmus-model-example
 	touch $(STAMP)
 
 DEMO_RUN := runs/demo
@@ -36,15 +37,26 @@ demo-t2i: $(STAMP)
 	$(BIN)/isthmus export --checkpoint $(T2I_RUN) --output $(T2I_RUN)/model.onnx
 	$(BIN)/isthmus portability --checkpoint $(T2I_RUN) --backends cpu,cpu:mindspore,onnxruntime,reference --out $(T2I_RUN)/portability
 
-test: $(STAMP)
+test: $(STAMP) lint
 	$(BIN)/python -m pytest -q -m "not slow"
 	cd examples/isthmus-backend-example && ../../$(BIN)/python -m pytest -q --isthmus-backend=example --isthmus-quick
+	cd examples/isthmus-model-example && ../../$(BIN)/python -m pytest -q
+
+# ruff over the code, mypy over the contracts and the plugin API (pyproject's [tool.mypy] files).
+lint: $(STAMP)
+	$(BIN)/ruff check core backends plugins
+	$(BIN)/mypy
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow
 
 test-all: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# The README's "Add your model" and "Add your backend" sections, each run line by line in a fresh
+# virtual environment and a copy of the repository, as a new user would follow them.
+tutorials:
+	$(PYTHON) examples/follow_readme.py README.md add-your-model add-your-backend
 
 # The benchmarks' own environment: the project plus the tools it is compared with (Lightning
 # Fabric, Accelerate), which are not dependencies of the package.
@@ -62,6 +74,7 @@ bench: $(BENCH_STAMP)
 	-$(BENCH_VENV)/bin/python bench/coldstart.py
 	-$(BENCH_VENV)/bin/python bench/overhead.py
 	-$(BENCH_VENV)/bin/python bench/peers.py
+	-$(BENCH_VENV)/bin/python bench/module_overhead.py
 	-$(BENCH_VENV)/bin/python bench/mindspore_overhead.py
 	-$(BENCH_VENV)/bin/python bench/mfu.py --json bench/results/mfu.json
 	$(BENCH_VENV)/bin/python bench/summary.py

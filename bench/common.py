@@ -14,7 +14,7 @@ import numpy as np
 
 
 def base_parser(description: str, rounds: int, steps: int, out: Path) -> argparse.ArgumentParser:
-    from isthmus.config.composer import compose
+    from isthmus import compose
 
     default_batch = int(compose(["backend=cpu"]).train.batch_size)
     p = argparse.ArgumentParser(description=description)
@@ -36,9 +36,8 @@ def base_parser(description: str, rounds: int, steps: int, out: Path) -> argpars
 def make_run(args: argparse.Namespace, out_dir: Path, backend: str = "cpu", engine: str = "torch"):
     """The prepared isthmus run every side trains: ``backend`` with ``engine`` (the backend's
     default engine when it is that), the default train config cut down to ``args``."""
-    from isthmus.config.composer import compose
     from isthmus.registry.manager import load_plugins
-    from isthmus.train.run import prepare
+    from isthmus.train.run import compose_run, prepare
 
     manager, registry = load_plugins(autoload=False)
     warmup = args.warmup_steps if args.warmup_steps is not None else max(1, args.steps // 10)
@@ -59,7 +58,7 @@ def make_run(args: argparse.Namespace, out_dir: Path, backend: str = "cpu", engi
         overrides.append(f"backend.engine={engine}")
     if args.num_train is not None:
         overrides.append(f"data.num_train={args.num_train}")
-    cfg = compose(overrides, known={"backend.name": ["auto", *registry.names("backend")]})
+    cfg = compose_run(registry, overrides)
     run = prepare(cfg, registry)
     if run.backend.engine_name != engine:
         raise SystemExit(f"backend={backend} resolved to engine {run.backend.engine_name!r}; this benchmark needs {engine}")

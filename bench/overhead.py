@@ -3,7 +3,7 @@
 Both sides run in this one process, alternating: a warm-up round (not counted), then ``--rounds``
 rounds of ``--steps`` isthmus steps followed by ``--steps`` hand-written steps. Every run starts
 fresh from the same initial weights (isthmus's ``initialise``) and walks the same batches
-(``train_data.iter_batches(batch_size, seed)``) under the same lr schedule, so both do identical work.
+(``data.train.iter_batches(batch_size, seed)``) under the same lr schedule, so both do identical work.
 
 What is timed
 - isthmus: ``Trainer.fit()``'s own step-loop clock (``TrainResult.wall_s``: from after
@@ -73,7 +73,7 @@ def hand_model(run, arrays: dict[str, np.ndarray]):
 
     from torch_captioner import TorchCaptioner
 
-    model = TorchCaptioner(run.model.config, max_text=run.train_data.max_len)
+    model = TorchCaptioner(run.model.config, max_text=run.data.train.max_len)
     state = model.state_dict()
     if set(state) != set(arrays):
         raise SystemExit(f"parameter names differ: only isthmus {sorted(set(arrays) - set(state))}, "
@@ -123,7 +123,7 @@ def check_agreement(run, arrays: dict[str, np.ndarray], work: Path) -> dict[str,
     for name, p in trainer.params.items():
         if not np.array_equal(engine.to_numpy(p), arrays[name]):
             raise SystemExit(f"{name}: the trainer's initial weights differ from initialise()")
-    host = next(run.train_data.iter_batches(int(t.batch_size), seed=int(run.config.seed)))
+    host = next(run.data.train.iter_batches(int(t.batch_size), seed=int(run.config.seed)))
     batch = trainer.policy.cast_batch(k, to_device(backend, host))
 
     def objective(params):
@@ -210,7 +210,7 @@ def hand_run(run, arrays: dict[str, np.ndarray], log_path: Path) -> tuple[float,
     model = hand_model(run, arrays)
     model.train()
     optimizer, scheduler = hand_optimizer(run, model)
-    data = run.train_data.iter_batches(int(t.batch_size), seed=int(run.config.seed))
+    data = run.data.train.iter_batches(int(t.batch_size), seed=int(run.config.seed))
     last = float("nan")
     gc.collect()
     with open(log_path, "w", encoding="utf-8") as log:
@@ -246,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     run, _ = make_run(args, work / "isthmus")
     torch.set_num_threads(args.threads)
-    print(f"setup {time.perf_counter() - t0:.1f}s: {run.model.name}, {len(run.train_data)} training samples, "
+    print(f"setup {time.perf_counter() - t0:.1f}s: {run.model.name}, {len(run.data.train)} training samples, "
           f"batch {args.batch_size}, {args.steps} steps per run, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, deterministic algorithms {torch.are_deterministic_algorithms_enabled()}")
     arrays = initialise(run.model.param_specs(), int(run.config.seed))
@@ -303,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
         "settings": {"rounds": args.rounds, "steps": args.steps, "batch_size": args.batch_size,
                      "threads": args.threads, "precision": args.precision,
                      "warmup_steps": int(run.config.train.warmup_steps),
-                     "num_train": len(run.train_data), "fresh_models_each_round": True,
+                     "num_train": len(run.data.train), "fresh_models_each_round": True,
                      "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
                      "order_in_round": ["isthmus", "torch"]},
         "machine": machine(load, torch=torch.__version__),

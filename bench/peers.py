@@ -1,7 +1,7 @@
 """isthmus's Trainer against Lightning Fabric and Hugging Face Accelerate training the same model.
 
 The three sides train tiny-captioner from the same initial weights (isthmus's ``initialise``) on
-the same batches (``train_data.iter_batches(batch_size, seed)``) under the same warmup + cosine
+the same batches (``data.train.iter_batches(batch_size, seed)``) under the same warmup + cosine
 lr schedule, AdamW and global-norm clipping:
 - isthmus: the real ``isthmus.train.trainer.Trainer`` exactly as ``bench/overhead.py`` runs it
   (``backend=cpu``, or ``backend=cuda`` on a GPU), timed by its own step-loop clock.
@@ -156,7 +156,7 @@ def peer_run(step, scheduler, run, steps: int, log_path: Path) -> tuple[float, f
     """(wall s, CPU s, last logged loss) of ``steps`` peer steps from the start of the batch stream."""
     t = run.config.train
     log_every = max(1, int(t.log_every))
-    data = run.train_data.iter_batches(int(t.batch_size), seed=int(run.config.seed))
+    data = run.data.train.iter_batches(int(t.batch_size), seed=int(run.config.seed))
     last = float("nan")
     gc.collect()
     with open(log_path, "w", encoding="utf-8") as log:
@@ -274,7 +274,7 @@ def check_agreement(args: argparse.Namespace, device: str, work: Path) -> dict:
     ok = lr_diff <= 1e-12
     for side in PEERS:
         step, _ = SETUPS[side](run, arrays, device)
-        loss, norm = step(next(run.train_data.iter_batches(int(t.batch_size), seed=int(run.config.seed))))
+        loss, norm = step(next(run.data.train.iter_batches(int(t.batch_size), seed=int(run.config.seed))))
         loss, norm = float(loss.detach()), float(norm)
         loss_diff, norm_diff = abs(loss - loss_i), abs(norm - norm_i)
         result.update({f"loss_{side}": loss, f"loss_abs_diff_{side}": loss_diff,

@@ -139,12 +139,25 @@ def describe_mfu(data: dict[str, Any]) -> tuple[str, str]:
     return text + f" (compile: {data.get('compile') or 'off'})", "n/a (target is for H100 bf16 + compile)"
 
 
+MODULE_OVERHEAD_TARGET = 0.97
+
+
+def describe_module_overhead(data: dict[str, Any]) -> tuple[str, str]:
+    ratios, medians, settings = data["ratios"], data["median_steps_per_s"], data["settings"]
+    others = ", ".join(f"isthmus/{name} **{ratio_text(ratio)}**" for name, ratio in ratios.items())
+    text = (f"`model=torch-module` (a hand-written nn.Module): isthmus {medians['isthmus']:.2f} steps/s; {others} "
+            f"(median of {settings['rounds']} x {settings['steps']} steps, {settings['threads']} threads)")
+    return text + load_note(data), met_text(ratios["hand-written"] >= MODULE_OVERHEAD_TARGET)
+
+
 BENCHMARKS = [
     Benchmark("overhead", "isthmus Trainer vs the same model as a hand-written torch loop (steps/s, wall)",
               f"isthmus/hand-written >= {OVERHEAD_TARGET:.2f}", describe_overhead),
     Benchmark("peers", "isthmus vs Lightning Fabric and HF Accelerate on the same loop (steps/s, peak memory)",
               f"isthmus/Fabric and isthmus/Accelerate >= {PEERS_TARGET:.2f} each; memory reported",
               describe_peers),
+    Benchmark("module_overhead", "isthmus Trainer on a torch-module vs the same nn.Module by hand, Fabric, Accelerate",
+              f"isthmus/hand-written >= {MODULE_OVERHEAD_TARGET:.2f}", describe_module_overhead),
     Benchmark("mindspore_overhead", "isthmus MindSpore engine vs a hand-written MindSpore nn.Cell loop (steps/s)",
               "none in the issue; ratio reported", describe_mindspore_overhead),
     Benchmark("coldstart", "`isthmus backends` in a fresh interpreter; engines pulled in by the CLI",

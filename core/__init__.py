@@ -51,7 +51,40 @@ _HOMES = {
     "get_registry": "isthmus.registry.manager",
 }
 
-__all__ = sorted(_HOMES)
+__all__ = [
+    "BackendParts",
+    "BackendRequest",
+    "BackendSpec",
+    "Capabilities",
+    "CommandSpec",
+    "ConfigError",
+    "DataBase",
+    "DataError",
+    "DataSplits",
+    "Dataset",
+    "DatasetSpec",
+    "Engine",
+    "ExporterSpec",
+    "IsthmusError",
+    "KernelRoute",
+    "KernelSet",
+    "Kernels",
+    "Model",
+    "ModelBase",
+    "ModelSpec",
+    "ParamSpec",
+    "ProbeResult",
+    "Scope",
+    "Trainer",
+    "add_specs",
+    "bounds",
+    "compose",
+    "get_registry",
+    "hookimpl",
+    "layers",
+    "prepare",
+    "restore",
+]
 
 if TYPE_CHECKING:
     from isthmus.config.composer import ConfigError

@@ -37,9 +37,9 @@ def main() -> None:
     backend = build_label(registry, "cpu")
     params = {n: backend.engine.asarray(a) for n, a in restored.params.items()}
     judge = Judge(args.judge, backend)
-    _, fresh, _ = make_dataset({"num_train": 1, "num_eval": args.prompts, "seed": args.data_seed}, restored.tokenizer)
+    _, fresh, _ = make_dataset({"num_train": 1, "num_eval": args.prompts, "seed": args.data_seed}, restored.model.tokenizer)
     prompts = fresh.captions
-    tokens = restored.tokenizer.encode_batch(prompts, restored.eval_data.max_len)
+    tokens = restored.model.tokenizer.encode_batch(prompts, restored.data.eval.max_len)
     print(f"{len(prompts)} prompts from data seed {args.data_seed}; the judge reads "
           f"{match_rates(judge.captions(fresh.images), prompts)['closed_loop_match'] * 100:.1f}% "
           f"of their real images")

@@ -9,7 +9,7 @@ have them.
 from __future__ import annotations
 
 from isthmus.backends.ascend import routes
-from isthmus.registry.hookspecs import hookimpl
+from isthmus.registry.hookspecs import Register, hookimpl
 from isthmus.kernels.routing import KernelRoute
 from isthmus.registry.specs import BackendParts, BackendRequest, BackendSpec, ProbeResult
 
@@ -41,7 +41,7 @@ def factory(request: BackendRequest) -> BackendParts:
 
 
 @hookimpl
-def register_backends(register):
+def register_backends(register: Register) -> None:
     register(
         BackendSpec(
             name=NAME,
@@ -65,7 +65,7 @@ def register_backends(register):
 
 
 @hookimpl
-def register_kernels(register):
+def register_kernels(register: Register) -> None:
     for op, impl in (("attention", routes.attention),
                      ("rms_norm", routes.rms_norm),
                      ("rotary_embedding", routes.rotary_embedding),

@@ -2,14 +2,9 @@
 
 from __future__ import annotations
 
-import os
-
-from isthmus.registry.hookspecs import hookimpl
-from isthmus.registry.specs import BackendOptions, BackendParts, BackendRequest, BackendSpec, ProbeResult
-
-
-def probe() -> ProbeResult:
-    return ProbeResult(usable=True, reason="host CPU", devices=1, details={"cores": os.cpu_count() or 1})
+from isthmus.backends.cpu.detect import probe
+from isthmus.registry.hookspecs import Register, hookimpl
+from isthmus.registry.specs import BackendOptions, BackendParts, BackendRequest, BackendSpec
 
 
 def factory(request: BackendRequest) -> BackendParts:
@@ -23,7 +18,7 @@ def factory(request: BackendRequest) -> BackendParts:
 
 
 @hookimpl
-def register_backends(register):
+def register_backends(register: Register) -> None:
     register(
         BackendSpec(
             name="cpu",

@@ -10,7 +10,7 @@ kernels.
 from __future__ import annotations
 
 from isthmus.backends.cuda import routes as routes
-from isthmus.registry.hookspecs import hookimpl
+from isthmus.registry.hookspecs import Register, hookimpl
 from isthmus.kernels.routing import KernelRoute
 from isthmus.registry.specs import BackendParts, BackendRequest, BackendSpec, ProbeResult
 
@@ -35,7 +35,7 @@ def factory(request: BackendRequest) -> BackendParts:
 
 
 @hookimpl
-def register_backends(register):
+def register_backends(register: Register) -> None:
     register(
         BackendSpec(
             name=NAME,
@@ -55,7 +55,7 @@ def register_backends(register):
 
 
 @hookimpl
-def register_kernels(register):
+def register_kernels(register: Register) -> None:
     for op in routes.ROUTED_OPS:
         register(KernelRoute(backend=NAME, op=op, engine="torch", impl=getattr(routes, op),
                              available=routes.availability(op)))

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from isthmus.registry.hookspecs import hookimpl
+from isthmus.registry.hookspecs import Register, hookimpl
 from isthmus.registry.specs import DatasetSpec
 
 
@@ -24,7 +24,7 @@ def image_folder(data_config: Mapping[str, Any], saved: Mapping[str, Any] | None
 
 
 @hookimpl
-def register_datasets(register):
+def register_datasets(register: Register) -> None:
     register(DatasetSpec(name="scenes", factory=scenes, schema="isthmus.data.scene_data:ScenesConfig",
                          description="Procedural scenes of coloured shapes with captions, generated in code"))
     register(DatasetSpec(name="image-folder", factory=image_folder, schema="isthmus.data.image_folder:ImageFolderConfig",

@@ -8,7 +8,9 @@ reports test the very nodes an export contains.
 
 from __future__ import annotations
 
-from isthmus.registry.hookspecs import hookimpl
+from typing import Any
+
+from isthmus.registry.hookspecs import Register, hookimpl
 from isthmus.registry.specs import BackendParts, BackendRequest, BackendSpec, ExporterSpec, ProbeResult
 
 
@@ -22,7 +24,7 @@ def factory(request: BackendRequest) -> BackendParts:
     return build_backend(request)
 
 
-def onnx_format():
+def onnx_format() -> Any:
     """The ``onnx`` format object (:class:`isthmus.backends.onnx.exporters.OnnxFormat`)."""
     from isthmus.backends.onnx.exporters import OnnxFormat
 
@@ -30,7 +32,7 @@ def onnx_format():
 
 
 @hookimpl
-def register_backends(register):
+def register_backends(register: Register) -> None:
     register(
         BackendSpec(
             name="onnxruntime",
@@ -49,7 +51,7 @@ def register_backends(register):
 
 
 @hookimpl
-def register_exporters(register):
+def register_exporters(register: Register) -> None:
     register(
         ExporterSpec(
             name="onnx",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from isthmus.registry.hookspecs import hookimpl
+from isthmus.registry.hookspecs import Register, hookimpl
 from isthmus.registry.specs import BackendOptions, BackendParts, BackendRequest, BackendSpec, ProbeResult
 
 
@@ -24,7 +24,7 @@ def factory(request: BackendRequest) -> BackendParts:
 
 
 @hookimpl
-def register_backends(register):
+def register_backends(register: Register) -> None:
     register(
         BackendSpec(
             name="reference",

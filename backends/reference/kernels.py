@@ -9,13 +9,14 @@ itself would overflow (exp of large values) or cancel.
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
 from isthmus.kernels.interface import FLOAT_DTYPES, OPS
 from isthmus.kernels.args import axes as _axes, pair as _pair
-from isthmus.kernels.rounding import round_to_bfloat16, round_to_dtype
+from isthmus.kernels.rounding import round_to_dtype
+from isthmus.backends.reference import optim
 
 _erf = np.frompyfunc(math.erf, 1, 1)
 
@@ -339,24 +340,13 @@ class ReferenceKernels:
                 return np.sum(loss) / np.sum(w)
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
 
-    # optimizer
+    # optimizer (the float64 steps live in :mod:`.optim`)
     def adamw_update(self, params, grads, exp_avgs, exp_avg_sqs, step, lr, beta1=0.9,
                      beta2=0.999, eps=1e-8, weight_decay=0.01):
-        if step < 1:
-            raise ValueError(f"adamw step counts from 1, got {step}")
-        bc1, bc2 = 1.0 - beta1**step, 1.0 - beta2**step
-        new_p, new_m, new_v = [], [], []
-        for p, g, m, v in zip(params, grads, exp_avgs, exp_avg_sqs, strict=True):
-            p = p * (1.0 - lr * weight_decay)
-            m = beta1 * m + (1.0 - beta1) * g
-            v = beta2 * v + (1.0 - beta2) * g * g
-            p = p - (lr / bc1) * m / (np.sqrt(v) / math.sqrt(bc2) + eps)
-            new_p.append(p), new_m.append(m), new_v.append(v)
-        return new_p, new_m, new_v
+        return optim.adamw_update(params, grads, exp_avgs, exp_avg_sqs, step, lr, beta1, beta2, eps, weight_decay)
 
     def global_norm(self, tensors):
-        total = sum((float(np.sum(np.square(np.asarray(t, dtype=np.float64)))) for t in tensors), 0.0)
-        return np.asarray(math.sqrt(total), dtype=np.float64)
+        return optim.global_norm(tensors)
 
 
 def kernel_table(engine: Any) -> dict[str, Any]:

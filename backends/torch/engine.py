@@ -55,8 +55,10 @@ class TorchEngine(Engine):
         self.generator.manual_seed(seed)
 
     def seed(self, n: int) -> None:
-        """Reset the dropout generator to a reproducible state."""
+        """Reset the dropout generator, and torch's own default generators (which a wrapped
+        ``nn.Module``'s dropout draws from), to a reproducible state."""
         self.generator.manual_seed(n)
+        torch.manual_seed(n)
 
     def asarray(self, array: np.ndarray, dtype: str | None = None) -> torch.Tensor:
         """Copy ``array`` onto the device, keeping its numpy dtype unless ``dtype`` is given."""
@@ -105,18 +107,38 @@ class TorchEngine(Engine):
             },
         )
 
+    def autocast(self, dtype: str) -> contextlib.AbstractContextManager:
+        """``torch.autocast`` on this device in ``dtype`` (nothing to do for float32)."""
+        if dtype == "float32":
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.torch_device.type, dtype=torch_dtype(dtype))
+
     def no_grad(self) -> contextlib.AbstractContextManager:
         """A context in which ops record no graph (evaluation, optimizer updates)."""
         return torch.no_grad()
 
     def rng_state(self) -> dict[str, Any]:
-        """The dropout generator's state as JSON-able data, for checkpoints."""
-        return {"torch_generator": base64.b64encode(self.generator.get_state().numpy().tobytes()).decode()}
+        """The dropout generator's state, and torch's default generator on the host and on this
+        device (what a wrapped ``nn.Module`` draws from), as JSON-able data for checkpoints."""
+        def text(state: torch.Tensor) -> str:
+            return base64.b64encode(state.cpu().numpy().tobytes()).decode()
+
+        state = {"torch_generator": text(self.generator.get_state()), "torch_default": text(torch.get_rng_state())}
+        if self.torch_device.type == "cuda":
+            state["torch_device_default"] = text(torch.cuda.get_rng_state(self.torch_device))
+        return state
 
     def set_rng_state(self, state: Mapping[str, Any]) -> None:
-        """Restore what :meth:`rng_state` returned."""
-        raw = np.frombuffer(base64.b64decode(state["torch_generator"]), dtype=np.uint8).copy()
-        self.generator.set_state(torch.from_numpy(raw))
+        """Restore what :meth:`rng_state` returned (checkpoints from before the default generators
+        were kept restore the dropout generator alone)."""
+        def tensor(text: str) -> torch.Tensor:
+            return torch.from_numpy(np.frombuffer(base64.b64decode(text), dtype=np.uint8).copy())
+
+        self.generator.set_state(tensor(state["torch_generator"]))
+        if "torch_default" in state:
+            torch.set_rng_state(tensor(state["torch_default"]))
+        if "torch_device_default" in state and self.torch_device.type == "cuda":
+            torch.cuda.set_rng_state(tensor(state["torch_device_default"]), self.torch_device)
 
     def versions(self) -> dict[str, str]:
         """torch and numpy versions, and torch_npu's when loaded."""

@@ -7,7 +7,7 @@ so device backends (CUDA, torch_npu) dispatch to their own fused kernels. Nothin
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch

@@ -24,12 +24,15 @@ def checkpoint_home(path: str) -> tuple[Path, Any, int]:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from isthmus.cli.main import registry
-    from isthmus.cli.outputs import output_file
+    from isthmus.cli.outputs import output_dir, output_file
     from isthmus.export.pipeline import export_checkpoint
 
     home, state, size = checkpoint_home(args.checkpoint)
-    output = Path(args.output) if args.output else home / "export" / f"{state.model_name}-{args.exporter}.onnx"
-    output = output_file(output, "--output", need_bytes=2 * size + 2**20)
+    if args.output:
+        output = output_file(args.output, "--output", need_bytes=2 * size + 2**20)
+    else:  # the file's name follows the exporter, which the model decides: its folder is checked
+        output = None
+        output_dir(home / "export", "--output (default <run dir>/export)", need_bytes=2 * size + 2**20)
     outcome = export_checkpoint(
         registry(), args.checkpoint, fmt=args.format, exporter=args.exporter, opset=args.opset,
         dynamic_batch=args.dynamic_batch, output=output, batch_size=args.batch_size, source=args.source,
@@ -57,8 +60,9 @@ def add_commands(sub: Any) -> None:
     s = sub.add_parser("export", help="export a checkpoint (ONNX), check it in ONNX Runtime against its source")
     s.add_argument("--checkpoint", required=True, metavar="PATH", help="a run dir or checkpoint dir")
     s.add_argument("--format", default="onnx", help="export format (a registered exporter); default onnx")
-    s.add_argument("--exporter", default="kernel",
-                   help="kernel (engine-free, default), torch (torch.onnx dynamo) or mindspore")
+    s.add_argument("--exporter", default=None,
+                   help="kernel (engine-free; the default for models written against kernels), torch (torch.onnx "
+                        "dynamo; the default for a torch-only model) or mindspore")
     s.add_argument("--opset", type=int_range(7, 99), default=None, help="ONNX opset (default 17; torch: 18)")
     s.add_argument("--dynamic-batch", action="store_true", help="make the batch dim symbolic (checked at 1 and 5)")
     s.add_argument("--batch-size", type=int_range(1, 1024), default=1,

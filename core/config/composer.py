@@ -10,7 +10,7 @@ Order of application, last wins: group option files, then the keys of ``defaults
 user's config files (``--config``) in the order given, then ``key=value`` overrides in the order
 given. Group choices (``group=option`` overrides, ``group: option`` in a user file) pick the files,
 so they act first wherever they stand, a command-line choice over a file's. A section whose final
-``name`` is another option of its group (``model.name=tiny-t2i``) starts from that option's file.
+``name`` is another option of its group (``model.name=my-model``) starts from that option's file.
 Interpolations (``${seed}``) are resolved once everything is merged, then the whole tree is checked
 against the schemas in ``isthmus.config.schema`` and every problem found is reported in one
 ``ConfigError``; every problem names the file its value came from.
@@ -209,11 +209,11 @@ def compose(
 
     defaults_file = _package_dir() / "defaults.yaml"
     top = read_mapping(defaults_file, "the defaults file")
-    choices = _defaults_list(top.pop("defaults", []), defaults_file, options)
+    choices: dict[str, tuple[str | None, str]] = {**_defaults_list(top.pop("defaults", []), defaults_file, options)}
     for where, picks, _ in user:
         for group, option in picks.items():
             choices[group] = (option, f" (in {where})")
-    for text, kind, path, option in parsed:
+    for _text, kind, path, option in parsed:
         if kind == "group":
             choices[path[0]] = (option, "")
     layers = [(top, str(defaults_file)), *((keys, where) for where, _, keys in user)]
@@ -228,7 +228,7 @@ def compose(
 
 
 def _layer(
-    choices: Mapping[str, tuple[str, str]],
+    choices: Mapping[str, tuple[str | None, str]],
     options: Options,
     layers: Sequence[tuple[Mapping[Any, Any], str]],
     sets: Sequence[tuple[str, tuple[str, ...], Any]],
@@ -238,6 +238,9 @@ def _layer(
     origins: dict[tuple[Any, ...], str | None] = {}
     bases: dict[str, dict[Any, Any]] = {}
     for group, (option, chosen_by) in choices.items():
+        if option is None:  # named for a choice with no option file: the schema's defaults alone
+            bases[group], tree[group] = {}, {}
+            continue
         if option not in options[group]:
             close = hint(option, options[group])
             raise ConfigError(
@@ -260,18 +263,19 @@ def _layer(
 
 def _renamed(
     tree: Mapping[Any, Any], bases: Mapping[str, Mapping[Any, Any]], options: Options
-) -> dict[str, tuple[str, str]]:
-    """Groups whose section ends up with another ``name`` than its option file gives it, where an
-    option file of that name exists: ``model: {name: tiny-t2i, ...}`` (a config written by
-    ``isthmus config show``, or ``model.name=tiny-t2i``) then starts from ``model/tiny-t2i.yaml``
-    rather than mixing the keys of two models. A file with no ``name`` of its own is kept."""
-    renamed = {}
+) -> dict[str, tuple[str | None, str]]:
+    """Groups whose section ends up with another ``name`` than its option file gives it:
+    ``model: {name: my-model, ...}`` (a config written by ``isthmus config show``, or
+    ``model.name=my-model``) then starts from ``model/my-model.yaml`` rather than mixing the keys of
+    two models, or, when no such file exists (a plugin model that ships none), from its schema's
+    defaults alone (``None``). A file with no ``name`` of its own is kept."""
+    renamed: dict[str, tuple[str | None, str]] = {}
     for group, base in bases.items():
         section = tree.get(group)
         name = section.get("name") if isinstance(section, dict) else None
         own = base.get("name")
-        if isinstance(name, str) and own is not None and name != own and name in options[group]:
-            renamed[group] = (name, f" (the name of {group})")
+        if isinstance(name, str) and own is not None and name != own:
+            renamed[group] = (name if name in options[group] else None, f" (the name of {group})")
     return renamed
 
 

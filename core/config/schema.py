@@ -339,7 +339,7 @@ class _Checker:
             self.report(("backend", "options", *(key.split(".") if key else ())), message)
 
     def section(
-        self, data: Any, schema: type, path: KeyPath, skip: Collection[str] = (), schemas: Schemas = {}
+        self, data: Any, schema: type, path: KeyPath, skip: Collection[str] = (), schemas: Schemas | None = None
     ) -> Any:
         """A dataclass instance built from ``data``, or ``_BAD`` with the problems reported."""
         if not isinstance(data, dict):
@@ -364,7 +364,7 @@ class _Checker:
                 continue
             kind = hints[name]
             if path == () and _is_section(kind):
-                kind, problem = _choose_schema(name, data[name], kind, schemas)
+                kind, problem = _choose_schema(name, data[name], kind, schemas or {})
                 if problem:
                     self.report((name, "name"), problem)
             values[name] = self.value(data[name], kind, (*path, name), spec.metadata.get("bounds", {}))

@@ -25,7 +25,7 @@ import numpy as np
 from omegaconf import II, MISSING
 
 from isthmus.config.schema import DataBase, bounds
-from isthmus.data.batches import CaptionDataset, make_dataset, normalise_pixels
+from isthmus.data.batches import make_dataset, normalise_pixels
 from isthmus.data.errors import DataError
 from isthmus.data.folder import CAPTIONS_FILE, load_image
 from isthmus.data.splits import Batch, DataSplits, Dataset

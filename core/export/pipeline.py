@@ -140,7 +140,19 @@ def compare(name: str, got: np.ndarray, want: np.ndarray, tolerance: float) -> C
     return Check(name, error, bound, bool(np.isfinite(error) and error <= bound))
 
 
-def export_checkpoint(registry: Registry, checkpoint: str | Path, fmt: str = "onnx", exporter: str = "kernel",
+def default_exporter(writer: Any, model: Any) -> str:
+    """The format's first exporter (the engine-free one) for a model written against kernels; for
+    a model that runs on some engines only, the first exporter that traces one of them."""
+    if model.engines is None:
+        return str(writer.exporters[0])
+    for name in writer.exporters:
+        if writer.engines.get(name) in model.engines:
+            return str(name)
+    raise ExportOptionError(f"format {writer!r} has no exporter for the {' or '.join(model.engines)} engine that "
+                            f"model {model.name} runs on")
+
+
+def export_checkpoint(registry: Registry, checkpoint: str | Path, fmt: str = "onnx", exporter: str | None = None,
                       opset: int | None = None, dynamic_batch: bool = False, output: str | Path | None = None,
                       batch_size: int = 1, source: str | None = None,
                       echo: Callable[[str], None] = print) -> ExportOutcome:
@@ -148,6 +160,12 @@ def export_checkpoint(registry: Registry, checkpoint: str | Path, fmt: str = "on
     restored = restore(registry, checkpoint)
     model = restored.model
     writer = registry.exporter(fmt).factory()
+    if exporter is None:
+        exporter = default_exporter(writer, model)
+    elif model.engines is not None and writer.engines.get(exporter) not in model.engines:
+        raise ExportOptionError(f"--exporter {exporter}: model {model.name} runs on the {' or '.join(model.engines)} "
+                                f"engine only; use an exporter that traces it "
+                                f"({', '.join(e for e, eng in writer.engines.items() if eng in model.engines)})")
     if exporter not in writer.exporters:
         raise ExportOptionError(f"--exporter {exporter!r} is not an exporter of format {fmt}; valid: "
                                 f"{', '.join(writer.exporters)}")

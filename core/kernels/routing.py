@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 
 @dataclass(frozen=True)
@@ -88,7 +88,7 @@ class KernelSet:
     def __contains__(self, op: str) -> bool:
         return op in self._ops
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[str]:
         return iter(sorted(self._ops))
 
     def __repr__(self) -> str:

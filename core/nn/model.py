@@ -16,6 +16,8 @@ from isthmus.errors import IsthmusError
 from isthmus.nn.params import ParamSpec
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from isthmus.data.splits import DataSplits
 
 
@@ -38,6 +40,15 @@ class Model(Protocol):
     tokenizer: Any = None
     """The text tokenizer the model's token ids belong to, when it reads or writes text."""
 
+    engines: tuple[str, ...] | None = None
+    """The engines that can run it; None: every engine (a model written against kernels). A run on
+    another engine is refused before anything is built."""
+
+    autocast: bool = False
+    """True: the model keeps its parameters and inputs as they are and runs low precision through
+    the engine's own autocast (``Engine.autocast``); False: the trainer's precision policy casts
+    parameters and floating inputs to the compute dtype."""
+
     # ---- required ----------------------------------------------------------------------------
     def param_specs(self) -> dict[str, ParamSpec]:
         """Every parameter, by stable dotted name, in a fixed order."""
@@ -55,6 +66,18 @@ class Model(Protocol):
         ...
 
     # ---- optional, with defaults -------------------------------------------------------------
+    def initial_parameters(self, seed: int) -> dict[str, np.ndarray]:
+        """The starting weights as numpy arrays, by the names of :meth:`param_specs`. The default
+        draws each from its spec, keyed by the seed and the parameter's name."""
+        from isthmus.nn.params import initialise
+
+        return initialise(self.param_specs(), seed)
+
+    def place_parameters(self, engine: Any, arrays: Mapping[str, np.ndarray]) -> dict[str, Any]:
+        """The parameters the trainer updates, on the engine's device, from numpy arrays (at the
+        start, and when a checkpoint is resumed). The default is ``engine.parameters(arrays)``."""
+        return dict(engine.parameters(arrays))
+
     def bind_data(self, data: DataSplits, seed: int, saved: Mapping[str, Any] | None) -> DataSplits:
         """The data as this model consumes it. The default passes it through; a model whose batches
         need more than the dataset gives (visual codes fitted on the training images) returns
@@ -82,6 +105,11 @@ class Model(Protocol):
             raise IsthmusError(f"--option {next(iter(options))}: model {self.name} takes no evaluation options")
         return loss_evaluation(self, backend, params, dataset, batch_size=batch_size, max_samples=max_samples,
                                policy=policy)
+
+    def describe(self) -> dict[str, Any]:
+        """Facts about how the model runs that a dump or a report records (swapped submodules, a
+        fitted codebook's size); JSON-able. The default has none."""
+        return {}
 
     def generate(self, k: Any, params: Mapping[str, Any], batch: Mapping[str, Any], **options: Any) -> Any:
         """What the model produces for the inputs in ``batch`` by running itself repeatedly (token

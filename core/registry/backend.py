@@ -71,6 +71,13 @@ class Engine(Protocol):
     def set_rng_state(self, state: Mapping[str, Any]) -> None:
         """Restore what :meth:`rng_state` returned."""
 
+    def autocast(self, dtype: str) -> AbstractContextManager[Any]:
+        """A context in which the engine's own mixed precision runs ops in ``dtype`` where safe
+        (torch autocast), for models that ask for it (``Model.autocast``); the default does nothing."""
+        from contextlib import nullcontext
+
+        return nullcontext()
+
     def compile_step(self, fn: Callable[..., Any]) -> Callable[..., Any]:
         """``fn`` (the model's loss) compiled for this engine when its options ask for it; the
         default runs it as it is."""

@@ -229,7 +229,8 @@ def collect(manager: pluggy.PluginManager, registry: Registry) -> None:
             items: list[tuple[str, Any]] = []
 
             def register(
-                spec: Any, _kind: str = kind, _type: type = spec_type, _items=items, _hook=hook_name
+                spec: Any, _kind: str = kind, _type: type = spec_type, _items: list[tuple[str, Any]] = items,
+                _hook: str = hook_name,
             ) -> None:
                 if not isinstance(spec, _type):
                     raise TypeError(f"{_hook} expects {_type.__name__}, got {type(spec).__name__}")
@@ -255,7 +256,7 @@ def collect(manager: pluggy.PluginManager, registry: Registry) -> None:
     for impl in manager.hook.register_config_dirs.get_hookimpls():
         plugin_name = impl.plugin_name
         try:
-            returned = impl.function()
+            returned: Any = impl.function()
             dirs = [] if returned is None else [returned] if isinstance(returned, (str, Path)) else list(returned)
             config_dirs[plugin_name] = [Path(d) for d in dirs]
             for folder in config_dirs[plugin_name]:
@@ -281,9 +282,9 @@ def collect(manager: pluggy.PluginManager, registry: Registry) -> None:
             else:
                 registry.add(kind, spec, plugin_name)
         registry.config_dirs.extend(config_dirs.get(plugin_name, []))
-    for plugin_name, dirs in config_dirs.items():
+    for plugin_name, found in config_dirs.items():
         if plugin_name not in pending and plugin_name not in failed:
-            registry.config_dirs.extend(dirs)
+            registry.config_dirs.extend(found)
 
 
 def spec_problem(spec: Any) -> str:
@@ -311,7 +312,7 @@ def stamp(spec: Any, plugin_name: str) -> Any:
     """The spec with its owning plugin's name filled in."""
     import dataclasses
 
-    if dataclasses.is_dataclass(spec) and hasattr(spec, "plugin") and not spec.plugin:
+    if dataclasses.is_dataclass(spec) and not isinstance(spec, type) and hasattr(spec, "plugin") and not spec.plugin:
         return dataclasses.replace(spec, plugin=plugin_name)
     return spec
 

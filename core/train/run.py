@@ -155,6 +155,11 @@ def prepare(cfg: Any, registry: Registry, for_training: bool = True, saved_data:
         check_capabilities(cfg, backend)
     model, data = model_and_data(cfg, registry, saved_data, model_data, training=for_training,
                                  on_host=str(backend.device).split(":")[0] == "cpu", source=source)
+    if model.engines is not None and backend.engine_name not in model.engines:
+        raise CapabilityError(
+            f"model {model.name} runs on the {' or '.join(model.engines)} engine only, and backend "
+            f"'{backend.name}' runs {backend.engine_name}; pick a backend with that engine (e.g. backend=cpu "
+            f"backend.engine={model.engines[0]})")
     return Run(cfg, registry, selection, backend, model, data)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -16,7 +17,7 @@ from isthmus.train.checkpoint import CheckpointState, load_checkpoint, save_chec
 from isthmus.train.sidecar import interpreting
 from isthmus.errors import IsthmusError
 from isthmus.train.evaluate import to_device
-from isthmus.nn.params import initialise, manifest
+from isthmus.nn.params import manifest
 from isthmus.nn.optim import AdamW, clip_by_global_norm, learning_rate
 from isthmus.train.parallel import NullLog, QuietProgress, RankSlice, token_count
 from isthmus.nn.precision import Policy
@@ -92,7 +93,7 @@ class Trainer:
         self.loss_fn = engine.compile_step(self.run.model.loss)
         self.optimizer = AdamW(betas=tuple(t.betas), eps=t.eps, weight_decay=t.weight_decay)
         if self.resume is None:
-            self.params = engine.parameters(initialise(self.specs, int(self.cfg.seed)))
+            self.params = self.run.model.place_parameters(engine, self.run.model.initial_parameters(int(self.cfg.seed)))
             self.optimizer.init_state(k, self.params)
             engine.seed(int(self.cfg.seed))
             self.data = self.run.data.train.iter_batches(int(t.batch_size), seed=int(self.cfg.seed))
@@ -104,7 +105,7 @@ class Trainer:
             must_match={"model": plain(self.cfg.model), "data": plain(self.cfg.data)},
             model_name=self.run.model.name,
         )
-        self.params = engine.parameters(loaded.params)
+        self.params = self.run.model.place_parameters(engine, loaded.params)
         self.optimizer.load_tensors({n: engine.asarray(a) for n, a in loaded.optimizer_tensors.items()}, list(self.specs))
         self.optimizer.step = int(loaded.state.optimizer["step"])
         if self.policy.loss_scale is not None and "loss_scale" in loaded.state.optimizer:
@@ -160,13 +161,16 @@ class Trainer:
         total = None
         losses = []
         weight = 0.0
+        own = self.run.model.autocast  # the model runs the engine's autocast instead of being cast
         for _ in range(int(t.grad_accum)):
             raw = next(self.data)
             weight += token_count(raw) if self.comm is not None else 0.0
-            batch = policy.cast_batch(k, to_device(backend, raw))
+            batch = to_device(backend, raw) if own else policy.cast_batch(k, to_device(backend, raw))
 
             def objective(params: dict[str, Any]) -> tuple[Any, Any]:
-                loss, metrics = self.loss_fn(k, policy.cast_params(k, params), batch, training=True)
+                with engine.autocast(policy.compute_dtype) if own else nullcontext():
+                    used = params if own else policy.cast_params(k, params)
+                    loss, metrics = self.loss_fn(k, used, batch, training=True)  # noqa: B023 (called at once)
                 return (k.mul(loss, scale) if scale != 1.0 else loss), loss
 
             _, loss, grads = engine.value_and_grad(objective, self.params)

@@ -197,12 +197,11 @@ def checkpoint_round_trip(state: dict, out: Path) -> Check:
 
 def forward_only(registry: Any, name: str, engine: str | None, steps: int, out: Path, state: dict) -> None:
     """The model, data and initial weights, for a backend that cannot train."""
-    from isthmus.nn.params import initialise
     from isthmus.train.run import prepare
 
     cfg = compose_tiny(registry, name, engine, steps, out)
     run = prepare(cfg, registry, for_training=False)
-    state.update(run=run, params=initialise(run.model.param_specs(), int(cfg.seed)),
+    state.update(run=run, params=run.model.initial_parameters(int(cfg.seed)),
                  batch=run.data.eval.batch(np.arange(min(8, len(run.data.eval)))))
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Mapping
 
-from isthmus.registry.hookspecs import hookimpl
+from isthmus.registry.hookspecs import Register, hookimpl
 from isthmus.registry.specs import CommandSpec, ModelSpec
 
 NAME = "tiny-captioner"
@@ -42,18 +42,18 @@ SMOKE = ("model.d_model=32", "model.n_heads=2", "model.n_layers_vision=1", "mode
 
 
 @hookimpl
-def register_models(register):
+def register_models(register: Register) -> None:
     register(ModelSpec(name=NAME, factory=build, schema="isthmus.models.captioner.config:CaptionerConfig",
                        smoke=SMOKE,
                        description="Patch-embedding vision encoder + prefix-LM text decoder that captions images"))
 
 
 @hookimpl
-def register_commands(register):
+def register_commands(register: Register) -> None:
     register(CommandSpec(name="caption", help="caption one image with a trained captioning checkpoint",
                          configure=_configure, run=_run))
 
 
 @hookimpl
-def register_config_dirs():
+def register_config_dirs() -> Path:
     return Path(__file__).parent / "configs"

@@ -1,5 +1,5 @@
 """Evaluating ``tiny-t2i``: held-out losses, and the closed loop (draw an image for each held-out
-caption, caption it with a trained ``tiny-captioner``, compare with the prompt)."""
+caption, caption it with a trained captioning model (the judge), compare with the prompt)."""
 
 from __future__ import annotations
 

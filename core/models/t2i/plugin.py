@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Mapping
 
-from isthmus.registry.hookspecs import hookimpl
+from isthmus.registry.hookspecs import Register, hookimpl
 from isthmus.registry.specs import CommandSpec, ModelSpec
 
 NAME = "tiny-t2i"
@@ -42,17 +42,17 @@ def _run(args: Any) -> int:
 
 
 @hookimpl
-def register_models(register):
+def register_models(register: Register) -> None:
     register(ModelSpec(name=NAME, factory=build, schema="isthmus.models.t2i.config:T2IConfig", smoke=SMOKE,
                        description="Text to image: caption -> visual codes (autoregressive) -> pixels (diffusion decoder)"))
 
 
 @hookimpl
-def register_commands(register):
+def register_commands(register: Register) -> None:
     register(CommandSpec(name="generate", help="draw images for a prompt with a text-to-image checkpoint; writes a PNG",
                          configure=_configure, run=_run))
 
 
 @hookimpl
-def register_config_dirs():
+def register_config_dirs() -> Path:
     return Path(__file__).parent / "configs"

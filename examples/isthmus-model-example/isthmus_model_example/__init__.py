@@ -1,0 +1,1 @@
+"""isthmus-model-example: a small convolutional image classifier as a third-party isthmus model."""
