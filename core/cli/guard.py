@@ -20,7 +20,6 @@ from __future__ import annotations
 import errno
 import os
 import sys
-import traceback
 from pathlib import Path
 from typing import Callable
 
