@@ -197,7 +197,7 @@ def schema_instance(section: Any) -> Any:
 def check(estimate: Estimate, what: str, setting: bool | None = True, switch: str = "train.memory_check=false",
           available: int | None = None) -> None:
     """Raise :class:`MemoryBudgetError` when ``estimate`` exceeds the memory available; ``what``
-    names the request (``"training tiny-captioner with batch 64"``), ``switch`` the config key
+    names the request (``"training my-model with batch 64"``), ``switch`` the config key
     that turns the check off."""
     if not enabled(setting) or estimate.total < NEGLIGIBLE:
         return
