@@ -120,14 +120,15 @@ def test_defaults_compose_to_a_read_only_structured_run_config():
 def test_group_options_lists_the_shipped_files():
     options = group_options()
     assert options["backend"] == ["ascend", "auto", "cpu", "cuda", "reference"]
-    assert options["model"] == ["tiny-captioner", "tiny-t2i"]
+    assert options["model"] == ["tiny-captioner", "tiny-t2i", "torch-module"]
     assert options["data"] == ["image-folder", "scenes"]
     assert options["train"] == ["default", "quick", "t2i"]
 
 
 @pytest.mark.parametrize("group, option", [(g, o) for g, opts in group_options().items() for o in opts])
 def test_every_shipped_option_composes(group, option):
-    needs = {"data.path": "."} if option == "image-folder" else {}  # the one option without a default
+    # The options without a default: an image folder's path, a wrapped module's factory.
+    needs = {"image-folder": {"data.path": "."}, "torch-module": {"model.factory": "x.y:build"}}.get(option, {})
     cfg = compose([f"{group}={option}", *(f"{k}={v}" for k, v in needs.items())],
                   known={"backend.name": ["ascend", "cpu", "cuda", "reference"]})
     import json
