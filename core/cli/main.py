@@ -8,7 +8,6 @@ import sys
 from typing import Any, Sequence
 
 
-
 def table(rows: list[list[str]], header: list[str]) -> str:
     """Plain aligned columns: fast to import, readable in CI logs."""
     cells = [header] + [[str(c) for c in row] for row in rows]
