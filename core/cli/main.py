@@ -175,6 +175,7 @@ def check_kernels(backend: Any, args: argparse.Namespace) -> int:
     dtypes = [d for d in ("float32", "bfloat16") if d in backend.capabilities.dtypes] or ["float64"]
     ops = [o.strip() for o in args.ops.split(",") if o.strip()] if getattr(args, "ops", None) else None
     if ops:
+        from isthmus.errors import IsthmusError
         from isthmus.kernels.interface import OPS
 
         unknown = [o for o in ops if o not in OPS]
