@@ -314,18 +314,30 @@ def compare(paths: Sequence[str | Path], reference: str = "auto", checkpoint: st
                                                                         if k_ != "indices"}, "", k)
     truth = None
     engines = identity.get("engines")
+    module_golden = None
     if baseline is None and engines is not None and "numpy" not in engines:
-        raise CompareError(f"model {identity['model']} runs on the {' or '.join(engines)} engine only, so the NumPy "
-                           f"float64 reference cannot run it: compare against one bundle with --reference BUNDLE "
-                           f"(a golden bundle, `isthmus dump --golden`, is float64)")
-    if baseline is None:
+        if engines != ["torch"]:
+            raise CompareError(f"model {identity['model']} runs on the {' or '.join(engines)} engine only, so the "
+                               f"NumPy float64 reference cannot run it: compare against one bundle with --reference "
+                               f"BUNDLE (a golden bundle, `isthmus dump --golden`, is float64)")
+        from isthmus.verify.module_compare import describe_golden, golden_bundle
+
+        module_golden = golden_bundle(registry, bundles, identity, checkpoint, echo)
+        made_here = all(module_golden is not b for b in bundles)
+        check_identity([module_golden, *bundles])
+        comparison.reference, comparison.floors = describe_golden(module_golden, made_here)
+        comparison.gradient_source = f"the golden run ({module_golden.label}, torch autograd) in float64"
+        if labels is not None:
+            labels = [name for b, name in zip(bundles, labels) if b is not module_golden]
+        bundles = [b for b in bundles if b is not module_golden]
+    elif baseline is None:
         truth = Reference(registry, checkpoint or identity["checkpoint"]["path"], identity, batch)
         comparison.reference = (f"NumPy float64 reference computed here from checkpoint {truth.path} "
                                 f"(sha256 {identity['checkpoint']['sha256'][:12]})")
     else:
         comparison.reference = f"bundle {baseline.path} ({baseline.label}), with fixed per-dtype tolerances"
-    golden = next((b for b in bundles if b.manifest["run"].get("golden")), None)
-    if baseline is None and golden is not None:
+    golden = module_golden or next((b for b in bundles if b.manifest["run"].get("golden")), None)
+    if baseline is None and golden is not None and module_golden is None:
         _check_golden(comparison, golden, truth, echo)
     names = list(labels) if labels is not None else [b.label for b in bundles]
     for bundle, label in zip(bundles, names):
@@ -336,6 +348,11 @@ def compare(paths: Sequence[str | Path], reference: str = "auto", checkpoint: st
             comparison.targets.append(target)
             if baseline is not None:
                 _against_baseline(target, bundle, run, baseline)
+            elif module_golden is not None:
+                from isthmus.verify.module_compare import judge_forward
+
+                judge_forward(target, bundle, run, module_golden, k)
+                _gradients(comparison, target, bundle, run, module_golden, k)
             else:
                 _against_truth(comparison, target, bundle, run, truth, golden, k)
                 if run.get("replay"):
