@@ -14,7 +14,7 @@ import torch.nn as nn
 
 
 class CNN(nn.Module):
-    """Two conv blocks with GELU and BatchNorm, pooled, then a linear head; takes ``images``."""
+    """Two conv blocks with GELU and GroupNorm, pooled, then a linear head; takes ``images``."""
 
     def __init__(self, classes: int = 3, width: int = 8) -> None:
         super().__init__()
@@ -23,7 +23,7 @@ class CNN(nn.Module):
         def gelu(path: str) -> nn.GELU:
             return nn.GELU(approximate="tanh" if path == perturbed else "none")
 
-        self.stem = nn.Sequential(nn.Conv2d(3, width, 3, stride=2, padding=1), nn.BatchNorm2d(width), gelu("stem.2"))
+        self.stem = nn.Sequential(nn.Conv2d(3, width, 3, stride=2, padding=1), nn.GroupNorm(2, width), gelu("stem.2"))
         self.block = nn.Sequential(nn.Conv2d(width, 2 * width, 3, stride=2, padding=1), gelu("block.1"),
                                    nn.AdaptiveAvgPool2d(1), nn.Flatten())
         self.head = nn.Linear(2 * width, classes)

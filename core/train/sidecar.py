@@ -121,8 +121,8 @@ FIELDS: tuple[tuple[str, Check, bool], ...] = (
     ("extra.data", mapping, False),
     ("extra.data.tokenizer", mapping, False),
     ("extra.data.tokenizer.type", text, True),
-    ("extra.data.tokenizer.special_tokens", texts, True),
-    ("extra.data.tokenizer.words", texts, True),
+    ("extra.data.tokenizer.special_tokens", texts, False),  # the word tokenizer's; byte and file ones have none
+    ("extra.data.tokenizer.words", texts, False),
     ("extra.data.classes", texts, False),
     ("extra.data.info", mapping, False),
     ("extra.tokenizer", mapping, False),  # checkpoints from before extra.data kept the tokenizer here

@@ -145,6 +145,7 @@ class Comparison:
     gradient_check_ok: bool | None = None
     floors: str = ""
     files: dict[str, str] = field(default_factory=dict)
+    module: bool = False  # the truth is a torch module's own float64 run (:mod:`isthmus.verify.module_compare`)
 
     @property
     def exit_code(self) -> int:
@@ -326,6 +327,7 @@ def compare(paths: Sequence[str | Path], reference: str = "auto", checkpoint: st
         made_here = all(module_golden is not b for b in bundles)
         check_identity([module_golden, *bundles])
         comparison.reference, comparison.floors = describe_golden(module_golden, made_here)
+        comparison.module = True
         comparison.gradient_source = f"the golden run ({module_golden.label}, torch autograd) in float64"
         if labels is not None:
             labels = [name for b, name in zip(bundles, labels) if b is not module_golden]

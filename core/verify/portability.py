@@ -85,22 +85,29 @@ def run_portability(registry: Registry, checkpoint: str | Path, labels: Sequence
     bundles_dir = out / "bundles"
     bundles_dir.mkdir(parents=True, exist_ok=True)
     rows: list[tuple[str, str, str]] = []  # (label, state, bundle path or reason)
+    engines = model_engines(registry, loaded.path)
     for label in check_labels(registry, labels):  # a label no plugin knows is an error, not a skip
+        dumped_as, elsewhere = bound_label(registry, label, loaded.state.model_name, engines)
+        if elsewhere:
+            rows.append((label, "skipped", elsewhere))
+            echo(f"{label}: skipped ({elsewhere})")
+            continue
         if parse_label(label)[0] == "reference":
             rows.append((label, "reference", ""))
             continue
-        problem = label_status(registry, label)[1]
+        problem = label_status(registry, dumped_as)[1]
         if problem:
             rows.append((label, "skipped", problem))
             echo(f"{label}: skipped ({problem})")
             continue
         path = bundles_dir / _safe(label)
-        ok, why = run_dump(dump_command(loaded.path, label, path, level, batch_size, train_steps, precision), timeout)
+        ok, why = run_dump(dump_command(loaded.path, dumped_as, path, level, batch_size, train_steps, precision),
+                           timeout)
         rows.append((label, "dumped" if ok else "failed", str(path) if ok else why))
         echo(f"{label}: dumped to {path}" if ok else f"{label}: FAILED ({why})")
     golden, golden_label = None, ""
     for label in GOLDEN_CANDIDATES if any(state == "dumped" for _, state, _ in rows) else ():
-        if label_status(registry, label)[1]:
+        if label_status(registry, label)[1] or bound_label(registry, label, loaded.state.model_name, engines)[1]:
             continue
         path = bundles_dir / f"golden-{_safe(label)}"
         ok, why = run_dump(dump_command(loaded.path, label, path, level, batch_size, 0, precision, golden=True), timeout)
@@ -122,6 +129,33 @@ def run_portability(registry: Registry, checkpoint: str | Path, labels: Sequence
     breach = any(t.breach for t in comparison.targets) or comparison.gradient_check_ok is False
     echo("portability: " + verdict(comparison.targets, breach)[1])
     return comparison
+
+
+def model_engines(registry: Registry, checkpoint: Path) -> tuple[str, ...] | None:
+    """The engines the checkpoint's model runs on (None: every engine, a model written against
+    kernels); the model is built to ask it."""
+    from isthmus.train.restore import restore
+
+    return restore(registry, checkpoint).model.engines
+
+
+def bound_label(registry: Registry, label: str, model: str, engines: tuple[str, ...] | None) -> tuple[str, str]:
+    """``(label to dump, why it cannot run the model)``: a model bound to ``engines`` runs on the
+    backend's engine among them (``ascend`` -> ``ascend:torch``); a label naming another engine,
+    or a backend without one of them, cannot run it."""
+    if engines is None:
+        return label, ""
+    name, engine = parse_label(label)
+    offered = list(registry.backend(name).engines)
+    if engine is None:
+        engine = next((e for e in engines if e in offered), registry.backend(name).default_engine)
+        label_run = f"{name}:{engine}" if engine != registry.backend(name).default_engine else label
+    else:
+        label_run = label
+    if engine in engines:
+        return label_run, ""
+    return label, (f"model {model} runs on the {' or '.join(engines)} engine only and {label} runs {engine}; its "
+                   f"truth is the module's own float64 run on the cpu")
 
 
 def _empty(loaded: Any) -> Comparison:
@@ -149,4 +183,4 @@ def _in_label_order(comparison: Comparison, rows: list[tuple[str, str, str]]) ->
     return ordered
 
 
-__all__ = ["DEFAULT_TIMEOUT_S", "dump_command", "run_dump", "run_portability"]
+__all__ = ["DEFAULT_TIMEOUT_S", "dump_command", "model_engines", "run_dump", "run_portability", "bound_label"]

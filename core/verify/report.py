@@ -69,17 +69,23 @@ def method_lines(comparison: Comparison) -> list[str]:
              f"{comparison.batch.get('seed')}, sha256 {str(comparison.batch.get('sha256', ''))[:12]}); checkpoint "
              f"step {comparison.checkpoint.get('step')} (sha256 {str(comparison.checkpoint.get('sha256', ''))[:12]}).",
              verdict_line(comparison.k) + ". A record's floor is never below the floors of the records before it "
-             "(rounding accumulates with depth). Forward floors: the NumPy reference computing in the target's "
-             "dtype (each op's output rounded to the dtype an engine returns).",
+             "(rounding accumulates with depth)." + ("" if comparison.module else " Forward floors: the NumPy "
+                                                     "reference computing in the target's dtype (each op's output "
+                                                     "rounded to the dtype an engine returns)."),
              "Error: relative RMSE for full tensors (--mode tensors) and for outputs, loss and gradients; for "
              "statistics-only records, the largest error of mean, std, min, max and L2 relative to the float64 RMS."]
     if comparison.floors:
         lines.append(f"Floors of {comparison.floors}.")
     if comparison.gradient_source:
-        lines.append(f"Gradients: float64 from {comparison.gradient_source}; confirmed by {comparison.gradient_check}.")
+        checked = f"; confirmed by {comparison.gradient_check}" if comparison.gradient_check else ""
+        lines.append(f"Gradients: float64 from {comparison.gradient_source}{checked}.")
     else:
         lines.append("Gradients: no golden float64 bundle among the inputs, so gradients and backward records are "
                      "not judged against float64 (make one with `isthmus dump --golden`).")
+    if comparison.module:
+        lines.append("Records: by module path (named_modules), and at --level op each aten call by module path, op "
+                     "and call index; a record without a golden counterpart is listed in the notes, not judged.")
+        return lines
     lines.append("Replay (bundles dumped with --level op): each op alone on the float64 reference's inputs rounded to "
                  "the dtype; its output against the float64 op and its vector-Jacobian product against central "
                  "differences of the float64 op along a seeded direction (step chosen so no kink is crossed), each "
