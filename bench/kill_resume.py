@@ -23,6 +23,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
@@ -36,8 +37,8 @@ TINY = [
 ]
 
 
-def train_command(run_dir: Path, steps: int, resume: bool) -> list[str]:
-    return [sys.executable, "-m", "isthmus.cli", "train", *TINY, f"train.steps={steps}", f"output_dir={run_dir}",
+def train_command(run_dir: Path, steps: int, resume: bool, config: Sequence[str] = TINY) -> list[str]:
+    return [sys.executable, "-m", "isthmus.cli", "train", *config, f"train.steps={steps}", f"output_dir={run_dir}",
             "--no-progress", *(["--resume"] if resume else [])]
 
 
@@ -48,11 +49,12 @@ def saved_step(run_dir: Path) -> int:
     return int(latest.name.split("-")[1]) if latest is not None else 0
 
 
-def run_until_killed(run_dir: Path, steps: int, kill_after: int | None) -> str:
-    """Train (resuming when a checkpoint exists); SIGKILL once a checkpoint of ``kill_after`` is on
-    disk. Returns 'killed at N' or 'finished'."""
+def run_until_killed(run_dir: Path, steps: int, kill_after: int | None, config: Sequence[str] = TINY) -> str:
+    """Train ``config`` (resuming when a checkpoint exists; it needs ``train.checkpoint_every=1``);
+    SIGKILL once a checkpoint of ``kill_after`` is on disk. Returns 'killed at N' or 'finished'."""
     resume = saved_step(run_dir) > 0
-    process = subprocess.Popen(train_command(run_dir, steps, resume), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    process = subprocess.Popen(train_command(run_dir, steps, resume, config), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE)
     try:
         while kill_after is not None and process.poll() is None:
             if saved_step(run_dir) >= kill_after:
