@@ -127,6 +127,12 @@ def test_a_dump_shows_the_modules_fused_modules_swapped(tmp_path):
     assert any(line.endswith(", ".join(swapped)) and "swapped 2 module(s)" in line for line in lines), lines
     described = json.loads((bundle / "manifest.json").read_text())["environment"]["model"]
     assert sorted(described["fused_modules"]) == swapped and described["fused_attention_calls"] >= 1
+    from isthmus.verify.report import findings
+
+    comparison = compare([bundle], registry=registry, echo=lambda _: None)
+    assert comparison.exit_code == 0
+    said = [line for _, lines in findings(comparison) for line in lines if line.startswith("fused_modules")]
+    assert said and all(name in said[0] for name in swapped)
 
 
 # ------------------------------------------------------------------------------ the slow tier
@@ -181,7 +187,7 @@ def test_acceptance_train_kill_resume_export_and_compare(name, config, tmp_path,
     monkeypatch.setenv("PYTHONPATH", str(TESTS))
     harness = kill_resume_harness()
     steps = 6
-    run_config = [*config, "train.checkpoint_every=1", "train.keep_last=2", "train.lr=3e-3"]
+    run_config = [*config, "train.checkpoint_every=1", "train.keep_last=2", "train.lr=3e-3", "train.log_every=1"]
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     assert harness.run_until_killed(straight, steps, None, run_config) == "finished"
     losses = [json.loads(line)["loss"] for line in (straight / "metrics.jsonl").read_text().splitlines()

@@ -116,6 +116,11 @@ def findings(comparison: Comparison) -> list[tuple[str, list[str]]]:
             lines.append(f"replay: {r['judged']} of {r['ops']} ops judged in {r['dtype']} (tolerance {r['tolerance']:g}); "
                          f"worst output {r['worst_forward_ratio']:.3g}x, worst VJP {r['worst_vjp_ratio']:.3g}x "
                          f"({r['vjp']})")
+        swapped = (t.environment.get("model") or {}).get("fused_modules")
+        if isinstance(swapped, list):  # a wrapped module whose submodules went through the backend's kernels
+            lines.append(f"fused_modules: {len(swapped)} module(s) swapped ({', '.join(swapped) or 'none found'}); "
+                         f"attention calls through the kernels: "
+                         f"{(t.environment.get('model') or {}).get('fused_attention_calls', 0)}")
         worst = sorted((v for v in t.results if v.breach), key=lambda v: -v.ratio)[:3]
         for v in worst:
             lines.append(f"{v.name}: {summarise(v.metrics)}")
