@@ -23,7 +23,7 @@ from isthmus.verify.recording import CallInfo, LayerInfo
 SKIPPED_OPS = frozenset({"aten._to_copy", "aten.copy_", "aten.clone", "aten.detach", "aten.alias", "aten.lift_fresh",
                          "aten._local_scalar_dense", "aten.empty", "aten.empty_strided", "aten.zeros_like",
                          "aten.ones_like", "aten.empty_like", "aten.fill_", "aten.zero_", "aten.arange",
-                         "aten.scalar_tensor", "aten.lift_fresh_copy"})
+                         "aten.scalar_tensor", "aten.lift_fresh_copy", "aten._unsafe_view"})
 
 
 def tensors_of(value: Any) -> list[Any]:
