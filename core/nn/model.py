@@ -49,6 +49,11 @@ class Model(Protocol):
     the engine's own autocast (``Engine.autocast``); False: the trainer's precision policy casts
     parameters and floating inputs to the compute dtype."""
 
+    module: Any = None
+    """The ``torch.nn.Module`` the model runs, when it wraps one: ``isthmus dump`` then records it by
+    module hooks under its own module paths, and ``compare`` takes the same module in float64 on the
+    CPU as its truth (:mod:`isthmus.verify.module_dump`)."""
+
     # ---- required ----------------------------------------------------------------------------
     def param_specs(self) -> dict[str, ParamSpec]:
         """Every parameter, by stable dotted name, in a fixed order."""
