@@ -66,6 +66,9 @@ def test_records_are_named_by_module_path_and_float32_and_bf16_pass_against_the_
     comparison = compare([f32, bf16], registry=registry, echo=lines.append)
     assert comparison.exit_code == 0, lines
     assert comparison.module and "float64 on the cpu (computed here" in comparison.reference
+    # The golden gradients agree with central differences of the float64 loss (a loss computed
+    # in float32, or a float32 cast inside the module, would leave them float32-accurate only).
+    assert comparison.gradient_check_ok is True, comparison.gradient_check
     by_dtype = {t.dtype: t for t in comparison.targets}
     assert set(by_dtype) == {"float32", "bfloat16"}
     for target in by_dtype.values():
@@ -74,6 +77,21 @@ def test_records_are_named_by_module_path_and_float32_and_bf16_pass_against_the_
     # The bf16 run computed in bf16 (autocast), so its outputs are further from float64 than float32's.
     logits = {d: next(v for v in t.results if v.name == "logits").error for d, t in by_dtype.items()}
     assert logits["bfloat16"] > 100 * logits["float32"] > 0
+
+
+def test_the_golden_run_keeps_float64_where_the_module_casts_down_itself():
+    import torch
+
+    from isthmus.verify.module_dump import keep_float64
+
+    x = torch.randn(5, dtype=torch.float64, requires_grad=True)
+    with keep_float64():
+        y = (x.to(torch.float32) * 3).to(x.dtype)  # transformers' RMSNorm computes so
+        counted = torch.arange(3).float()
+    assert y.dtype == torch.float64 and counted.dtype == torch.float32  # only float64 is kept
+    (grad,) = torch.autograd.grad(y.sum(), x)
+    assert grad.dtype == torch.float64 and torch.equal(grad, torch.full_like(x, 3.0))
+    assert x.float().dtype == torch.float32  # outside the context, casts are casts
 
 
 def test_a_gelu_replaced_by_its_tanh_approximation_fails_compare_naming_that_module(cnn, tmp_path, monkeypatch):

@@ -329,6 +329,12 @@ def compare(paths: Sequence[str | Path], reference: str = "auto", checkpoint: st
         comparison.reference, comparison.floors = describe_golden(module_golden, made_here)
         comparison.module = True
         comparison.gradient_source = f"the golden run ({module_golden.label}, torch autograd) in float64"
+        from isthmus.verify.module_compare import gradient_check
+
+        check = gradient_check(registry, module_golden, checkpoint)
+        if check is not None:
+            comparison.gradient_check, comparison.gradient_check_ok = check.line(), check.ok
+            echo(f"gradients: golden from {comparison.gradient_source}; {comparison.gradient_check}")
         if labels is not None:
             labels = [name for b, name in zip(bundles, labels) if b is not module_golden]
         bundles = [b for b in bundles if b is not module_golden]

@@ -87,6 +87,61 @@ def judge_forward(target: Any, bundle: Bundle, run: dict[str, Any], golden: Bund
         target.overflow["new"] = new[0]
 
 
+GRADIENT_STEP = 1e-6  # x max(1, max|w|): small enough that a random direction rarely crosses a ReLU kink
+
+
+def gradient_check(registry: Any, golden: Bundle, checkpoint: str | Path | None) -> Any:
+    """The golden float64 gradients against central differences (Richardson-extrapolated) of the
+    same module's float64 loss on the cpu, along one random unit direction over every parameter;
+    None where torch does not import here (the check needs the module)."""
+    import numpy as np
+
+    from isthmus.train.restore import build_label, restore
+    from isthmus.verify.compare import bundle_batch
+    from isthmus.verify.module_dump import keep_float64
+    from isthmus.verify.truth import GRADIENT_CHECK_TOLERANCE, GradientCheck
+
+    try:
+        import torch
+    except ImportError:
+        return None
+    run = next(r for r in golden.runs if r["role"] == "golden")
+    grads = {n: np.asarray(golden.tensors[key], dtype=np.float64) for n, key in run["results"]["gradients"].items()}
+    restored = restore(registry, Path(checkpoint or golden.identity["checkpoint"]["path"]))
+    backend = build_label(registry, "cpu:torch")
+    model, engine = restored.model, backend.engine
+    model.module.double()
+    try:
+        placed = model.place_parameters(engine, {n: np.asarray(a, dtype=np.float64) for n, a in restored.params.items()})
+        batch = {n: engine.asarray(a, "float64" if a.dtype.kind == "f" else None)
+                 for n, a in bundle_batch(golden).items()}
+        rng = np.random.default_rng(0)
+        directions = {n: rng.standard_normal(grads[n].shape) for n in grads}
+        norm = float(np.sqrt(sum(np.sum(d * d) for d in directions.values()))) or 1.0
+        directions = {n: d / norm for n, d in directions.items()}
+        start = {n: p.detach().clone() for n, p in placed.items()}
+        h = GRADIENT_STEP * max(1.0, max(float(np.max(np.abs(a), initial=0.0)) for a in restored.params.values()))
+
+        def loss_at(t: float) -> float:
+            with torch.no_grad():
+                for n, p in placed.items():
+                    p.copy_(start[n] + t * torch.from_numpy(directions[n]) if n in directions else start[n])
+                with keep_float64():
+                    return float(model.loss(backend.kernels, placed, batch, training=False)[0])
+
+        up, down, half_up, half_down = loss_at(h), loss_at(-h), loss_at(h / 2), loss_at(-h / 2)
+        loss_at(0.0)
+    finally:
+        model.module.float()
+    numeric = (4 * (half_up - half_down) / h - (up - down) / (2 * h)) / 3
+    analytic = float(sum(np.sum(grads[n] * d) for n, d in directions.items()))
+    largest = max((float(np.max(np.abs(g), initial=0.0)) for g in grads.values()), default=0.0) or 1.0
+    error = abs(numeric - analytic) / max(abs(analytic), 1e-3 * largest)
+    method = (f"central differences of the same module's float64 loss on the cpu along one random unit direction "
+              f"over all {len(grads)} parameter tensors, Richardson-extrapolated, step {h:.1e}")
+    return GradientCheck(error, "all parameters" if error else "", method, error <= GRADIENT_CHECK_TOLERANCE)
+
+
 def describe_golden(golden: Bundle, made_here: bool) -> tuple[str, str]:
     """``(reference, floors)`` sentences for the report."""
     where = "computed here" if made_here else f"bundle {golden.path}"
@@ -97,4 +152,4 @@ def describe_golden(golden: Bundle, made_here: bool) -> tuple[str, str]:
             f"record, the outputs and the gradients")
 
 
-__all__ = ["describe_golden", "golden_bundle", "judge_forward"]
+__all__ = ["GRADIENT_STEP", "describe_golden", "golden_bundle", "gradient_check", "judge_forward"]

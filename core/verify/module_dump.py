@@ -2,7 +2,8 @@
 dump``: the module's own forward and backward under its hooks (:mod:`isthmus.verify.module_probe`),
 in the dtype asked for, the way the trainer runs it.
 
-* ``float64`` (the golden run): the module and its inputs in float64, no autocast;
+* ``float64`` (the golden run): the module and its inputs in float64, no autocast, and the casts
+  the module makes to float32 on its own kept in float64 (:func:`keep_float64`);
 * ``float32``: the float32 module as trained;
 * ``bfloat16`` / ``float16``: float32 parameters under the engine's autocast, as the trainer's
   ``train.precision=bf16`` / ``fp16`` runs it.
@@ -24,6 +25,26 @@ from isthmus.verify.capture import Capture
 from isthmus.verify.module_probe import ModuleProbe
 
 AUTOCAST_DTYPES = ("bfloat16", "float16")
+
+
+def keep_float64() -> Any:
+    """A context in which casts of float64 tensors to a lower float dtype keep float64, so a module
+    that computes part of itself in float32 on purpose (``transformers``' RMSNorm and rotary
+    embedding do) still runs wholly in float64 for the golden run."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    lower = (torch.float32, torch.bfloat16, torch.float16)
+    to_copy = torch.ops.aten._to_copy.default
+
+    class KeepFloat64(TorchDispatchMode):
+        def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+            kwargs = kwargs or {}
+            if func is to_copy and kwargs.get("dtype") in lower and args[0].dtype == torch.float64:
+                kwargs = {**kwargs, "dtype": torch.float64}
+            return func(*args, **kwargs)
+
+    return KeepFloat64()
 
 
 def wraps_module(model: Any) -> bool:
@@ -52,13 +73,15 @@ def module_pass(backend: Any, model: Any, params: Mapping[str, np.ndarray], batc
 
             def objective(p: dict[str, Any]) -> tuple[Any, Any]:
                 probe = ModuleProbe(module, capture, level) if level != "model" else nullcontext()
-                with engine.autocast(dtype) if dtype in AUTOCAST_DTYPES else nullcontext(), probe:
+                with engine.autocast(dtype) if dtype in AUTOCAST_DTYPES else nullcontext(), \
+                        keep_float64() if wide else nullcontext(), probe:
                     return model.loss(k, p, device_batch, training=False)
 
             started = time.perf_counter()
             loss, metrics, grads = engine.value_and_grad(objective, placed)
             seconds = time.perf_counter() - started
-            with engine.no_grad(), (engine.autocast(dtype) if dtype in AUTOCAST_DTYPES else nullcontext()):
+            with engine.no_grad(), (engine.autocast(dtype) if dtype in AUTOCAST_DTYPES else nullcontext()), \
+                    keep_float64() if wide else nullcontext():
                 logits = np.asarray(engine.to_numpy(model.forward(k, placed, device_batch)))
             notes = listener.drain()
     finally:
@@ -95,4 +118,4 @@ def module_pass(backend: Any, model: Any, params: Mapping[str, np.ndarray], batc
     return run, tensors
 
 
-__all__ = ["AUTOCAST_DTYPES", "module_pass", "wraps_module"]
+__all__ = ["AUTOCAST_DTYPES", "keep_float64", "module_pass", "wraps_module"]

@@ -196,9 +196,11 @@ class TorchModule(Model):
         if logits is None or labels is None:
             what = f"output {self.config.outputs!r}" if logits is None else f"batch key {self.config.labels!r}"
             raise ModuleError(f"model.loss={self.config.loss}: no {what}")
+        # Half-precision logits (autocast) are widened to float32; float64 ones (a golden run) stay float64.
+        wide = logits if logits.dtype.itemsize >= 4 and logits.is_floating_point() else logits.float()
         if self.config.loss == "mse":
-            return F.mse_loss(logits.float(), labels.to(logits.device).float()), {}
-        flat = logits.reshape(-1, logits.shape[-1]).float()
+            return F.mse_loss(wide, labels.to(logits.device).to(wide.dtype)), {}
+        flat = wide.reshape(-1, logits.shape[-1])
         return F.cross_entropy(flat, labels.reshape(-1).long(), ignore_index=-100), {}
 
 
