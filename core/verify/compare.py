@@ -321,20 +321,9 @@ def compare(paths: Sequence[str | Path], reference: str = "auto", checkpoint: st
             raise CompareError(f"model {identity['model']} runs on the {' or '.join(engines)} engine only, so the "
                                f"NumPy float64 reference cannot run it: compare against one bundle with --reference "
                                f"BUNDLE (a golden bundle, `isthmus dump --golden`, is float64)")
-        from isthmus.verify.module_compare import describe_golden, golden_bundle
+        from isthmus.verify.module_compare import module_truth
 
-        module_golden = golden_bundle(registry, bundles, identity, checkpoint, echo)
-        made_here = all(module_golden is not b for b in bundles)
-        check_identity([module_golden, *bundles])
-        comparison.reference, comparison.floors = describe_golden(module_golden, made_here)
-        comparison.module = True
-        comparison.gradient_source = f"the golden run ({module_golden.label}, torch autograd) in float64"
-        from isthmus.verify.module_compare import gradient_check
-
-        check = gradient_check(registry, module_golden, checkpoint)
-        if check is not None:
-            comparison.gradient_check, comparison.gradient_check_ok = check.line(), check.ok
-            echo(f"gradients: golden from {comparison.gradient_source}; {comparison.gradient_check}")
+        module_golden = module_truth(comparison, registry, bundles, identity, checkpoint, echo)
         if labels is not None:
             labels = [name for b, name in zip(bundles, labels) if b is not module_golden]
         bundles = [b for b in bundles if b is not module_golden]

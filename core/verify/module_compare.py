@@ -47,6 +47,24 @@ def golden_bundle(registry: Any, bundles: Sequence[Bundle], identity: dict[str, 
         return read_bundle(result.path)
 
 
+def module_truth(comparison: Any, registry: Any, bundles: Sequence[Bundle], identity: dict[str, Any],
+                 checkpoint: str | Path | None, echo: Callable[[str], None]) -> Bundle:
+    """The golden bundle the comparison judges by (:func:`golden_bundle`), its gradients checked
+    where torch imports here; the comparison's truth, floors and gradient lines filled in."""
+    from isthmus.verify.compare import check_identity
+
+    golden = golden_bundle(registry, bundles, identity, checkpoint, echo)
+    check_identity([golden, *bundles])
+    comparison.reference, comparison.floors = describe_golden(golden, all(golden is not b for b in bundles))
+    comparison.module = True
+    comparison.gradient_source = f"the golden run ({golden.label}, torch autograd) in float64"
+    check = gradient_check(registry, golden, checkpoint)
+    if check is not None:
+        comparison.gradient_check, comparison.gradient_check_ok = check.line(), check.ok
+        echo(f"gradients: golden from {comparison.gradient_source}; {comparison.gradient_check}")
+    return golden
+
+
 def judge_forward(target: Any, bundle: Bundle, run: dict[str, Any], golden: Bundle, k: float) -> None:
     """Forward records, outputs and loss of one run against the golden float64 run, each floor the
     golden host's own run in the run's dtype."""
@@ -152,4 +170,5 @@ def describe_golden(golden: Bundle, made_here: bool) -> tuple[str, str]:
             f"record, the outputs and the gradients")
 
 
-__all__ = ["GRADIENT_STEP", "describe_golden", "golden_bundle", "gradient_check", "judge_forward"]
+__all__ = ["GRADIENT_STEP", "describe_golden", "golden_bundle", "gradient_check", "judge_forward",
+           "module_truth"]
