@@ -1,29 +1,40 @@
 """diffusers as the oracle of GLM-Image's DiT: tiny random ``GlmImageTransformer2DModel``s built here
 (never downloaded), their weights under isthmus's canonical names, random inputs, and diffusers'
 scheduler set up the way ``GlmImagePipeline`` sets it up.
+
+diffusers keeps three computations in float32 whatever the model's dtype: the sinusoidal timestep
+embedding (``get_timestep_embedding``), the 2-D rotary table (``GlmImageRotaryPosEmbed``) and the
+rotation itself (``apply_rotary_emb`` casts queries and keys to float32). For a float64 comparison
+:func:`in_float64` runs those three in float64, by the same formulas; nothing else changes.
 """
 
 from __future__ import annotations
 
+import contextlib
+import math
 import os
-from typing import Any
+from typing import Any, Iterator
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, GlmImageTransformer2DModel
+from diffusers.models import embeddings
+from diffusers.models.transformers import transformer_glm_image
 from diffusers.pipelines.glm_image.pipeline_glm_image import calculate_shift
 
 from isthmus.models.glm_image_dit.interop import GLM_IMAGE_DIT
 
-# Two shapes apart in every dimension: head width 8 vs 12, 1 vs 3 heads, patch 2 vs 1, odd channel
-# counts, in != out channels.
+# Three shapes apart in every dimension: head width 8, 12 and 4, 2, 3 and 1 heads, patch 2 and 1, odd
+# channel counts; the third has out != in channels (a prediction only: the sampler needs them equal).
 CONFIGS = [
     dict(patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=2,
          text_embed_dim=12, time_embed_dim=16, condition_dim=8, prior_vq_quantizer_codebook_size=50),
-    dict(patch_size=1, in_channels=3, out_channels=5, num_layers=3, attention_head_dim=12, num_attention_heads=3,
+    dict(patch_size=1, in_channels=3, out_channels=3, num_layers=3, attention_head_dim=12, num_attention_heads=3,
          text_embed_dim=7, time_embed_dim=10, condition_dim=6, prior_vq_quantizer_codebook_size=37),
+    dict(patch_size=2, in_channels=3, out_channels=5, num_layers=1, attention_head_dim=4, num_attention_heads=1,
+         text_embed_dim=5, time_embed_dim=6, condition_dim=4, prior_vq_quantizer_codebook_size=9),
 ]
 # GlmImagePipeline's scheduler: dynamic shifting with the linear time shift (the config of the
 # published checkpoint's scheduler as this oracle assumes it; see isthmus.models.glm_image_dit.sampler).
@@ -102,3 +113,47 @@ def pipeline_schedule(steps: int, image_seq_len: int, config: dict[str, Any] = S
                          scheduler.config.get("base_shift", 0.25), scheduler.config.get("max_shift", 0.75))
     scheduler.set_timesteps(steps, timesteps=timesteps, sigmas=sigmas, mu=mu)
     return scheduler
+
+
+def _sinusoid64(timesteps: torch.Tensor, embedding_dim: int, flip_sin_to_cos: bool = False,
+                downscale_freq_shift: float = 1, scale: float = 1, max_period: int = 10000) -> torch.Tensor:
+    half = embedding_dim // 2
+    frequencies = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float64) / (half - downscale_freq_shift))
+    angles = scale * timesteps[:, None].double() * frequencies[None, :]
+    first, second = (torch.cos(angles), torch.sin(angles)) if flip_sin_to_cos else (torch.sin(angles), torch.cos(angles))
+    assert embedding_dim % 2 == 0
+    return torch.cat([first, second], dim=-1)
+
+
+def _rotate64(x: torch.Tensor, freqs_cis: Any, use_real: bool = True, use_real_unbind_dim: int = -1,
+              sequence_dim: int = 2) -> torch.Tensor:
+    assert use_real and use_real_unbind_dim == -2 and sequence_dim == 1
+    cos, sin = (t[None, :, None, :] for t in freqs_cis)
+    first, second = x.reshape(*x.shape[:-1], 2, -1).unbind(-2)
+    return x * cos + torch.cat([-second, first], dim=-1) * sin
+
+
+def _rope_table64(self: Any, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    rows, cols = hidden_states.shape[2] // self.patch_size, hidden_states.shape[3] // self.patch_size
+    half = self.dim // 2
+    inverse = 1.0 / (self.theta ** (torch.arange(0, half, 2, dtype=torch.float64)[: half // 2] / half))
+    row = torch.outer(torch.arange(rows, dtype=torch.float64), inverse)[:, None, :].expand(rows, cols, -1)
+    col = torch.outer(torch.arange(cols, dtype=torch.float64), inverse)[None, :, :].expand(rows, cols, -1)
+    angles = torch.cat([row, col], dim=-1)
+    angles = torch.cat([angles, angles], dim=-1).reshape(rows * cols, -1)
+    return angles.cos(), angles.sin()
+
+
+@contextlib.contextmanager
+def in_float64() -> Iterator[None]:
+    """diffusers' float32 sinusoids, rotary table and rotation computed in float64 instead."""
+    saved = (embeddings.get_timestep_embedding, embeddings.apply_rotary_emb,
+             transformer_glm_image.GlmImageRotaryPosEmbed.forward)
+    embeddings.get_timestep_embedding = _sinusoid64
+    embeddings.apply_rotary_emb = _rotate64
+    transformer_glm_image.GlmImageRotaryPosEmbed.forward = _rope_table64
+    try:
+        yield
+    finally:
+        (embeddings.get_timestep_embedding, embeddings.apply_rotary_emb,
+         transformer_glm_image.GlmImageRotaryPosEmbed.forward) = saved

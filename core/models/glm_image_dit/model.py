@@ -84,12 +84,12 @@ class GlmImageDit(Model):
                      crop_coords: Tensor, dtype: str) -> Tensor:
         """``temb`` ``(B, time_embed_dim)``: timestep and size conditions, summed, through silu."""
         c = self.config
-        batch = k.shape(timestep)[0]
-        t = k.cast(network.sinusoidal(k, timestep, c.time_embed_dim), dtype)
+        batch, wide = k.shape(timestep)[0], network.wide_dtype(dtype)
+        t = k.cast(network.sinusoidal(k, timestep, c.time_embed_dim, wide), dtype)
         t = layers.linear(k, Scope(params, "time.fc2"), k.silu(layers.linear(k, Scope(params, "time.fc1"), t)))
-        crop = k.reshape(network.sinusoidal(k, k.reshape(crop_coords, (2 * batch,)), c.condition_dim),
+        crop = k.reshape(network.sinusoidal(k, k.reshape(crop_coords, (2 * batch,)), c.condition_dim, wide),
                          (batch, 2 * c.condition_dim))
-        size = k.reshape(network.sinusoidal(k, k.reshape(target_size, (2 * batch,)), c.condition_dim),
+        size = k.reshape(network.sinusoidal(k, k.reshape(target_size, (2 * batch,)), c.condition_dim, wide),
                          (batch, 2 * c.condition_dim))
         cond = k.cast(k.concat([crop, size], axis=1), dtype)
         cond = layers.linear(k, Scope(params, "condition.fc2"),
@@ -146,7 +146,7 @@ class GlmImageDit(Model):
         dtype = k.dtype(latents)
         _, _, height, width = k.shape(latents)
         rows, cols = height // p, width // p
-        rope = network.rotary_table(k, rows, cols, c.attention_head_dim)
+        rope = network.rotary_table(k, rows, cols, c.attention_head_dim, network.wide_dtype(dtype))
         image = layers.linear(k, Scope(params, "patch"), network.patchify(k, latents, p))
         glyph = Scope(params, "glyph")
         text = layers.linear(k, glyph.sub("fc2"), k.gelu(layers.linear(k, glyph.sub("fc1"), text)))
