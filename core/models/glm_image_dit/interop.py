@@ -90,6 +90,12 @@ class DiffusersDit:
             rules += pair(foreign, canonical)
         return rules
 
+    def data_overrides(self, model: Mapping[str, Any]) -> list[str]:
+        """Synthetic latents (``data=dit-latents``) of the model's sizes."""
+        return ["data=dit-latents", f"data.latent_channels={int(model['in_channels'])}",
+                f"data.patch_size={int(model['patch_size'])}", f"data.text_embed_dim={int(model['text_embed_dim'])}",
+                f"data.codebook_size={int(model['prior_vq_quantizer_codebook_size'])}"]
+
     def ignored(self, foreign_name: str, model: Mapping[str, Any]) -> bool:
         """diffusers saves no buffers for this class: nothing is skipped."""
         return False
