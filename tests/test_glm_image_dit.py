@@ -1,0 +1,302 @@
+"""GLM-Image's DiT decoder against diffusers: the prediction, the sampler's schedule and trajectory,
+the diffusers checkpoint layout, training and portability from a converted checkpoint.
+
+The oracle is diffusers 0.42 (the ``hf`` extra) on tiny random configs built here, never downloaded
+(:mod:`diffusers_oracle`). float32 compares with diffusers as it is; float64 with diffusers' three
+float32 computations run in float64 (:func:`diffusers_oracle.in_float64`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from diffusers_oracle import (CONFIGS, SCHEDULER, canonical, dit_model, dit_predict, in_float64, inputs,
+                              pipeline_schedule, section_of)
+from isthmus.backends.torch.engine import TorchEngine
+from isthmus.backends.torch.kernels import kernel_table as torch_table
+from isthmus.errors import IsthmusError
+from isthmus.kernels.routing import KernelSet
+from isthmus.models.glm_image_dit.model import GlmImageDit
+from isthmus.models.glm_image_dit.sampler import Schedule, sample, schedule_from_config, timesteps_and_sigmas
+
+TOLERANCE = {"float32": 1e-5, "float64": 1e-10}
+TORCH = {"float32": torch.float32, "float64": torch.float64}
+
+
+def torch_kernels() -> KernelSet:
+    return KernelSet("cpu", "torch", torch_table(TorchEngine("cpu", seed=0)))
+
+
+def on_torch(arrays: dict[str, np.ndarray], dtype: str) -> dict[str, torch.Tensor]:
+    return {name: torch.tensor(a, dtype=TORCH[dtype]) if a.dtype.kind == "f" else torch.tensor(a)
+            for name, a in arrays.items()}
+
+
+def predict(model: GlmImageDit, params: dict[str, np.ndarray], feeds: dict[str, np.ndarray], dtype: str) -> np.ndarray:
+    p, f = on_torch(params, dtype), on_torch(feeds, dtype)
+    out = model.predict(torch_kernels(), p, f["latents"], f["timestep"], f["text"], f["prior_tokens"], f["prior_drop"],
+                        f["target_size"], f["crop_coords"])
+    assert out.dtype == TORCH[dtype]
+    return out.double().numpy()
+
+
+def relative(got: np.ndarray, want: np.ndarray) -> float:
+    assert got.shape == want.shape
+    return float(np.abs(got - want).max() / np.abs(want).max())
+
+
+# ---- the prediction --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("index", range(len(CONFIGS)))
+def test_prediction_matches_diffusers(index, dtype):
+    config = CONFIGS[index]
+    oracle = dit_model(config, seed=index)
+    model = GlmImageDit(section_of(oracle))
+    feeds = inputs(config, seed=10 + index)
+    with in_float64() if dtype == "float64" else contextlib.nullcontext():
+        want = dit_predict(oracle, feeds, TORCH[dtype])
+    got = predict(model, canonical(oracle), feeds, dtype)
+    assert got.shape == (2, config["out_channels"], *feeds["latents"].shape[2:])
+    assert relative(got, want) <= TOLERANCE[dtype]
+
+
+def test_the_comparison_sees_every_input_and_float32_rounding():
+    """The parity test can fail: each conditioning input moves the prediction far beyond the
+    tolerance, and diffusers' unpatched float64 (float32 sinusoids and rotation) is off by more than
+    the float64 tolerance."""
+    config = CONFIGS[0]
+    oracle = dit_model(config)
+    model, params, feeds = GlmImageDit(section_of(oracle)), canonical(oracle), inputs(config)
+    base = predict(model, params, feeds, "float64")
+    changes = {"timestep": feeds["timestep"] + 1, "text": feeds["text"] * 1.01, "prior_drop": ~feeds["prior_drop"],
+               "prior_tokens": (feeds["prior_tokens"] + 1) % config["prior_vq_quantizer_codebook_size"],
+               "target_size": feeds["target_size"] + 8, "crop_coords": feeds["crop_coords"] + 1}
+    for name, value in changes.items():
+        assert relative(predict(model, params, {**feeds, name: value}, "float64"), base) > 1e-4, name
+    assert relative(dit_predict(oracle, feeds, torch.float64), base) > 1e-9
+
+
+def test_every_canonical_tensor_maps_to_one_diffusers_tensor():
+    oracle = dit_model(CONFIGS[1])
+    model = GlmImageDit(section_of(oracle))
+    params = canonical(oracle)  # raises if a diffusers tensor has no rule
+    specs = model.param_specs()
+    assert list(params) == list(specs)
+    assert all(params[name].shape == spec.shape for name, spec in specs.items())
+
+
+# ---- the sampler -----------------------------------------------------------------------------------
+
+
+SCHEDULES = [SCHEDULER, dict(SCHEDULER, time_shift_type="exponential", base_shift=0.5, max_shift=1.15),
+             dict(num_train_timesteps=1000, use_dynamic_shifting=False, shift=3.0)]
+
+
+@pytest.mark.parametrize("config", SCHEDULES)
+def test_schedule_matches_the_pipelines_scheduler(config):
+    for steps in (1, 4, 50):
+        for seq_len in (12, 4096):
+            scheduler = pipeline_schedule(steps, seq_len, config)
+            timesteps, sigmas = timesteps_and_sigmas(steps, seq_len, schedule_from_config(config))
+            assert timesteps.dtype == sigmas.dtype == np.float32
+            np.testing.assert_array_equal(timesteps, scheduler.timesteps.numpy())
+            np.testing.assert_array_equal(sigmas, scheduler.sigmas.numpy())
+
+
+def oracle_trajectory(oracle, feeds, negative, steps, guidance, dtype) -> np.ndarray:
+    """The pipeline's denoising loop on diffusers' transformer and scheduler. float32: the scheduler's
+    own step; float64: the same Euler update on the scheduler's sigmas (its step casts to float32)."""
+    t_dtype = TORCH[dtype]
+    oracle = oracle.to(t_dtype)
+    count = feeds["prior_tokens"].shape[1]
+    scheduler = pipeline_schedule(steps, count)
+    x = torch.tensor(feeds["latents"], dtype=t_dtype)
+    fixed = dict(prior_token_id=torch.tensor(feeds["prior_tokens"]),
+                 target_size=torch.tensor(feeds["target_size"], dtype=t_dtype),
+                 crop_coords=torch.tensor(feeds["crop_coords"], dtype=t_dtype), return_dict=False)
+    keep = torch.zeros(feeds["prior_tokens"].shape, dtype=torch.bool)
+    with torch.no_grad():
+        for i, t in enumerate(scheduler.timesteps):
+            timestep = t.expand(x.shape[0]) - 1
+            v = oracle(hidden_states=x, encoder_hidden_states=torch.tensor(feeds["text"], dtype=t_dtype),
+                       prior_token_drop=keep, timestep=timestep, **fixed)[0]
+            if guidance > 1:
+                u = oracle(hidden_states=x, encoder_hidden_states=torch.tensor(negative, dtype=t_dtype),
+                           prior_token_drop=~keep, timestep=timestep, **fixed)[0]
+                v = u + guidance * (v - u)
+            if dtype == "float32":
+                x = scheduler.step(v.float(), t, x, return_dict=False)[0]
+            else:
+                x = x + (scheduler.sigmas[i + 1] - scheduler.sigmas[i]).double() * v
+    return x.double().numpy()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("index, guidance", [(0, 1.5), (1, 1.0)])
+def test_sampler_trajectory_matches_diffusers(index, guidance, dtype):
+    config, steps = CONFIGS[index], 4
+    oracle = dit_model(config, seed=index)
+    model = GlmImageDit(section_of(oracle))
+    feeds = inputs(config, seed=20 + index)
+    negative = np.random.default_rng(index).standard_normal((2, 3, config["text_embed_dim"]))
+    with in_float64() if dtype == "float64" else contextlib.nullcontext():
+        want = oracle_trajectory(oracle, feeds, negative, steps, guidance, dtype)
+    batch = on_torch({"noise": feeds["latents"], "text": feeds["text"], "negative_text": negative,
+                      "prior_tokens": feeds["prior_tokens"], "target_size": feeds["target_size"],
+                      "crop_coords": feeds["crop_coords"]}, dtype)
+    with torch.no_grad():
+        got = sample(model, torch_kernels(), on_torch(canonical(oracle), dtype), batch, steps=steps,
+                     guidance_scale=guidance).double().numpy()
+    assert relative(got, want) <= TOLERANCE[dtype]
+    assert relative(got, feeds["latents"]) > 0.1  # the trajectory went somewhere
+
+
+def test_sampler_refusals():
+    oracle = dit_model(CONFIGS[2])
+    model = GlmImageDit(section_of(oracle))
+    with pytest.raises(IsthmusError, match=r"in_channels \(3\) != model.out_channels \(5\)"):
+        sample(model, torch_kernels(), {}, {})
+    square = GlmImageDit(section_of(dit_model(CONFIGS[0])))
+    feeds = on_torch({"noise": np.zeros((1, 4, 4, 4)), "text": np.zeros((1, 2, 12)),
+                      "prior_tokens": np.zeros((1, 4), np.int64), "target_size": np.ones((1, 2)),
+                      "crop_coords": np.zeros((1, 2))}, "float32")
+    with pytest.raises(IsthmusError, match="negative_text"):
+        sample(square, torch_kernels(), {}, feeds, steps=1, guidance_scale=2.0)
+    with pytest.raises(IsthmusError, match="use_karras_sigmas"):
+        schedule_from_config({"use_karras_sigmas": True})
+    with pytest.raises(IsthmusError, match="time_shift_type"):
+        Schedule(time_shift_type="cosine")
+    with pytest.raises(IsthmusError, match="steps 0"):
+        timesteps_and_sigmas(0, 16)
+
+
+def test_config_rules_are_one_line_each():
+    with pytest.raises(ValueError, match="attention_head_dim: 6 is not a multiple of 4"):
+        GlmImageDit({"name": "glm-image-dit", "attention_head_dim": 6})
+    with pytest.raises(ValueError, match="condition_dim: 5 is odd"):
+        GlmImageDit({"name": "glm-image-dit", "condition_dim": 5})
+
+
+# ---- the diffusers layout --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def diffusers_dir(tmp_path_factory) -> Path:
+    """A DiT as diffusers' save_pretrained writes it: bfloat16, sharded, with an index."""
+    out = tmp_path_factory.mktemp("dit") / "transformer"
+    dit_model(CONFIGS[0]).to(torch.bfloat16).save_pretrained(out, max_shard_size="20KB")
+    assert (out / "diffusion_pytorch_model.safetensors.index.json").is_file()
+    return out
+
+
+def raw_tensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    tensors: dict[str, torch.Tensor] = {}
+    for file in sorted(path.glob("*.safetensors")):
+        tensors.update(load_file(file))
+    return tensors
+
+
+def test_save_pretrained_round_trips_bitwise_and_loads_in_diffusers(diffusers_dir, tmp_path, capsys):
+    from diffusers import GlmImageTransformer2DModel
+
+    from isthmus.cli.main import main
+
+    assert main(["convert", str(diffusers_dir), "--to", "isthmus", "--output", str(tmp_path / "run")]) == 0
+    assert main(["convert", str(tmp_path / "run"), "--to", "hf", "--output", str(tmp_path / "back"),
+                 "--max-shard-size", "20KB"]) == 0
+    capsys.readouterr()
+    source, back = raw_tensors(diffusers_dir), raw_tensors(tmp_path / "back")
+    assert source.keys() == back.keys()
+    for name, tensor in source.items():
+        assert back[name].dtype == tensor.dtype == torch.bfloat16, name
+        assert torch.equal(back[name].view(torch.int16), tensor.view(torch.int16)), name
+    assert json.loads((tmp_path / "back" / "config.json").read_text()) == \
+        json.loads((diffusers_dir / "config.json").read_text())
+    index = json.loads((tmp_path / "back" / "diffusion_pytorch_model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    loaded = GlmImageTransformer2DModel.from_pretrained(tmp_path / "back", torch_dtype=torch.bfloat16)
+    for name, tensor in loaded.state_dict().items():
+        assert torch.equal(tensor, source[name]), name
+    # The isthmus side: float32 masters under canonical names and a run config with fitting latents.
+    from isthmus.train.checkpoint import load_checkpoint
+
+    checkpoint = load_checkpoint(tmp_path / "run")
+    assert {a.dtype.name for a in checkpoint.params.values()} == {"float32"}
+    assert "blocks.1.ada.weight" in checkpoint.params
+    data = checkpoint.state.config["data"]
+    assert (data["name"], data["latent_channels"], data["codebook_size"]) == ("dit-latents", 4, 50)
+
+
+def test_a_written_config_without_an_original_loads_in_diffusers(diffusers_dir, tmp_path, capsys):
+    """From a run trained here (no diffusers config to keep), the layout writes config.json itself."""
+    from diffusers import GlmImageTransformer2DModel
+
+    from isthmus.cli.main import main
+
+    run = tmp_path / "run"
+    assert main(["train", "model=glm-image-dit", "data=dit-latents", "model.num_layers=1", "data.num_train=8",
+                 "data.num_eval=2", "train.steps=1", "train.warmup_steps=0", "train.batch_size=2",
+                 f"output_dir={run}", "--no-progress"]) == 0
+    assert main(["convert", str(run), "--to", "hf", "--dtype", "float32", "--output", str(tmp_path / "out")]) == 0
+    capsys.readouterr()
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["_class_name"] == "GlmImageTransformer2DModel" and config["num_layers"] == 1
+    loaded = GlmImageTransformer2DModel.from_pretrained(tmp_path / "out")
+    from isthmus.train.checkpoint import load_checkpoint
+
+    params = load_checkpoint(run).params
+    assert torch.equal(loaded.state_dict()["proj_out.weight"], torch.from_numpy(params["out.weight"]))
+
+
+def test_foreign_configs_that_do_not_fit_are_refused_in_one_line(diffusers_dir, tmp_path, capsys):
+    import shutil
+
+    from isthmus.cli.main import main
+
+    bad = tmp_path / "bad"
+    shutil.copytree(diffusers_dir, bad)
+    config = json.loads((bad / "config.json").read_text())
+    (bad / "config.json").write_text(json.dumps({**config, "num_layers": 3}))
+    assert main(["convert", str(bad), "--to", "isthmus", "--output", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "transformer_blocks.2" in err and len(err.splitlines()) == 1 and not (tmp_path / "x").exists()
+    (bad / "config.json").write_text(json.dumps({**config, "attention_head_dim": "8"}))
+    assert main(["convert", str(bad), "--to", "isthmus", "--output", str(tmp_path / "x")]) == 2
+    assert "attention_head_dim" in capsys.readouterr().err
+
+
+# ---- training and portability from a converted checkpoint ------------------------------------------
+
+
+@pytest.mark.slow
+def test_a_converted_checkpoint_trains_on_torch_and_mindspore_and_passes_portability(diffusers_dir, tmp_path, capsys):
+    """The same converted weights: forward, loss and gradients on cpu, cpu:mindspore, ONNX Runtime
+    against the reference, and 5 training steps on torch and MindSpore within the training band."""
+    from isthmus.cli.main import main
+    from isthmus.registry.manager import get_registry
+    from isthmus.verify.compare import TRAIN_BAND
+    from isthmus.verify.portability import run_portability
+
+    assert main(["convert", str(diffusers_dir), "--to", "isthmus", "--output", str(tmp_path / "run")]) == 0
+    capsys.readouterr()
+    report = run_portability(get_registry(), tmp_path / "run", ["cpu", "cpu:mindspore", "onnxruntime", "reference"],
+                             out_dir=tmp_path / "report", train_steps=5, echo=lambda line: None)
+    assert report.exit_code == 0
+    by_label = {t.label: t for t in report.targets}
+    assert by_label["reference"].status == "golden"
+    for label in ("cpu", "cpu:mindspore", "onnxruntime"):
+        assert by_label[label].status == "compared" and not by_label[label].breach, label
+    torch_curve, ms_curve = by_label["cpu"].train["losses"], by_label["cpu:mindspore"].train["losses"]
+    assert len(torch_curve) == len(ms_curve) == 5 and torch_curve[-1] < torch_curve[0]
+    gap = max(abs(a - b) / max(1.0, abs(b)) for a, b in zip(ms_curve, torch_curve))
+    assert gap <= TRAIN_BAND["float32"] and by_label["cpu:mindspore"].train_ok
