@@ -23,7 +23,7 @@ class GlmImageArConfig(ModelBase):
 
     name: str = NAME
     # ---- the text decoder (GlmImageTextConfig) ----
-    vocab_size: int | None = field(default=None, metadata=bounds(ge=2))  # None: vision_vocab_size + the data's tokenizer
+    vocab_size: int = field(default=176, metadata=bounds(ge=2))  # vision ids, then text ids (captions: + vision_vocab_size)
     vision_vocab_size: int = field(default=144, metadata=bounds(ge=2))  # ids the head scores
     hidden_size: int = field(default=64, metadata=bounds(ge=2))
     intermediate_size: int = field(default=96, metadata=bounds(ge=1))
@@ -71,7 +71,7 @@ class GlmImageArConfig(ModelBase):
         elif self.mrope_temporal + self.mrope_height + self.mrope_width != self.rotary_dim // 2 or self.rotary_dim % 2:
             problems.append(("mrope_temporal", f"the sections {self.mrope_sections} must add up to half the rotated "
                                                f"features per head ({self.rotary_dim} // 2)"))
-        if self.vocab_size is not None and self.vision_vocab_size > self.vocab_size:
+        if self.vision_vocab_size > self.vocab_size:
             problems.append(("vision_vocab_size", f"{self.vision_vocab_size} exceeds vocab_size ({self.vocab_size})"))
         if self.vq_num_embeddings > self.vision_vocab_size:
             problems.append(("vq_num_embeddings", f"{self.vq_num_embeddings} codes do not fit the vision vocabulary "

@@ -43,14 +43,10 @@ class GlmImageAR(Model):
     name = NAME
     task = "text-to-image-tokens"
 
-    def __init__(self, config: Mapping[str, Any] | GlmImageArConfig, tokenizer: Any = None,
-                 vocab_size: int | None = None) -> None:
-        """``tokenizer`` (the captions') sizes the vocabulary unless the config (or ``vocab_size``) does."""
+    def __init__(self, config: Mapping[str, Any] | GlmImageArConfig, tokenizer: Any = None) -> None:
+        """``tokenizer``: the captions' (their ids are shifted past the vision vocabulary)."""
         self.tokenizer = tokenizer
-        section = dataclasses.asdict(config) if isinstance(config, GlmImageArConfig) else dict(config)
-        vision = int(section.get("vision_vocab_size") or GlmImageArConfig.vision_vocab_size)
-        size = vocab_size if vocab_size is not None else (vision + tokenizer.vocab_size if tokenizer is not None else None)
-        c = build(GlmImageArConfig, section, NAME, size)
+        c = build(GlmImageArConfig, config, NAME, GlmImageArConfig.vocab_size)  # the schema's default when left out
         fill = {"pad_token_id": c.vocab_size - 1, "image_token_id": c.vocab_size - 2}
         self.config = dataclasses.replace(c, **{k: v for k, v in fill.items() if getattr(c, k) is None})
         self.decoder = DecoderLM(self.decoder_config())

@@ -17,15 +17,11 @@ SMOKE = ("model.num_hidden_layers=1", "model.vision_depth=1", "data.num_train=64
 
 
 def build(model_config: Mapping[str, Any], data: Any) -> Any:
-    """The model from its config section; a null ``vocab_size`` is the vision vocabulary plus the
-    data's tokenizer (caption ids follow the vision ids)."""
+    """The model from its config section and the captions' tokenizer."""
     from isthmus.errors import IsthmusError
     from isthmus.models.glm_image_ar.model import GlmImageAR
 
     tokenizer = data.tokenizer
-    if tokenizer is None and model_config.get("vocab_size") is None:
-        raise IsthmusError(f"model {NAME} reads captions, but the data has no tokenizer and model.vocab_size is not "
-                           f"set; use data=scenes")
     try:
         model = GlmImageAR(model_config, tokenizer)
     except ValueError as err:
