@@ -120,16 +120,19 @@ def test_trains_on_torch_and_mindspore_from_the_converted_checkpoint_within_the_
 
 
 @pytest.mark.slow
-def test_portability_on_every_engine_and_the_onnx_export(hf_dir, tmp_path):
+def test_portability_on_every_engine_and_the_onnx_export_with_training_curves(hf_dir, tmp_path):
     run = tmp_path / "run"
-    ran = isthmus("train", "--init-from", str(hf_dir), "backend=cpu", "data=scenes", "data.num_train=16",
+    ran = isthmus("train", "--init-from", str(hf_dir), "data=scenes", "data.num_train=16",
                   "data.num_eval=4", "train=quick", "train.steps=2", "train.batch_size=2", "train.eval_every=0",
                   f"output_dir={run}", "--no-progress")
     assert ran.returncode == 0, ran.stderr
     ran = isthmus("portability", "--checkpoint", str(run), "--backends", "cpu,cpu:mindspore,onnxruntime,reference",
-                  "--train-steps", "3", "--out", str(tmp_path / "report"))
+                  "--train-steps", "5", "--out", str(tmp_path / "report"))
     assert ran.returncode == 0, ran.stdout + ran.stderr
     report = json.loads((tmp_path / "report" / "report.json").read_text())
-    statuses = {t["label"]: t["status"] for t in report["targets"]}
+    targets = {t["label"]: t for t in report["targets"]}
+    statuses = {label: targets[label]["status"] for label in ("cpu", "cpu:mindspore", "onnxruntime", "reference")}
     assert statuses == {"cpu": "compared", "cpu:mindspore": "compared", "onnxruntime": "compared",
                         "reference": "golden"}, report
+    assert report["gradient_check_ok"] and all(t["train_ok"] for t in targets.values())
+    assert len(targets["cpu:mindspore"]["train"]["losses"]) == 5  # both engines trained and were compared
