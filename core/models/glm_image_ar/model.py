@@ -19,8 +19,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping, Sequence
 
-import numpy as np
-
 from isthmus.config.values import build
 from isthmus.models.decoder_lm import rope
 from isthmus.models.decoder_lm.config import DecoderConfig
@@ -51,7 +49,7 @@ class GlmImageAR(Model):
         self.config = dataclasses.replace(c, **{k: v for k, v in fill.items() if getattr(c, k) is None})
         self.decoder = DecoderLM(self.decoder_config())
         self.inverse_frequencies = rope.inverse_frequencies(self.decoder.config)
-        self.sections = np.repeat(np.arange(3), self.config.mrope_sections).astype(np.int64)
+        self.sections = [axis for axis, count in enumerate(self.config.mrope_sections) for _ in range(count)]
 
     def decoder_config(self) -> DecoderConfig:
         """The GLM-4 block settings of the generator, for the decoder family's blocks."""
@@ -94,7 +92,7 @@ class GlmImageAR(Model):
         wide = "float64" if dtype == "float64" else "float32"
         batch_size, _, length = k.shape(positions)
         half = len(self.inverse_frequencies)
-        chosen = k.take(positions, k.asarray(self.sections), axis=1)  # (B, half, S)
+        chosen = k.take(positions, k.asarray(self.sections, "int64"), axis=1)  # (B, half, S)
         chosen = k.transpose(k.cast(chosen, wide), (0, 2, 1))
         angles = k.mul(chosen, k.reshape(k.asarray(self.inverse_frequencies, wide), (1, 1, half)))
         cos, sin = (k.reshape(k.cast(f(angles), dtype), (batch_size, 1, length, half)) for f in (k.cos, k.sin))
@@ -143,8 +141,7 @@ class GlmImageAR(Model):
         side = int(round(grid ** 0.5))
         tokens = k.concat([k.add(caption, c.vision_vocab_size),
                            k.full((batch_size, 1), c.image_start_token_id, "int64"), codes], axis=1)
-        prompt, decode = positions_.text_to_image(length + 1, [(side, grid // side)])
-        where = np.concatenate([prompt, decode[:, :-1]], axis=1)[None]  # the end marker is a target only
+        where = positions_.training(length, side, grid // side)
         at = k.add(k.zeros((batch_size, 3, length + 1 + grid), "int64"), k.asarray(where))
         targets = k.concat([k.full((batch_size, length), IGNORE_INDEX, "int64"), codes,
                             k.full((batch_size, 1), c.image_end_token_id, "int64")], axis=1)
@@ -234,9 +231,9 @@ class GlmImageAR(Model):
                 where = k.add(ones, k.asarray(after[None, :, step:step + 1]))
                 slot = k.full((batch_size, 1), prompt + step, "int64")
         else:
-            sequence = np.concatenate([before, after[:, :-1]], axis=1)
+            sequence = positions_.sequence(prompt, grids)
             for step in range(total):
-                at = k.add(k.zeros((batch_size, 3, prompt + step), "int64"), k.asarray(sequence[None, :, :prompt + step]))
+                at = k.add(k.zeros((batch_size, 3, prompt + step), "int64"), k.asarray(sequence[:, :, :prompt + step]))
                 chosen = k.reshape(k.argmax(k.take(self.generator(k, params, tokens, at), -1, axis=1), axis=-1),
                                    (batch_size, 1))
                 tokens = k.concat([tokens, chosen], axis=1)

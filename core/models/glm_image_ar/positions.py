@@ -72,4 +72,17 @@ def text_to_image(prompt_length: int, grids: Sequence[tuple[int, int]]) -> tuple
     return prompt, np.concatenate(decode, axis=1).astype(np.int64)
 
 
-__all__ = ["rope_index", "text_to_image"]
+def training(caption_length: int, rows: int, cols: int) -> np.ndarray:
+    """``(1, 3, caption_length + 1 + rows * cols)``: a caption, ``image_start`` and the image's
+    tokens (the end marker that follows them is a target only)."""
+    prompt, decode = text_to_image(caption_length + 1, [(rows, cols)])
+    return np.concatenate([prompt, decode[:, :-1]], axis=1)[None]
+
+
+def sequence(prompt_length: int, grids: Sequence[tuple[int, int]]) -> np.ndarray:
+    """``(1, 3, prompt_length + sum(h * w))``: the prompt and every image token, in order."""
+    prompt, decode = text_to_image(prompt_length, grids)
+    return np.concatenate([prompt, decode[:, :-1]], axis=1)[None]
+
+
+__all__ = ["rope_index", "sequence", "text_to_image", "training"]

@@ -29,9 +29,9 @@ Tensor = Any
 
 
 def frozen(specs: dict[str, ParamSpec]) -> dict[str, ParamSpec]:
-    """The tokenizer is frozen in GLM-Image: its weights get no weight decay, so with the zero
-    gradients the generator's loss gives them, AdamW leaves them as they are."""
-    return {name: ParamSpec(s.shape, s.init, s.std, s.dtype, decay=False) for name, s in specs.items()}
+    """The tokenizer is frozen in GLM-Image: the generator's loss reads only its integer codes, so
+    its weights get zero gradients, and no weight decay, so AdamW leaves them as they are."""
+    return {name: ParamSpec(s.shape, s.init, s.std, s.dtype, decay=False, trainable=False) for name, s in specs.items()}
 
 
 def param_specs(c: Any) -> dict[str, ParamSpec]:
