@@ -300,3 +300,92 @@ def test_a_converted_checkpoint_trains_on_torch_and_mindspore_and_passes_portabi
     assert len(torch_curve) == len(ms_curve) == 5 and torch_curve[-1] < torch_curve[0]
     gap = max(abs(a - b) / max(1.0, abs(b)) for a, b in zip(ms_curve, torch_curve))
     assert gap <= TRAIN_BAND["float32"] and by_label["cpu:mindspore"].train_ok
+
+
+# ---- isthmus generate --------------------------------------------------------------------------------
+
+
+def test_upsample_puts_each_generator_token_over_its_two_by_two_patches():
+    from isthmus.models.glm_image_dit.commands import upsample
+
+    tokens = np.array([[1, 2, 3, 4, 5, 6]])  # a 2 x 3 grid
+    assert upsample(tokens, 2, 3).reshape(4, 6).tolist() == [[1, 1, 2, 2, 3, 3], [1, 1, 2, 2, 3, 3],
+                                                             [4, 4, 5, 5, 6, 6], [4, 4, 5, 5, 6, 6]]
+
+
+def test_generate_from_prior_tokens_writes_the_samplers_latents(diffusers_dir, tmp_path, capsys):
+    """The command on a diffusers directory: its latents are the sampler's on the same noise,
+    upsampled tokens, sizes and (zero) glyph embeddings, and it says that the VAE stage is missing."""
+    from isthmus.cli.main import main
+
+    tokens = np.array([[3, 7, 11, 49]])
+    np.save(tmp_path / "prior.npy", tokens)
+    out = tmp_path / "latents.npy"
+    assert main(["generate", "--checkpoint", str(diffusers_dir), "--prior-tokens", str(tmp_path / "prior.npy"),
+                 "--height", "64", "--width", "64", "--steps", "3", "--guidance-scale", "2", "--seed", "4",
+                 "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "VAE stage is missing" in printed and "latents, not pixels" in printed
+    got = np.load(out)
+    oracle = dit_model(CONFIGS[0]).to(torch.bfloat16).float()  # the weights the directory holds
+    model = GlmImageDit(section_of(oracle))
+    grid = tokens.reshape(2, 2).repeat(2, axis=0).repeat(2, axis=1).reshape(1, 16)
+    batch = on_torch({"noise": np.random.default_rng(4).standard_normal((1, 4, 8, 8)).astype(np.float32),
+                      "text": np.zeros((1, 1, 12)), "negative_text": np.zeros((1, 1, 12)), "prior_tokens": grid,
+                      "target_size": np.array([[64.0, 64.0]]), "crop_coords": np.zeros((1, 2))}, "float32")
+    with torch.no_grad():
+        want = sample(model, torch_kernels(), on_torch(canonical(oracle), "float32"), batch, steps=3,
+                      guidance_scale=2.0).numpy()
+    assert got.shape == (1, 4, 8, 8)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * float(np.abs(want).max()))
+
+
+def test_generate_refuses_what_does_not_fit_in_one_line(diffusers_dir, tmp_path, capsys):
+    from isthmus.cli.main import main
+
+    np.save(tmp_path / "prior.npy", np.array([1, 2, 3]))
+    np.save(tmp_path / "big.npy", np.array([1, 2, 3, 50]))
+    base = ["generate", "--checkpoint", str(diffusers_dir), "--steps", "1", "--out", str(tmp_path / "x.npy")]
+    cases = [(["--prior-tokens", str(tmp_path / "prior.npy"), "--height", "64", "--width", "64"], "expected 4 integer"),
+             (["--prior-tokens", str(tmp_path / "big.npy"), "--height", "64", "--width", "64"], "outside the DiT's codebook"),
+             (["--prior-tokens", str(tmp_path / "prior.npy"), "--height", "40"], "--height 40: must be a positive multiple of 32"),
+             (["--ar-checkpoint", str(diffusers_dir), "--height", "64", "--width", "64"], "needs --prompt-ids")]
+    for extra, message in cases:
+        assert main([*base, *extra]) == 2, extra
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "x.npy").exists()
+
+
+@pytest.mark.slow
+def test_generate_runs_the_generator_then_the_dit(tmp_path, capsys):
+    """Prompt ids -> the generator checkpoint's image tokens (preview grid, then the target grid) ->
+    the DiT: the same latents as handing the generator's target-grid tokens over by file."""
+    from isthmus.cli.main import main
+    from isthmus.registry.manager import get_registry
+    from isthmus.train.restore import build_label, restore
+
+    ar, dit = tmp_path / "ar", tmp_path / "dit"
+    assert main(["train", "model=glm-image-ar", "model.num_hidden_layers=1", "model.vision_depth=1",
+                 "data.num_train=8", "data.num_eval=2", "train.steps=1", "train.warmup_steps=0", "train.batch_size=2",
+                 f"output_dir={ar}", "--no-progress"]) == 0
+    assert main(["train", "model=glm-image-dit", "data=dit-latents", "model.num_layers=1",
+                 "model.prior_vq_quantizer_codebook_size=144", "data.codebook_size=144", "data.num_train=8",
+                 "data.num_eval=2", "train.steps=1", "train.warmup_steps=0", "train.batch_size=2",
+                 f"output_dir={dit}", "--no-progress"]) == 0
+    prompt = [140, 150, 128]
+    common = ["generate", "--checkpoint", str(dit), "--height", "64", "--width", "96", "--steps", "2"]
+    assert main([*common, "--ar-checkpoint", str(ar), "--prompt-ids", ",".join(map(str, prompt)),
+                 "--preview-grid", "1x1", "--out", str(tmp_path / "chain.npy")]) == 0
+    registry = get_registry()
+    restored = restore(registry, ar)
+    backend = build_label(registry, "cpu")
+    with backend.engine.no_grad():
+        drawn = restored.model.generate(backend.kernels, backend.engine.parameters(restored.params),
+                                        {"tokens": backend.engine.asarray(np.array([prompt]))}, grids=[(1, 1), (2, 3)])
+    drawn = np.asarray(backend.engine.to_numpy(drawn))
+    assert drawn.shape == (1, 7)
+    np.save(tmp_path / "prior.npy", drawn[:, 1:])
+    assert main([*common, "--prior-tokens", str(tmp_path / "prior.npy"), "--out", str(tmp_path / "file.npy")]) == 0
+    capsys.readouterr()
+    np.testing.assert_array_equal(np.load(tmp_path / "chain.npy"), np.load(tmp_path / "file.npy"))

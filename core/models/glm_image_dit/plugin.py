@@ -57,3 +57,24 @@ def register_datasets(register):
 @hookimpl
 def register_config_dirs():
     return Path(__file__).parent / "configs"
+
+
+def _configure(parser: Any) -> None:
+    from isthmus.models.glm_image_dit.commands import configure
+
+    configure(parser)
+
+
+def _run(args: Any) -> int:
+    from isthmus.models.glm_image_dit.commands import run
+
+    return run(args)
+
+
+@hookimpl
+def register_commands(register):
+    from isthmus.registry.specs import CommandSpec
+
+    register(CommandSpec(name="generate", help="latents from prior tokens (or a prompt through a generator "
+                                               "checkpoint) with a GLM-Image DiT checkpoint",
+                         configure=_configure, run=_run, models=(NAME,)))
