@@ -9,11 +9,12 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 
 from isthmus.train.checkpoint import CheckpointState, load_checkpoint, save_checkpoint
+from isthmus.train.sidecar import interpreting
 from isthmus.errors import IsthmusError
 from isthmus.train.evaluate import to_device
 from isthmus.nn.params import manifest
@@ -52,7 +53,9 @@ class Trainer:
 
     def __init__(self, run: Run, run_dir: Path, manager: Any = None, progress: bool = False, resume: Path | None = None,
                  comm: Any = None, init: Mapping[str, np.ndarray] | None = None,
-                 foreign: Mapping[str, Any] | None = None) -> None:
+                 foreign: Mapping[str, Any] | None = None, after_checkpoint: Callable[[Path], None] | None = None) -> None:
+        """``after_checkpoint(path)`` is called after each complete checkpoint (the run directory's
+        change is committed on the first, see :class:`isthmus.train.rundir.RunDirChange`)."""
         self.run = run
         self.cfg = run.config
         self.run_dir = run_dir
@@ -73,14 +76,23 @@ class Trainer:
         # Data parallel (isthmus.train.parallel.Comm or None): only rank 0 writes checkpoints, logs and progress.
         self.comm = comm
         self.writer = comm is None or comm.rank == 0
+        self.after_checkpoint = after_checkpoint
+        self.started = False
 
     # -- events --------------------------------------------------------------------------
     def emit(self, event: str, **kwargs: Any) -> None:
-        if self.manager is not None:
-            getattr(self.manager.hook, event)(trainer=self, **kwargs)
+        if self.manager is not None:  # a plugin's failure, even sys.exit(), is named as the plugin's
+            from isthmus.registry.manager import call_hook
+
+            call_hook(self.manager, event, trainer=self, **kwargs)
 
     # -- state ---------------------------------------------------------------------------
     def start_state(self) -> None:
+        """Initial weights, or the checkpoint's (verified against the model), with the optimizer,
+        RNG and data position; writes nothing, so a command calls it before it touches the run
+        directory. Once per trainer."""
+        if self.started:
+            return
         backend, t = self.run.backend, self.cfg.train
         engine, k = backend.engine, backend.kernels
         # An engine that can compile the step (cuda: torch.compile when backend.options.compile)
@@ -97,6 +109,7 @@ class Trainer:
             self.optimizer.init_state(k, self.params)
             engine.seed(int(self.cfg.seed))
             self.data = self.run.data.train.iter_batches(int(t.batch_size), seed=int(self.cfg.seed))
+            self.started = True
             return
         loaded = load_checkpoint(
             self.resume,
@@ -108,15 +121,19 @@ class Trainer:
         self.optimizer.load_tensors({n: engine.asarray(a) for n, a in loaded.optimizer_tensors.items()}, list(self.specs))
         self.optimizer.step = int(loaded.state.optimizer["step"])
         if self.policy.loss_scale is not None and "loss_scale" in loaded.state.optimizer:
-            self.policy.loss_scale.load(loaded.state.optimizer["loss_scale"])
+            with interpreting("optimizer.loss_scale", "the fp16 loss scale", loaded.path / "state.json"):
+                self.policy.loss_scale.load(loaded.state.optimizer["loss_scale"])
         if loaded.state.rng.get("engine") == backend.engine_name:
-            engine.set_rng_state(loaded.state.rng["state"])
+            with interpreting("rng.state", f"engine {backend.engine_name}", loaded.path / "state.json"):
+                engine.set_rng_state(loaded.state.rng["state"])
         else:
             engine.seed(int(self.cfg.seed) + loaded.state.step)
-        self.data = self.run.data.train.resume(loaded.state.data_position)
+        with interpreting("data_position", "the training data", loaded.path / "state.json"):
+            self.data = self.run.data.train.resume(loaded.state.data_position)
         self.step = loaded.state.step
         self.skipped = int(loaded.state.extra.get("skipped_steps", 0))
         self.foreign = dict(loaded.state.extra.get("foreign") or {})
+        self.started = True
 
     def save(self) -> Path | None:
         if not self.writer:
@@ -144,6 +161,8 @@ class Trainer:
             ),
             keep_last=int(self.cfg.train.keep_last),
         )
+        if self.after_checkpoint is not None:
+            self.after_checkpoint(path)
         self.emit("on_checkpoint", step=self.step, path=path)
         return path
 
@@ -246,6 +265,9 @@ class Trainer:
                     self.eval_and_log(metrics_log, progress, EVAL_SAMPLES_DURING_TRAINING)
                 if (int(t.checkpoint_every) and self.step % int(t.checkpoint_every) == 0) or final:
                     checkpoint = self.save()
+        except BaseException:
+            metrics_log.abandon()  # the error that stopped the run is the one to report
+            raise
         finally:
             progress.close()
         wall = time.perf_counter() - started
