@@ -19,9 +19,11 @@ from isthmus.models.glm_image_ar.positions import text_to_image
 
 
 def generate(model: Any, backend: Any, params: Mapping[str, Any], prompt: np.ndarray,
-             grids: Sequence[tuple[int, int]], sampling: Sampling = Sampling(), use_cache: bool = True,
+             grids: Sequence[tuple[int, int]], sampling: Sampling | None = None, use_cache: bool = True,
              codes_only: bool = False) -> np.ndarray:
-    """int64 ``(B, sum(h * w))`` image tokens after ``prompt`` ``(B, P)`` (one length for every row)."""
+    """int64 ``(B, sum(h * w))`` image tokens after ``prompt`` ``(B, P)`` (one length for every row);
+    ``sampling`` None: greedy."""
+    sampling = sampling or Sampling()
     k, engine = backend.kernels, backend.engine
     prompt = np.asarray(prompt, dtype=np.int64)
     if prompt.ndim != 2 or prompt.shape[1] == 0:
