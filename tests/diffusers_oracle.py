@@ -157,3 +157,28 @@ def in_float64() -> Iterator[None]:
     finally:
         (embeddings.get_timestep_embedding, embeddings.apply_rotary_emb,
          transformer_glm_image.GlmImageRotaryPosEmbed.forward) = saved
+
+
+# Two AutoencoderKL shapes: 2 and 3 levels, 1 and 2 resnets per level (+1 in the decoder), groups 4
+# and 3, with and without post_quant_conv, with the pipeline's per-channel latent statistics.
+VAE_CONFIGS = [
+    dict(latent_channels=4, block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4,
+         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+         latents_mean=[0.1, -0.2, 0.3, 0.0], latents_std=[1.5, 1.0, 0.5, 2.0]),
+    dict(latent_channels=5, block_out_channels=(6, 12, 12), layers_per_block=2, norm_num_groups=3,
+         down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+         use_post_quant_conv=False),
+]
+
+
+def vae_model(config: dict[str, Any], seed: int = 0) -> Any:
+    """A random AutoencoderKL in eval mode, every tensor moved off its initial value."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    model = AutoencoderKL(**config).eval()
+    generator = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.1)
+    return model

@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 import torch
 
-from diffusers_oracle import (CONFIGS, SCHEDULER, canonical, dit_model, dit_predict, in_float64, inputs,
-                              pipeline_schedule, section_of)
+from diffusers_oracle import (CONFIGS, SCHEDULER, VAE_CONFIGS, canonical, dit_model, dit_predict, in_float64,
+                              inputs, pipeline_schedule, section_of, vae_model)
 from isthmus.backends.torch.engine import TorchEngine
 from isthmus.backends.torch.kernels import kernel_table as torch_table
 from isthmus.errors import IsthmusError
@@ -325,7 +325,7 @@ def test_generate_from_prior_tokens_writes_the_samplers_latents(diffusers_dir, t
                  "--height", "64", "--width", "64", "--steps", "3", "--guidance-scale", "2", "--seed", "4",
                  "--out", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "VAE stage is missing" in printed and "latents, not pixels" in printed
+    assert "VAE stage is missing" in printed and "latents, not pixels" in printed and not out.with_suffix(".png").exists()
     got = np.load(out)
     oracle = dit_model(CONFIGS[0]).to(torch.bfloat16).float()  # the weights the directory holds
     model = GlmImageDit(section_of(oracle))
@@ -389,3 +389,53 @@ def test_generate_runs_the_generator_then_the_dit(tmp_path, capsys):
     assert main([*common, "--prior-tokens", str(tmp_path / "prior.npy"), "--out", str(tmp_path / "file.npy")]) == 0
     capsys.readouterr()
     np.testing.assert_array_equal(np.load(tmp_path / "chain.npy"), np.load(tmp_path / "file.npy"))
+
+
+# ---- the VAE decoder ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("index", range(len(VAE_CONFIGS)))
+def test_vae_decoder_matches_diffusers(index, dtype, tmp_path):
+    from isthmus.models.glm_image_dit import vae
+
+    oracle = vae_model(VAE_CONFIGS[index], seed=index)
+    oracle.save_pretrained(tmp_path)
+    config, weights = vae.read_vae(tmp_path)
+    assert all(name.startswith(("decoder.", "post_quant_conv.")) for name in weights)
+    latents = np.random.default_rng(index).standard_normal((2, config.latent_channels, 5, 6))
+    with torch.no_grad():
+        want = oracle.to(TORCH[dtype]).decode(torch.tensor(latents, dtype=TORCH[dtype])).sample.double().numpy()
+    got = vae.decode(torch_kernels(), config, on_torch(weights, dtype), torch.tensor(latents, dtype=TORCH[dtype]))
+    assert got.dtype == TORCH[dtype]
+    assert relative(got.double().numpy(), want) <= TOLERANCE[dtype]
+
+
+def test_generate_decodes_with_a_vae_like_the_pipeline(diffusers_dir, tmp_path, capsys):
+    """--vae: the PNG holds diffusers' AutoencoderKL decode of the written latents after the pipeline's
+    latents * std + mean, post-processed by diffusers' VaeImageProcessor."""
+    from PIL import Image
+    from diffusers.image_processor import VaeImageProcessor
+
+    from isthmus.cli.main import main
+
+    oracle = vae_model(dict(VAE_CONFIGS[0], block_out_channels=(8, 8, 8, 16),
+                            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4))
+    oracle.save_pretrained(tmp_path / "vae")
+    np.save(tmp_path / "prior.npy", np.array([3, 7, 11, 49]))
+    out = tmp_path / "latents.npy"
+    assert main(["generate", "--checkpoint", str(diffusers_dir), "--prior-tokens", str(tmp_path / "prior.npy"),
+                 "--height", "64", "--width", "64", "--steps", "2", "--count", "2", "--out", str(out),
+                 "--vae", str(tmp_path / "vae")]) == 0
+    assert "VAE stage is missing" not in capsys.readouterr().out
+    latents = torch.from_numpy(np.load(out))
+    mean = torch.tensor(oracle.config.latents_mean).view(1, -1, 1, 1)
+    std = torch.tensor(oracle.config.latents_std).view(1, -1, 1, 1)
+    with torch.no_grad():
+        pixels = oracle.decode(latents * std + mean).sample
+    want = (VaeImageProcessor(vae_scale_factor=8).postprocess(pixels, output_type="np") * 255).round()
+    got = np.asarray(Image.open(out.with_suffix(".png")))
+    assert got.shape == (64, 128, 3)
+    # Rounding to 8 bits can flip a pixel whose float value sits on a boundary; none may be off by more.
+    difference = np.abs(got.astype(int) - np.concatenate(list(want), axis=1).astype(int))
+    assert difference.max() <= 1 and (difference > 0).mean() < 0.01

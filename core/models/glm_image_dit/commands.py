@@ -8,7 +8,9 @@ are kept), or from ``--prior-tokens FILE.npy``. Either way they are at
 the generator's resolution (one token per 2 x 2 DiT patches) and are upsampled twice by nearest
 neighbour, as the pipeline does. The glyph (text) embeddings come from ``--text-embeddings FILE.npy``;
 without it the DiT reads one zero vector (GLM-Image's glyph encoder, a T5 encoder, is not part of
-isthmus). The output is the latents: the VAE decoder (AutoencoderKL) is not built here.
+isthmus). The output is the latents; with ``--vae DIR`` (a diffusers ``AutoencoderKL`` directory, the
+pipeline's ``vae``) they are also decoded to pixels (:mod:`isthmus.models.glm_image_dit.vae`) and
+written as a PNG, the images side by side.
 """
 
 from __future__ import annotations
@@ -20,8 +22,8 @@ from typing import Any
 import numpy as np
 
 AR_TASK = "text-to-image-tokens"  # what a generator checkpoint's model must do
-VAE_MISSING = ("the VAE stage is missing: isthmus has no AutoencoderKL decoder yet, so these are latents, not "
-               "pixels (diffusers' AutoencoderKL decodes them after latents * latents_std + latents_mean)")
+VAE_MISSING = ("the VAE stage is missing: no --vae was given, so these are latents, not pixels (pass --vae DIR, a "
+               "diffusers AutoencoderKL directory, to decode them)")
 
 
 def configure(s: argparse.ArgumentParser) -> None:
@@ -45,6 +47,8 @@ def configure(s: argparse.ArgumentParser) -> None:
     s.add_argument("--count", type=int, default=1, help="images per prompt")
     s.add_argument("--seed", type=int, default=0, help="the initial noise")
     s.add_argument("--out", default="latents.npy", metavar="FILE.npy", help="where the latents go")
+    s.add_argument("--vae", metavar="DIR", help="a diffusers AutoencoderKL directory: decode the latents to pixels")
+    s.add_argument("--image", metavar="FILE.png", help="with --vae: where the images go (default: --out as .png)")
     from isthmus.cli.main import add_config_arguments
 
     add_config_arguments(s, "backend overrides, e.g. backend=cpu")
@@ -160,8 +164,35 @@ def run(args: argparse.Namespace) -> int:
     np.save(path, out)
     print(f"wrote latents {list(out.shape)} to {path} ({args.steps} steps, guidance {args.guidance_scale:g}, "
           f"prior grid {rows}x{cols} upsampled to {2 * rows}x{2 * cols})")
-    print(VAE_MISSING)
+    if args.vae is None:
+        print(VAE_MISSING)
+        return 0
+    image = decode_to_png(args, run_.backend, out)
+    print(f"wrote {out.shape[0]} image(s) {image[1]} to {image[0]} (decoded by the VAE in {args.vae})")
     return 0
+
+
+def decode_to_png(args: argparse.Namespace, backend: Any, latents: np.ndarray) -> tuple[Path, str]:
+    """Decode ``latents`` with the ``--vae`` directory on ``backend`` and write them side by side."""
+    from PIL import Image
+
+    from isthmus.config import ConfigError
+    from isthmus.models.glm_image_dit import vae
+
+    config, weights = vae.read_vae(args.vae)
+    if config.latent_channels != latents.shape[1]:
+        raise ConfigError(f"--vae {args.vae}: latent_channels {config.latent_channels}, but the DiT makes "
+                          f"{latents.shape[1]}")
+    engine = backend.engine
+    with engine.no_grad():
+        pixels = vae.decode(backend.kernels, config, engine.parameters(weights),
+                            engine.asarray(vae.denormalise(latents, config)))
+        images = vae.to_images(np.asarray(engine.to_numpy(pixels), dtype=np.float32))
+    path = Path(args.image) if args.image else Path(args.out).with_suffix(".png")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    strip = np.concatenate(list(images), axis=1)
+    Image.fromarray(strip[..., 0] if strip.shape[-1] == 1 else strip).save(path)
+    return path, f"{images.shape[2]}x{images.shape[1]}"
 
 
 __all__ = ["VAE_MISSING", "configure", "run", "upsample"]
