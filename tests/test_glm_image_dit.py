@@ -237,6 +237,22 @@ def test_save_pretrained_round_trips_bitwise_and_loads_in_diffusers(diffusers_di
     assert (data["name"], data["latent_channels"], data["codebook_size"]) == ("dit-latents", 4, 50)
 
 
+def test_a_mindspore_checkpoint_of_the_dit_converts_back_bitwise(diffusers_dir, tmp_path, capsys):
+    import mindspore as ms
+
+    from isthmus.cli.main import main
+
+    assert main(["convert", str(diffusers_dir), "--to", "mindspore", "--output", str(tmp_path / "ms")]) == 0
+    assert main(["convert", str(tmp_path / "ms"), "--to", "hf", "--output", str(tmp_path / "back")]) == 0
+    capsys.readouterr()
+    loaded = ms.load_checkpoint(str(tmp_path / "ms" / "model.ckpt"), crc_check=True)
+    assert "blocks.0.attn.q.weight" in loaded and "prior_embed.weight" in loaded
+    source, back = raw_tensors(diffusers_dir), raw_tensors(tmp_path / "back")
+    assert source.keys() == back.keys()
+    for name, tensor in source.items():
+        assert back[name].dtype == torch.bfloat16 and torch.equal(back[name].view(torch.int16), tensor.view(torch.int16))
+
+
 def test_a_written_config_without_an_original_loads_in_diffusers(diffusers_dir, tmp_path, capsys):
     """From a run trained here (no diffusers config to keep), the layout writes config.json itself."""
     from diffusers import GlmImageTransformer2DModel
