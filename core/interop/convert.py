@@ -83,17 +83,6 @@ def _dtypes(source: Any, names: list[str], dtype: str, fallback: Mapping[str, st
     return {name: kept.get(name, "float32") for name in names}
 
 
-def data_state(registry: Any, source: Any, config: Mapping[str, Any]) -> dict[str, Any]:
-    """What the checkpoint keeps of its data (``DataSplits.state()``): the source's own, else that of
-    the dataset its run config names (a Hugging Face source's vocabulary, say), so a restore finds
-    every part the dataset keeps."""
-    kept = getattr(source, "data_state", None)
-    if kept:
-        return dict(kept)
-    data = dict(config["data"])
-    return registry.dataset(str(data["name"])).factory(data, None).state()
-
-
 def write_isthmus(registry: Any, source: Any, out: Path, origin: str) -> tuple[int, int]:
     from isthmus.train.checkpoint import CheckpointState, save_checkpoint
 
@@ -107,11 +96,9 @@ def write_isthmus(registry: Any, source: Any, out: Path, origin: str) -> tuple[i
         sizes.append(done.nbytes)
         return {"bytes": done.nbytes, "sha256": done.sha256, "tensors": done.tensors}
 
-    # No engine has run it: no rng state, no backend (state.json's schema leaves the latter out).
     state = CheckpointState(step=0, model_name=source.model, config=config, optimizer={"step": 0},
-                            rng={"engine": "", "state": {}},
-                            extra={"data": data_state(registry, source, config),
-                                   "model_data": None, "skipped_steps": 0,
+                            extra={"data": getattr(source, "data_state", None) or None,  # null: no data state kept
+                                   "model_data": None, "backend": None, "skipped_steps": 0,
                                    "converted_from": origin, **source.extra()})
     save_checkpoint(out, {}, {}, state, keep_last=None, model_writer=model_writer)
     return len(names), sizes[0]
@@ -149,7 +136,7 @@ def write_mindspore_dir(registry: Any, source: Any, out: Path, dtype: str) -> tu
     size = write_ckpt(out / CKPT, ((n, source.shapes[n], dtypes[n], source.chunks(n)) for n in names))
     config = source_config(registry, source)
     write_sidecar(out, {"model": source.model, "config": config,
-                        "extra": {"data": data_state(registry, source, config), **source.extra()}})
+                        "extra": {"data": getattr(source, "data_state", {}), **source.extra()}})
     return len(names), size
 
 
@@ -239,7 +226,7 @@ def foreign_checkpoint(registry: Any, path: str | Path) -> Any:
                   .reshape(source.shapes[name]) for name in source.shapes}
         config = source_config(registry, source)
         state = CheckpointState(step=0, model_name=source.model, config=config,
-                                extra={"data": data_state(registry, source, config), "model_data": None,
+                                extra={"data": getattr(source, "data_state", None) or None, "model_data": None,
                                        "backend": None, "converted_from": str(path), **source.extra()})
     finally:
         source.close()
