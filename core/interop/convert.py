@@ -68,11 +68,11 @@ def run_config(registry: Any, model: str, section: Mapping[str, Any], tokenizer:
 def source_config(registry: Any, source: Any) -> dict[str, Any]:
     """The run config of a source: its own (an isthmus or MindSpore checkpoint), or one made for its
     model section (a Hugging Face directory)."""
-    from isthmus.interop.hf import HfSource
+    from isthmus.interop.hf import HfSource, data_overrides
 
     if isinstance(source, HfSource):
         return run_config(registry, source.model, source.section, source.tokenizer,
-                          tuple(source.layout.data_overrides(source.section)))
+                          tuple(data_overrides(source.layout, source.section)))
     return dict(source.config)
 
 

@@ -43,9 +43,21 @@ def architecture_of(config: Mapping[str, Any]) -> Any:
 
 def weight_files(layout: Layout) -> tuple[str, str]:
     """``(single file, shard index)`` names of a layout's weights (``model.safetensors`` and
-    ``model.safetensors.index.json`` for transformers)."""
-    stem = layout.weights_name
+    ``model.safetensors.index.json`` for transformers, the default of a layout that names none)."""
+    stem = weights_name(layout)
     return f"{stem}.safetensors", f"{stem}.safetensors.index.json"
+
+
+def weights_name(layout: Layout) -> str:
+    """The stem of a layout's weight files: its ``weights_name``, ``model`` when it declares none."""
+    return str(getattr(layout, "weights_name", "model"))
+
+
+def data_overrides(layout: Layout, section: Mapping[str, Any]) -> list[str]:
+    """The data of a converted checkpoint's run config: the layout's ``data_overrides``, or the
+    built-in sample text (``data=text-jsonl``) for a layout that names none."""
+    method = getattr(layout, "data_overrides", None)
+    return list(method(section)) if method is not None else ["data=text-jsonl"]
 
 
 def is_hf_dir(path: Path) -> bool:
@@ -240,7 +252,7 @@ def write_hf(out: Path, layout: Layout, section: Mapping[str, Any], chunks: Any,
     else:
         weight_map, total = {}, 0
         for number, shard in enumerate(shards, start=1):
-            name = f"{layout.weights_name}-{number:05d}-of-{len(shards):05d}.safetensors"
+            name = f"{weights_name(layout)}-{number:05d}-of-{len(shards):05d}.safetensors"
             result = write(out / name, shard, {"format": "pt"})
             written.append(result.path)
             total += sum(e.nbytes for e in shard)
@@ -253,4 +265,5 @@ def write_hf(out: Path, layout: Layout, section: Mapping[str, Any], chunks: Any,
 
 
 __all__ = ["CONFIG", "DEFAULT_SHARD_BYTES", "HfSource", "INDEX", "InteropError", "SINGLE", "architecture_of",
-           "expected_shapes", "is_hf_dir", "weight_files", "layout_for", "layouts", "read_config", "rule_shape", "write_hf"]
+           "data_overrides", "expected_shapes", "is_hf_dir", "layout_for", "layouts", "read_config", "rule_shape",
+           "weight_files", "weights_name", "write_hf"]
