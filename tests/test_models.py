@@ -173,9 +173,13 @@ def test_every_parameter_gets_a_finite_nonzero_gradient(name, scenes):
     data = on(engine, batch_of(train, model=model))
     loss, _, grads = engine.value_and_grad(lambda p: model.loss(k, p, data), params)
     assert math.isfinite(float(loss)) and list(grads) == list(params)
+    specs = model.param_specs()
     for key, grad in grads.items():
         assert grad.shape == params[key].shape and torch.isfinite(grad).all(), key
-        assert grad.abs().max() > 0, f"{key} does not reach the loss"
+        if specs[key].trainable:
+            assert grad.abs().max() > 0, f"{key} does not reach the loss"
+        else:  # frozen (a tokenizer whose integer codes the loss reads): exactly no gradient
+            assert grad.abs().max() == 0, f"{key} is frozen but gets a gradient"
 
 
 def test_model_sources_import_no_engine():
