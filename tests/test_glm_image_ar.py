@@ -227,3 +227,28 @@ def test_config_rules_name_the_key():
                         ({"num_key_value_heads": 3}, "num_key_value_heads")):
         with pytest.raises(ValueError, match=key):
             GlmImageAR({**base, **change})
+
+
+def test_code_vectors_are_the_quantizers_output_for_the_codes():
+    hf, model, weights = pair(1, seed=1)
+    k, engine = torch_kernels()
+    params = engine.parameters(weights)
+    images = np.random.default_rng(2).standard_normal((2, 3, 48, 48)).astype(np.float32)
+    codes = model.image_codes(k, params, engine.asarray(images))
+    got = engine.to_numpy(model.code_vectors(k, params, codes))  # (B, N, embed_dim)
+    with torch.no_grad():
+        features = hf.model.get_image_features(torch.from_numpy(pack(images, 8)), torch.tensor([[1, 6, 6]] * 2))
+        want = np.stack([hf.model.vqmodel.encode(f[None]).quantized_last_hidden_state[0].numpy()
+                         for f in features.pooler_output])  # (B, embed_dim, 6, 6)
+    want = want.reshape(2, want.shape[1], -1).transpose(0, 2, 1)
+    assert np.abs(got - want).max() <= 1e-6
+
+
+def test_a_frozen_parameter_takes_no_weight_decay():
+    from isthmus.nn.params import ParamSpec
+
+    with pytest.raises(ValueError, match="decay=False"):
+        ParamSpec((2, 2), trainable=False)
+    _, model, _ = pair(0, jitter=False)
+    frozen = {name for name, spec in model.param_specs().items() if not spec.trainable}
+    assert frozen == {name for name in model.param_specs() if name.startswith(("vision.", "vq."))}

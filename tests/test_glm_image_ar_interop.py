@@ -120,7 +120,7 @@ def test_trains_on_torch_and_mindspore_from_the_converted_checkpoint_within_the_
 
 
 @pytest.mark.slow
-def test_portability_on_every_engine_and_the_onnx_export_with_training_curves(hf_dir, tmp_path):
+def test_portability_on_every_engine_with_training_curves_and_both_exporters_with_the_step_graph(hf_dir, tmp_path):
     run = tmp_path / "run"
     ran = isthmus("train", "--init-from", str(hf_dir), "data=scenes", "data.num_train=16",
                   "data.num_eval=4", "train=quick", "train.steps=2", "train.batch_size=2", "train.eval_every=0",
@@ -136,3 +136,9 @@ def test_portability_on_every_engine_and_the_onnx_export_with_training_curves(hf
                         "reference": "golden"}, report
     assert report["gradient_check_ok"] and all(t["train_ok"] for t in targets.values())
     assert len(targets["cpu:mindspore"]["train"]["losses"]) == 5  # both engines trained and were compared
+    for exporter in ("kernel", "torch"):
+        ran = isthmus("export", "--checkpoint", str(run), "--exporter", exporter, "--dynamic-batch",
+                      "--output", str(tmp_path / f"{exporter}.onnx"))
+        assert ran.returncode == 0, ran.stdout + ran.stderr
+        assert (tmp_path / f"{exporter}-step.onnx").is_file() and "BREACH" not in ran.stdout
+        assert "step logits" in ran.stdout and "greedy image tokens" in ran.stdout

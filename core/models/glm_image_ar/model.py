@@ -176,6 +176,24 @@ class GlmImageAR(Model):
         counted = k.sum(k.cast(k.greater(targets, IGNORE_INDEX), dtype))
         return loss, {"code_accuracy": k.div(hits, k.maximum(counted, 1.0))}
 
+    # ---- export ----------------------------------------------------------------------------
+    def export_graphs(self, params: Mapping[str, Any], host_batch: Mapping[str, Any]) -> list[Any]:
+        """The generator's KV-cache step graph (see :mod:`isthmus.models.glm_image_ar.export_check`)."""
+        from isthmus.models.glm_image_ar.export_check import step_graph
+
+        if "images" not in host_batch:
+            return []
+        return [step_graph(self, params, host_batch)]
+
+    def export_checks(self, backend: Any, params: Mapping[str, Any], run_file: Any, host_batch: Mapping[str, Any],
+                      tolerance: float, graphs: Mapping[str, Any] | None = None) -> list[Any]:
+        """Greedy image tokens through the exported step graph equal the source backend's."""
+        from isthmus.models.glm_image_ar.export_check import STEP, generation_check
+
+        if not graphs or STEP not in graphs:
+            return []
+        return [generation_check(self, backend, params, host_batch, graphs[STEP])]
+
     # ---- generation ------------------------------------------------------------------------
     def empty_cache(self, k: Any, batch_size: int, length: int, dtype: str = "float32") -> Cache:
         """Zeroed keys and values for every layer."""
