@@ -356,6 +356,35 @@ def test_generate_from_prior_tokens_writes_the_samplers_latents(diffusers_dir, t
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * float(np.abs(want).max()))
 
 
+def test_generate_reads_a_scheduler_config(diffusers_dir, tmp_path, capsys):
+    """--scheduler-config: the sampler's sigmas come from the file (here a static shift of 3), and a
+    setting the sampler does not implement is refused in one line."""
+    from isthmus.cli.main import main
+
+    np.save(tmp_path / "prior.npy", np.array([3, 7, 11, 49]))
+    (tmp_path / "static.json").write_text(json.dumps({"_class_name": "FlowMatchEulerDiscreteScheduler",
+                                                      "use_dynamic_shifting": False, "shift": 3.0}))
+    (tmp_path / "karras.json").write_text(json.dumps({"use_karras_sigmas": True}))
+    base = ["generate", "--checkpoint", str(diffusers_dir), "--prior-tokens", str(tmp_path / "prior.npy"), "--height",
+            "64", "--width", "64", "--steps", "2", "--guidance-scale", "1", "--seed", "1"]
+    assert main([*base, "--scheduler-config", str(tmp_path / "static.json"), "--out", str(tmp_path / "a.npy")]) == 0
+    assert main([*base, "--out", str(tmp_path / "b.npy")]) == 0
+    assert main([*base, "--scheduler-config", str(tmp_path / "karras.json"), "--out", str(tmp_path / "c.npy")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "use_karras_sigmas" in err and len(err.splitlines()) == 1
+    oracle = dit_model(CONFIGS[0]).to(torch.bfloat16).float()
+    grid = np.array([[3, 7], [11, 49]]).repeat(2, axis=0).repeat(2, axis=1).reshape(1, 16)
+    batch = on_torch({"noise": np.random.default_rng(1).standard_normal((1, 4, 8, 8)).astype(np.float32),
+                      "text": np.zeros((1, 1, 12)), "prior_tokens": grid, "target_size": np.array([[64.0, 64.0]]),
+                      "crop_coords": np.zeros((1, 2))}, "float32")
+    with torch.no_grad():
+        want = sample(GlmImageDit(section_of(oracle)), torch_kernels(), on_torch(canonical(oracle), "float32"), batch,
+                      steps=2, schedule=Schedule(use_dynamic_shifting=False, shift=3.0)).numpy()
+    got = np.load(tmp_path / "a.npy")
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * float(np.abs(want).max()))
+    assert np.abs(got - np.load(tmp_path / "b.npy")).max() > 1e-3  # the default schedule differs
+
+
 def test_generate_refuses_what_does_not_fit_in_one_line(diffusers_dir, tmp_path, capsys):
     from isthmus.cli.main import main
 

@@ -44,6 +44,9 @@ def configure(s: argparse.ArgumentParser) -> None:
     s.add_argument("--vae-scale-factor", type=int, default=8, help="pixels per latent pixel")
     s.add_argument("--steps", type=int, default=50)
     s.add_argument("--guidance-scale", type=float, default=1.5, help="classifier-free guidance; 1: none")
+    s.add_argument("--scheduler-config", metavar="FILE.json",
+                   help="a diffusers scheduler_config.json (default: dynamic shifting, linear time shift, base shift "
+                        "0.25, max shift 0.75 over 256 tokens)")
     s.add_argument("--count", type=int, default=1, help="images per prompt")
     s.add_argument("--seed", type=int, default=0, help="the initial noise")
     s.add_argument("--out", default="latents.npy", metavar="FILE.npy", help="where the latents go")
@@ -106,6 +109,24 @@ def ar_tokens(args: argparse.Namespace, rows: int, cols: int) -> np.ndarray:
     return drawn[:, -rows * cols:]
 
 
+def read_schedule(path: str) -> Any:
+    """The sampler's settings from a diffusers ``scheduler_config.json``."""
+    import json
+
+    from isthmus.config import ConfigError
+    from isthmus.models.glm_image_dit.sampler import schedule_from_config
+
+    try:
+        config = json.loads(Path(path).read_text(encoding="utf-8"))
+        assert isinstance(config, dict)
+    except (OSError, ValueError, AssertionError):
+        raise ConfigError(f"--scheduler-config {path}: not a readable JSON object") from None
+    try:
+        return schedule_from_config(config)
+    except TypeError as err:
+        raise ConfigError(f"--scheduler-config {path}: {err}") from None
+
+
 def upsample(tokens: np.ndarray, rows: int, cols: int) -> np.ndarray:
     """Each generator token over its 2 x 2 DiT patches: ``(count, rows * cols)`` to
     ``(count, 4 * rows * cols)``, row-major."""
@@ -121,6 +142,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.steps < 1 or args.count < 1 or args.vae_scale_factor < 1:
         raise ConfigError("--steps, --count and --vae-scale-factor must be at least 1")
+    schedule = read_schedule(args.scheduler_config) if args.scheduler_config else None
     run_, params, _ = checkpoint_run(args.checkpoint, args.overrides, config_files=args.config_files)
     model: Any = run_.model
     c = model.config
@@ -157,7 +179,7 @@ def run(args: argparse.Namespace) -> int:
     engine = run_.backend.engine
     with engine.no_grad():
         latents = sample(model, run_.backend.kernels, params, {key: engine.asarray(v) for key, v in host.items()},
-                         steps=args.steps, guidance_scale=args.guidance_scale)
+                         steps=args.steps, guidance_scale=args.guidance_scale, schedule=schedule)
         out = np.asarray(engine.to_numpy(latents), dtype=np.float32)
     path = Path(args.out)
     path.parent.mkdir(parents=True, exist_ok=True)
