@@ -117,6 +117,22 @@ class TorchEngine(Engine):
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.torch_device.type, dtype=torch_dtype(dtype))
 
+    def recompute(self, model: Any, params: Mapping[str, Any]) -> Mapping[str, Any]:
+        """Blocks under torch's activation checkpointing: an engine-neutral model's through a
+        recomputing view of ``params``; a wrapped module's block submodules checkpointed in place (once)."""
+        from isthmus.backends.torch import blocks
+
+        module = model.engine_module()
+        if module is None:
+            return blocks.Recompute(params, self.generator)
+        if not getattr(module, "_isthmus_recompute", False):
+            from torch.distributed._composable import checkpoint as composable_checkpoint
+
+            for unit in blocks.module_blocks(module, list(model.blocks())):
+                composable_checkpoint(unit)
+            module._isthmus_recompute = True
+        return params
+
     def no_grad(self) -> contextlib.AbstractContextManager:
         """A context in which ops record no graph (evaluation, optimizer updates)."""
         return torch.no_grad()

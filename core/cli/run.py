@@ -71,7 +71,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             model_file.unlink(missing_ok=True)
     directory = run_dir(cfg)
     resume_from = Path(args.resume) if args.resume not in (None, "") else (directory if args.resume == "" else None)
-    launch = parallel.launch_env() if str(cfg.distributed) == "ddp" else None
+    launch = parallel.launch_env() if str(cfg.distributed) in ("ddp", "fsdp") else None
     writer = launch is None or launch.rank == 0  # data parallel: rank 0 alone touches the run dir
     if launch is not None:  # each process its own device: the local rank among the visible ones
         from isthmus.registry.selection import select
@@ -98,7 +98,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         sys.stdout = open(os.devnull, "w")  # the other ranks' summaries would repeat rank 0's
     if comm is not None:
-        print(f"data parallel: {comm.world_size} processes, {run.backend.capabilities.comm_backend}, "
+        kind = "fully sharded data parallel" if comm.strategy == "fsdp" else "data parallel"
+        print(f"{kind}: {comm.world_size} processes, {run.backend.capabilities.comm_backend}, "
               f"global batch {cfg.train.batch_size} ({int(cfg.train.batch_size) // comm.world_size} per process)")
     print(f"training {run.model.name} on {run.backend.name}/{run.backend.engine_name} ({run.backend.device}), "
           f"{cfg.train.steps} steps, precision {cfg.train.precision}; run dir {directory}")

@@ -114,10 +114,13 @@ class NanPolicy(StrEnum):
 
 
 class Distributed(StrEnum):
-    """How a run spreads over processes: ``ddp`` is data parallel under torchrun (or msrun)."""
+    """How a run spreads over processes, one per device under torchrun (or msrun): ``ddp`` is data
+    parallel (every rank holds the whole model); ``fsdp`` shards parameters, gradients and optimizer
+    state over the ranks (torch's FSDP2; MindSpore's optimizer parallel)."""
 
     none = "none"
     ddp = "ddp"
+    fsdp = "fsdp"
 
 
 @dataclass
@@ -167,6 +170,7 @@ class TrainConfig:
     keep_last: int = field(default=3, metadata=bounds(ge=1))
     nan_policy: NanPolicy = NanPolicy.skip
     log_every: int = field(default=20, metadata=bounds(ge=1))
+    recompute: bool = False  # recompute each block's activations in the backward pass instead of keeping them
 
     def check(self) -> list[tuple[str, str]]:
         """Rules that involve two fields."""
@@ -187,7 +191,7 @@ class RunConfig:
     seed: int = field(default=0, metadata=bounds(ge=0))
     name: str = II("model.name")
     output_dir: str = "runs/${name}"
-    distributed: Distributed = Distributed.none  # ddp: one process per device, started by torchrun
+    distributed: Distributed = Distributed.none  # ddp or fsdp: one process per device, started by torchrun or msrun
     distributed_timeout_s: float = field(default=60.0, metadata=bounds(gt=0))  # a collective waiting longer fails the run
 
     def check(self) -> list[tuple[str, str]]:

@@ -13,7 +13,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from isthmus.train.checkpoint import CheckpointState, load_checkpoint, save_checkpoint
+from isthmus.train.checkpoint import CheckpointState, load_checkpoint, load_sharded_state, save_checkpoint
 from isthmus.errors import IsthmusError
 from isthmus.train.evaluate import to_device
 from isthmus.nn.params import manifest
@@ -25,6 +25,10 @@ from isthmus.train.runlog import MetricsLog, Progress, plot_loss
 from isthmus.train.step import whole_step
 
 EVAL_SAMPLES_DURING_TRAINING = 128
+
+
+class RecomputeError(IsthmusError):
+    """``train.recompute=true`` on an engine that cannot recompute activations."""
 
 
 class TrainingStopped(IsthmusError):
@@ -73,6 +77,8 @@ class Trainer:
         # Data parallel (isthmus.train.parallel.Comm or None): only rank 0 writes checkpoints, logs and progress.
         self.comm = comm
         self.writer = comm is None or comm.rank == 0
+        # Fully sharded (distributed=fsdp): the engine's Sharded places, steps and checkpoints the model.
+        self.sharded = comm if comm is not None and getattr(comm, "strategy", "ddp") == "fsdp" else None
 
     # -- events --------------------------------------------------------------------------
     def emit(self, event: str, **kwargs: Any) -> None:
@@ -91,6 +97,12 @@ class Trainer:
         # here; data parallel keeps the step below, which averages gradients across ranks.
         self.whole_step = (whole_step(backend, self.run.model, self.policy, self.specs, self.optimizer, self.train_cfg)
                            if self.comm is None else None)
+        if bool(t.recompute) and self.sharded is None and engine.recompute(self.run.model, {}) is None:
+            raise RecomputeError(f"train.recompute=true: engine {backend.engine_name} cannot recompute activations; "
+                                 f"set train.recompute=false")
+        if self.sharded is not None:
+            self.start_sharded()
+            return
         if self.resume is None:
             weights = self.init if self.init is not None else self.run.model.initial_parameters(int(self.cfg.seed))
             self.params = self.run.model.place_parameters(engine, {name: weights[name] for name in self.specs})
@@ -118,17 +130,56 @@ class Trainer:
         self.skipped = int(loaded.state.extra.get("skipped_steps", 0))
         self.foreign = dict(loaded.state.extra.get("foreign") or {})
 
+    def start_sharded(self) -> None:
+        """Shard the model over the ranks: from the seeded or given weights, from a whole checkpoint
+        (sharded here), or from a sharded one written on any number of ranks."""
+        sharded, t, engine, model = self.sharded, self.cfg.train, self.run.backend.engine, self.run.model
+        compute = "float32" if model.autocast else self.policy.compute_dtype
+        if self.resume is None:
+            weights = self.init if self.init is not None else model.initial_parameters(int(self.cfg.seed))
+            self.params = sharded.place(model, {n: weights[n] for n in self.specs}, compute, bool(t.recompute))
+            self.optimizer.exp_avg, self.optimizer.exp_avg_sq = sharded.zeros()
+            engine.seed(int(self.cfg.seed))
+            self.data = self.run.data.train.iter_batches(int(t.batch_size), seed=int(self.cfg.seed))
+            return
+        ckpt, state, shards = load_sharded_state(
+            self.resume, expect=manifest(self.specs),
+            must_match={"model": plain(self.cfg.model), "data": plain(self.cfg.data)}, model_name=model.name)
+        if shards is not None:  # its shards load over the seeded weights, resharded to this world size
+            weights = model.initial_parameters(int(self.cfg.seed))
+            self.params = sharded.place(model, {n: weights[n] for n in self.specs}, compute, bool(t.recompute))
+            self.optimizer.exp_avg, self.optimizer.exp_avg_sq = sharded.zeros()
+            sharded.read_shards(ckpt, self.optimizer)
+        else:
+            loaded = load_checkpoint(ckpt)
+            self.params = sharded.place(model, loaded.params, compute, bool(t.recompute))
+            self.optimizer.exp_avg = {n: sharded.shard(n, loaded.optimizer_tensors[f"{n}.exp_avg"]) for n in self.specs}
+            self.optimizer.exp_avg_sq = {n: sharded.shard(n, loaded.optimizer_tensors[f"{n}.exp_avg_sq"])
+                                         for n in self.specs}
+        self.optimizer.step = int(state.optimizer["step"])
+        if self.policy.loss_scale is not None and "loss_scale" in state.optimizer:
+            self.policy.loss_scale.load(state.optimizer["loss_scale"])
+        engine.seed(int(self.cfg.seed) + state.step)
+        self.data = self.run.data.train.resume(state.data_position)
+        self.step = state.step
+        self.skipped = int(state.extra.get("skipped_steps", 0))
+        self.foreign = dict(state.extra.get("foreign") or {})
+
     def save(self) -> Path | None:
+        if self.sharded is not None and not self.writer:
+            self.sharded.write_shards(None, self.optimizer)  # rank 0 names the directory
+            return None
         if not self.writer:
             return None
         engine = self.run.backend.engine
         optimizer_scalars = self.optimizer.scalars()
         if self.policy.loss_scale is not None:
             optimizer_scalars["loss_scale"] = self.policy.loss_scale.state()
+        sharded = self.sharded
         path = save_checkpoint(
             self.run_dir,
-            {n: engine.to_numpy(p) for n, p in self.params.items()},
-            {n: engine.to_numpy(t) for n, t in self.optimizer.tensors().items()},
+            {n: engine.to_numpy(p) for n, p in self.params.items()} if sharded is None else {},
+            {n: engine.to_numpy(t) for n, t in self.optimizer.tensors().items()} if sharded is None else {},
             CheckpointState(
                 step=self.step,
                 model_name=self.run.model.name,
@@ -143,6 +194,7 @@ class Trainer:
                        **({"foreign": self.foreign} if self.foreign else {})},
             ),
             keep_last=int(self.cfg.train.keep_last),
+            shard_writer=(lambda tmp: sharded.write_shards(tmp, self.optimizer)) if sharded is not None else None,
         )
         self.emit("on_checkpoint", step=self.step, path=path)
         return path
@@ -156,11 +208,21 @@ class Trainer:
             self.params, loss, norm, skip = self.whole_step(self.params, self.optimizer, self.policy, batches, lr)
             return loss, norm, skip
         k, engine, policy = backend.kernels, backend.engine, self.policy
+        own = self.run.model.autocast  # the model runs the engine's autocast instead of being cast
+        if self.sharded is not None:
+            def loss_of(params: Any, batch: Any) -> Any:  # the sharded engine casts the parameters itself
+                with engine.autocast(policy.compute_dtype) if own else nullcontext():
+                    used = batch if own else policy.cast_batch(k, batch)
+                    return self.loss_fn(k, params, used, training=True)[0]
+
+            return self.sharded.step(loss_of, [next(self.data) for _ in range(int(t.grad_accum))],
+                                     lambda raw: to_device(backend, raw), self.optimizer, self.specs, lr,
+                                     t.clip_norm, policy.loss_scale)
+        recompute = bool(t.recompute)
         scale = policy.scale
         total = None
         losses = []
         weight = 0.0
-        own = self.run.model.autocast  # the model runs the engine's autocast instead of being cast
         for _ in range(int(t.grad_accum)):
             raw = next(self.data)
             weight += token_count(raw) if self.comm is not None else 0.0
@@ -169,6 +231,8 @@ class Trainer:
             def objective(params: dict[str, Any]) -> tuple[Any, Any]:
                 with engine.autocast(policy.compute_dtype) if own else nullcontext():
                     used = params if own else policy.cast_params(k, params)
+                    if recompute:  # noqa: B023 (called at once)
+                        used = engine.recompute(self.run.model, used)
                     loss, metrics = self.loss_fn(k, used, batch, training=True)  # noqa: B023 (called at once)
                 return (k.mul(loss, scale) if scale != 1.0 else loss), loss
 
@@ -265,7 +329,8 @@ class Trainer:
     def eval_and_log(self, metrics_log: MetricsLog, progress: Progress, max_samples: int | None) -> dict[str, Any]:
         run = self.run
         final = max_samples is None
-        result = run.model.evaluate(run.backend, self.params, run.data.eval, batch_size=128, max_samples=max_samples,
+        params = self.sharded.eval_params() if self.sharded is not None else self.params
+        result = run.model.evaluate(run.backend, params, run.data.eval, batch_size=128, max_samples=max_samples,
                                     policy=self.policy, final=final, out_dir=self.run_dir if self.writer else None)
         row = {"split": "eval", "step": self.step,
                **{k: v for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}}
