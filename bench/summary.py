@@ -34,6 +34,8 @@ MFU_TARGET = 0.45
 CONVERSION_TARGET = 1.5
 MINDSPORE_TARGET = 0.95  # isthmus / hand-written MindSpore, in each mode
 MINDSPORE_GRAPH_SPEEDUP = 3.0  # graph mode / the trainer's op-by-op step
+DUMP_COST_TARGET = 1.3
+DUMP_BUNDLE_TARGET_BYTES = 1_000_000
 
 
 class MarkerError(ValueError):
@@ -177,6 +179,20 @@ def describe_conversion(data: dict[str, Any]) -> tuple[str, str]:
             f"round trip identical: {'yes' if data['round_trip_identical'] else '**no**'}")
     ok = data["worst_ratio"] <= CONVERSION_TARGET and data["round_trip_identical"]
     return text + load_note(data), met_text(ok)
+def describe_dump_cost(data: dict[str, Any]) -> tuple[str, str]:
+    settings, median = data["settings"], data["median_s"]
+    ratio, size = data["ratio_wall"], data["bundle_bytes"]
+    text = (f"stats-mode dump pass {median['layer']['wall'] * 1e3:.1f} ms vs plain forward + backward "
+            f"{median['plain']['wall'] * 1e3:.1f} ms: ratio **{ratio_text(ratio)}** (CPU time "
+            f"{ratio_text(data['ratio_cpu'])}; level {settings['level']}, batch {settings['batch']}, "
+            f"{settings['threads']} thread(s), median of {settings['rounds']}; op level {data['ratio_op_level_wall']:.2f}x")
+    training = data.get("training_batch")
+    if training:
+        text += f"; at the training batch {training['batch']}: {ratio_text(training['ratio_wall'])}"
+    text += f"); stats-mode bundle of the demo checkpoint **{size:,} bytes**"
+    missed = [what for what, ok in (("cost", ratio <= DUMP_COST_TARGET), ("size", size < DUMP_BUNDLE_TARGET_BYTES))
+              if not ok]
+    return text + load_note(data), "yes" if not missed else f"**no** ({', '.join(missed)})"
 
 
 MODULE_OVERHEAD_TARGET = 0.97
@@ -210,6 +226,8 @@ BENCHMARKS = [
               "none in the issue; same tokens both ways", describe_generation),
     Benchmark("conversion_memory", "`isthmus convert` peak RSS against the largest shard read",
               f"<= {CONVERSION_TARGET}x the largest shard", describe_conversion),
+    Benchmark("dump_cost", "`isthmus dump` (stats mode) vs a plain forward + backward of the same batch; bundle size",
+              f"<= {DUMP_COST_TARGET}x; demo bundle < 1 MB", describe_dump_cost),
 ]
 
 

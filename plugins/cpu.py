@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from isthmus.backends.cpu.detect import probe
 from isthmus.registry.hookspecs import Register, hookimpl
-from isthmus.registry.specs import BackendOptions, BackendParts, BackendRequest, BackendSpec
+from isthmus.registry.specs import BackendParts, BackendRequest, BackendSpec
 
 
 def factory(request: BackendRequest) -> BackendParts:
@@ -33,6 +33,6 @@ def register_backends(register: Register) -> None:
                 "mindspore": "pip install 'isthmus[mindspore]' -c constraints.txt",
             },
             description="Host CPU through torch or MindSpore",
-            options=BackendOptions(),  # none: threads and determinism are backend keys of their own
+            options="isthmus.backends.cpu.options:OPTIONS",  # the MindSpore engine's mode; torch reads none
         )
     )

@@ -98,6 +98,16 @@ MFU_CPU = {"device": "CPU: Test CPU @ 2.0GHz", "backend": "cpu/torch", "precisio
            "achieved_tflops": 0.0246, "peak_tflops": None, "mfu": None, "final_loss": 6.2, "compile": None,
            "memory": None, "kernels_routed": {}}
 
+DUMP_COST = {
+    "settings": {"rounds": 30, "op_rounds": 5, "batch": 4, "threads": 1, "backend": "cpu/torch", "level": "layer",
+                 "mode": "stats", "model": "tiny-captioner", "parameters": 216000, "checkpoint": "demo"},
+    "median_s": {"plain": {"wall": 0.0090, "cpu": 0.0089}, "layer": {"wall": 0.0135, "cpu": 0.0133},
+                 "op": {"wall": 0.020, "cpu": 0.020}},
+    "ratio_wall": 1.5, "ratio_cpu": 1.49, "ratio_op_level_wall": 2.2, "write_s": 0.02,
+    "records": {"forward": 45, "backward": 33}, "bundle_bytes": 965325, "bundle_bytes_op_level": 1035448,
+    "machine": {**MACHINE, "torch": "2.13.0+cpu"},
+}
+
 README = (
     "# Benchmarks\n"
     "\n"
@@ -130,7 +140,7 @@ def row(text: str, name: str) -> str:
 
 def all_results(tmp_path: Path) -> Path:
     return write_results(tmp_path / "results", overhead=OVERHEAD, peers=PEERS, mindspore_overhead=MINDSPORE,
-                         coldstart=COLDSTART, mfu=MFU_CPU)
+                         coldstart=COLDSTART, mfu=MFU_CPU, dump_cost=DUMP_COST)
 
 
 def test_block_is_inserted_after_the_intro_without_touching_the_rest(tmp_path, capsys):
@@ -215,6 +225,17 @@ def test_targets_met_and_mfu_on_h100(tmp_path):
     assert "MFU **47.0%**" in row(text, "mfu")
     assert "- GPU: NVIDIA H100 80GB HBM3" in text
     assert "torch 2.13.0+cpu" in text and "MindSpore 2.10.0" in text
+
+
+def test_dump_cost_row_shows_both_figures_and_each_miss(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text(README)
+    summary.main(["--results", str(all_results(tmp_path)), "--readme", str(readme)])
+    line = row(readme.read_text(), "dump_cost")
+    assert "ratio **1.500**" in line and "**965,325 bytes**" in line and "| **no** (cost) |" in line
+    cheap = {**DUMP_COST, "ratio_wall": 1.2, "bundle_bytes": 1_200_000}
+    summary.main(["--results", str(write_results(tmp_path / "results", dump_cost=cheap)), "--readme", str(readme)])
+    assert "| **no** (size) |" in row(readme.read_text(), "dump_cost")
 
 
 def test_broken_markers_leave_the_file_alone(tmp_path):

@@ -20,12 +20,12 @@ import isthmus.backends.mindspore.engine  # noqa: E402,F401  (quiets MindSpore b
 
 from isthmus.backends.cpu.options import parse_options  # noqa: E402
 from isthmus.backends.mindspore.graph import GraphBreak  # noqa: E402
-from isthmus.config.composer import ConfigError, compose  # noqa: E402
+from isthmus.config.composer import ConfigError  # noqa: E402
 from isthmus.models.captioner.model import TinyCaptioner  # noqa: E402
 from isthmus.registry.hookspecs import hookimpl  # noqa: E402
 from isthmus.registry.manager import load_plugins  # noqa: E402
 from isthmus.train.checkpoint import load_checkpoint  # noqa: E402
-from isthmus.train.run import prepare  # noqa: E402
+from isthmus.train.run import compose_run, prepare  # noqa: E402
 from isthmus.train.trainer import Trainer  # noqa: E402
 
 TINY = [
@@ -47,8 +47,7 @@ TINY = [
 
 def prepared(run_dir, engine: str, *overrides: str, plugins=()):
     manager, registry = load_plugins(autoload=False, extra=[(type(p).__name__, p) for p in plugins])
-    cfg = compose([*TINY, f"backend.engine={engine}", f"output_dir={run_dir}", *overrides],
-                  known={"backend.name": ["auto", *registry.names("backend")]})
+    cfg = compose_run(registry, [*TINY, f"backend.engine={engine}", f"output_dir={run_dir}", *overrides])
     run = prepare(cfg, registry)
     assert run.backend.engine_name == engine
     return run, manager
@@ -83,7 +82,8 @@ def rows(run_dir, split: str = "train") -> list[dict]:
 
 # ---- options ----------------------------------------------------------------------------------------
 def test_cpu_options_default_to_graph_and_name_every_bad_key():
-    options = parse_options(dict(compose(["backend=cpu"]).backend.options))
+    _, registry = load_plugins(autoload=False)
+    options = parse_options(dict(compose_run(registry, ["backend=cpu"]).backend.options))
     assert (options.mode, options.jit_level, options.fallback) == ("graph", "O0", False)
     with pytest.raises(ConfigError) as err:
         parse_options({"mode": "eager", "jit_level": "O2", "fallback": "yes", "modes": "graph"})
@@ -224,7 +224,7 @@ class BranchingCaptioner(TinyCaptioner):
 
 def branching_run(run_dir, *overrides: str):
     run, manager = prepared(run_dir, "mindspore", "train.steps=3", "train.checkpoint_every=0", *overrides)
-    run.model = BranchingCaptioner(run.model.config)
+    run.model.__class__ = BranchingCaptioner  # the same model, tokenizer and all, with the branch
     return run, manager
 
 

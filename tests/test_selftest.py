@@ -44,7 +44,7 @@ def test_selftest_on_cpu_mindspore_compares_graph_with_pynative(tmp_path):
     stage = text.split("## 6. Graph against PyNative", 1)[1]
     assert stage.lstrip().startswith("**PASS**") and "max relative gap to pynative" in stage
     assert "graph (mindspore.jit trace" in stage and "pynative (update compiled" in stage
-    assert text.rstrip().splitlines()[-1].startswith("RESULT: PASS (exit 0): 5/5 checks passed on cpu/mindspore")
+    assert text.rstrip().splitlines()[-1].startswith("RESULT: PASS (exit 0): 6/6 checks passed on cpu/mindspore")
 
 
 @pytest.mark.without_ascend

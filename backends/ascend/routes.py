@@ -32,6 +32,8 @@ from collections import Counter
 from functools import partial
 from typing import Any, Callable
 
+from isthmus.kernels import events
+
 ROUTED_OPS = ("attention", "rms_norm", "rotary_embedding", "adamw_update")
 FUSED_DTYPES = ("float16", "bfloat16", "float32")
 CAUSAL_MASK_SIZE = 2048  # sparse_mode 2/3 take this compressed triangle whatever the sequence length
@@ -70,6 +72,7 @@ def reference_kernels() -> Any:
 
 def _fallback(op: str, why: str) -> Any:
     fallbacks[(op, why)] += 1
+    events.note("fallback", f"{op}: generic kernel instead of the fused route ({why})")
     return reference_kernels()
 
 
@@ -257,6 +260,7 @@ def adamw_update(params: Any, grads: Any, exp_avgs: Any, exp_avg_sqs: Any, step:
             problem = _adamw_problem(p, g, m, v)
             if problem:
                 fallbacks[("adamw_update", problem)] += 1
+                events.note("fallback", f"adamw_update: generic kernel instead of the fused route ({problem})")
                 rest.append(i)
                 continue
             taken["adamw_update"] += 1

@@ -12,6 +12,7 @@ from typing import Any, Mapping
 
 from isthmus.backends.mindspore.modes import JIT_LEVELS, MODES, ExecutionOptions, parse_execution
 from isthmus.config.composer import ConfigError
+from isthmus.registry.specs import BackendOptions
 from isthmus.registry.store import suggest
 
 
@@ -52,4 +53,7 @@ def parse_options(options: Mapping[str, Any] | None) -> CpuOptions:
     return CpuOptions(execution.mode, execution.jit_level, execution.fallback)
 
 
-__all__ = ["CpuOptions", "JIT_LEVELS", "KEYS", "MODES", "parse_options"]
+OPTIONS = BackendOptions(KEYS, parse_options)
+"""What ``BackendSpec.options`` names: checked when a config is composed, on any machine."""
+
+__all__ = ["CpuOptions", "JIT_LEVELS", "KEYS", "MODES", "OPTIONS", "parse_options"]

@@ -22,6 +22,8 @@ from collections import Counter
 from functools import partial
 from typing import Any, Callable, Sequence
 
+from isthmus.kernels import events
+
 ROUTED_OPS = ("attention", "rms_norm", "adamw_update")
 FUSED_DTYPES = ("float16", "bfloat16", "float32")
 FLASH_DTYPES = ("float16", "bfloat16")
@@ -68,6 +70,7 @@ def reference_kernels() -> Any:
 
 def _fallback(op: str, why: str) -> Any:
     fallbacks[(op, why)] += 1
+    events.note("fallback", f"{op}: generic kernel instead of the fused route ({why})")
     return reference_kernels()
 
 

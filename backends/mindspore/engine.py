@@ -301,6 +301,31 @@ class MindSporeEngine(Engine):
             info["threads"] = threads
         return info
 
+    # ------------------------------------------------------------------ dumps
+    def tap(self, tensor: Any, receive: Callable[[Any], None]) -> bool:
+        """``receive(gradient)`` during the next backward, through a PyNative tensor hook."""
+        if not isinstance(tensor, ms.Tensor) or not ops.is_floating_point(tensor):
+            return False
+
+        def hook(grad: ms.Tensor) -> None:
+            receive(grad)  # returning None leaves the gradient as it is
+
+        try:
+            tensor.register_hook(hook)
+        except RuntimeError:  # "requires grad is false": the loss does not depend on it
+            return False
+        return True
+
+    def numerics(self) -> dict[str, Any]:
+        """Determinism, execution mode and, on Ascend, the operator precision mode in force."""
+        found: dict[str, Any] = {"mode": "PyNative", "deterministic": ms.get_context("deterministic")}
+        if self.device_target == "Ascend":
+            try:
+                found["ascend_config"] = dict(ms.get_context("ascend_config") or {})
+            except (ValueError, RuntimeError, TypeError):
+                pass
+        return found
+
     def __repr__(self) -> str:
         return f"MindSporeEngine(device_target={self.device_target!r}, device_id={self.device_id})"
 

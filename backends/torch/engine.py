@@ -53,6 +53,7 @@ class TorchEngine(Engine):
         except (RuntimeError, TypeError):
             self.generator = torch.Generator(device="cpu")
         self.generator.manual_seed(seed)
+        self._taps: list[tuple[torch.Tensor, Callable[[Any], None]]] | None = None
 
     def seed(self, n: int) -> None:
         """Reset the dropout generator, and torch's own default generators (which a wrapped
@@ -79,6 +80,8 @@ class TorchEngine(Engine):
         tensor = tensor.detach()
         if tensor.dtype == torch.bfloat16:
             tensor = tensor.float()
+        if tensor.device.type == "cpu":  # a numpy copy costs less than a torch one on the host
+            return np.array(tensor.numpy(), copy=True)
         return tensor.to("cpu", copy=True).numpy()
 
     # ------------------------------------------------------------------ training support
@@ -97,11 +100,19 @@ class TorchEngine(Engine):
         also when it reaches none (a loss over an empty tensor is a constant with no graph).
         """
         leaves = list(params.values())
-        loss, aux = fn(params)
+        self._taps = []  # filled by tap() while fn runs
+        try:
+            loss, aux = fn(params)
+        finally:
+            taps, self._taps = self._taps, None
         if loss.requires_grad:
-            grads = torch.autograd.grad(loss, leaves, allow_unused=True)
+            grads = torch.autograd.grad(loss, leaves + [t for t, _ in taps], allow_unused=True)
         else:
-            grads = (None,) * len(leaves)
+            grads = (None,) * (len(leaves) + len(taps))
+        for (_, receive), grad in zip(taps, grads[len(leaves):]):
+            if grad is not None:
+                receive(grad)
+        grads = grads[:len(leaves)]
         return (
             loss.detach(),
             aux,
@@ -189,5 +200,89 @@ class TorchEngine(Engine):
             info["error"] = f"{type(error).__name__}: {error}"
         return info
 
+    # ------------------------------------------------------------------ dumps
+    def tap(self, tensor: Any, receive: Callable[[Any], None]) -> bool:
+        """``receive(gradient)`` after the backward of the :meth:`value_and_grad` running now: the
+        tensor joins the inputs ``torch.autograd.grad`` differentiates for, so no hook is needed."""
+        if self._taps is None or not isinstance(tensor, torch.Tensor) or not tensor.requires_grad:
+            return False
+        self._taps.append((tensor, receive))
+        return True
+
+    def placement(self, tensor: Any) -> str:
+        """The tensor's device, spelled as :attr:`device` is."""
+        return str(tensor.device) if isinstance(tensor, torch.Tensor) else ""
+
+    def watch(self, dtype: str) -> contextlib.AbstractContextManager[list[str]]:
+        """Every ATen call inside the block, checked for narrowing casts away from ``dtype`` and
+        for host placement on a non-CPU device (a ``TorchDispatchMode``)."""
+        return _Watch(self.torch_device, dtype)
+
+    def numerics(self) -> dict[str, Any]:
+        """TF32 / HF32 and reduced-precision-reduction switches, autocast and determinism, as set now."""
+        found: dict[str, Any] = {"float32_matmul_precision": torch.get_float32_matmul_precision(),
+                                 "deterministic_algorithms": torch.are_deterministic_algorithms_enabled()}
+        matmul = torch.backends.cuda.matmul
+        for name in ("allow_tf32", "allow_fp16_reduced_precision_reduction", "allow_bf16_reduced_precision_reduction"):
+            if hasattr(matmul, name):
+                found[f"cuda.matmul.{name}"] = bool(getattr(matmul, name))
+        found["cudnn.allow_tf32"] = bool(torch.backends.cudnn.allow_tf32)
+        found["cudnn.deterministic"] = bool(torch.backends.cudnn.deterministic)
+        kind = self.torch_device.type
+        try:
+            found["autocast"] = bool(torch.is_autocast_enabled(kind))
+        except (TypeError, RuntimeError):
+            pass
+        npu = sys.modules.get("torch_npu")
+        if npu is not None:
+            for part in ("matmul", "conv"):
+                switch = getattr(getattr(getattr(npu, "npu", None), part, None), "allow_hf32", None)
+                if switch is not None:
+                    found[f"npu.{part}.allow_hf32"] = bool(switch)
+        return found
+
     def __repr__(self) -> str:
         return f"TorchEngine(device={self.device!r})"
+
+
+_WIDER = {"float16": ("float32", "float64"), "bfloat16": ("float32", "float64"), "float32": ("float64",), "float64": ()}
+
+
+class _Watch:
+    """The context :meth:`TorchEngine.watch` returns; its ``__enter__`` gives the list it fills."""
+
+    def __init__(self, device: torch.device, dtype: str) -> None:
+        self.device, self.dtype, self.notes = device, dtype, []
+        self.mode: Any = None
+
+    def __enter__(self) -> list[str]:
+        from torch.utils._python_dispatch import TorchDispatchMode
+        from torch.utils._pytree import tree_flatten
+
+        watch = self
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+                out = func(*args, **(kwargs or {}))
+                watch.check(str(func.overloadpacket), tree_flatten(out)[0])
+                return out
+
+        self.mode = Mode()
+        self.mode.__enter__()
+        return self.notes
+
+    def __exit__(self, *exc: Any) -> None:
+        self.mode.__exit__(*exc)
+
+    def check(self, name: str, outputs: list[Any]) -> None:
+        allowed = {self.dtype, *_WIDER.get(self.dtype, ())}
+        for tensor in outputs:
+            if not isinstance(tensor, torch.Tensor):
+                continue
+            produced = dtype_name(tensor.dtype)
+            if tensor.is_floating_point() and produced not in allowed:
+                self.notes.append(f"downcast: {name} made {produced} inside a {self.dtype} kernel")
+                return
+            if self.device.type != "cpu" and tensor.device.type == "cpu" and tensor.dim() > 0:
+                self.notes.append(f"host: {name} ran on the host, engine device {self.device}")
+                return

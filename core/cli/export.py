@@ -1,4 +1,5 @@
-"""The commands that prove a model portable: ``isthmus export`` and ``isthmus portability``."""
+"""The commands that prove a model portable: ``isthmus export`` and ``isthmus portability`` (dump +
+compare on one machine; the bundle commands themselves are in :mod:`isthmus.cli.bundles`)."""
 
 from __future__ import annotations
 
@@ -21,13 +22,17 @@ def cmd_portability(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from isthmus.cli.main import registry
+    from isthmus.errors import IsthmusError
     from isthmus.verify.portability import run_portability
 
-    report = run_portability(
+    if args.timeout <= 0:
+        raise IsthmusError(f"--timeout {args.timeout:g}: give the seconds each backend's dump may take (> 0)")
+    comparison = run_portability(
         registry(), args.checkpoint, [b for b in args.backends.split(",") if b.strip()],
         out_dir=Path(args.out) if args.out else None, train_steps=args.train_steps, batch_size=args.batch_size,
+        timeout=args.timeout, level=args.level, precision=args.precision,
     )
-    return report.exit_code
+    return comparison.exit_code
 
 
 def add_commands(sub: Any) -> None:
@@ -48,8 +53,8 @@ def add_commands(sub: Any) -> None:
                    help="output file (default <run dir>/export/<model>-<exporter>.onnx)")
     s.set_defaults(run=cmd_export)
 
-    s = sub.add_parser("portability", help="same weights and batch on several backends against the float64 "
-                                           "reference; writes report.md/.html/.json")
+    s = sub.add_parser("portability", help="dump each backend in its own process, compare the bundles against the "
+                                           "float64 reference; writes report.md/.html/.json")
     s.add_argument("--checkpoint", required=True, metavar="PATH")
     s.add_argument("--backends", default="cpu,cpu:mindspore,onnxruntime,reference",
                    help="comma-separated BACKEND[:ENGINE] labels (default cpu,cpu:mindspore,onnxruntime,reference)")
@@ -57,4 +62,10 @@ def add_commands(sub: Any) -> None:
     s.add_argument("--train-steps", type=int, default=0, metavar="N",
                    help="also train N steps from the checkpoint on each trainable backend and compare loss curves")
     s.add_argument("--batch-size", type=int, default=4, help="held-out samples in the compared batch (default 4)")
+    s.add_argument("--timeout", type=float, default=900, metavar="S",
+                   help="seconds each backend's dump may take before it is reported as failed (default 900)")
+    s.add_argument("--level", default="op", choices=("model", "layer", "op"),
+                   help="records each dump keeps (default op: every op, replayed alone to name the culprit)")
+    s.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"),
+                   help="the dtype every backend computes in (default fp32)")
     s.set_defaults(run=cmd_portability)

@@ -238,6 +238,7 @@ def parser() -> argparse.ArgumentParser:
     s.set_defaults(run=cmd_kernels)
 
     from isthmus.cli.convert import add_commands as add_convert_commands
+    from isthmus.cli.bundles import add_commands as add_bundle_commands
     from isthmus.cli.export import add_commands as add_export_commands
     from isthmus.cli.run import add_commands
     from isthmus.cli.selftest import add_commands as add_selftest_commands
@@ -246,6 +247,7 @@ def parser() -> argparse.ArgumentParser:
     add_selftest_commands(sub)
     add_export_commands(sub)
     add_convert_commands(sub)
+    add_bundle_commands(sub)
     add_plugin_commands(sub)
     return p
 

@@ -108,6 +108,32 @@ class Engine(Protocol):
         objective, then clipping, AdamW and the loss-scale policy), which the engine may compile;
         ``None`` (the default) leaves the step to the trainer, op by op."""
         return None
+    # ---- dumps (``isthmus dump``) --------------------------------------------------------------
+    def tap(self, tensor: Any, receive: Callable[[Any], None]) -> bool:
+        """Ask for ``receive(d loss / d tensor)`` while the next :meth:`value_and_grad` runs its
+        backward, for per-layer backward records; False when the engine cannot (the default) or
+        ``tensor`` takes no gradient."""
+        return False
+
+    def placement(self, tensor: Any) -> str:
+        """Where ``tensor`` lives (``"cpu"``, ``"cuda:0"``), in :attr:`device`'s spelling, so a dump
+        can name ops that ran on the host instead of the device; ``""`` when unknown (the default)."""
+        return ""
+
+    def watch(self, dtype: str) -> AbstractContextManager[list[str]]:
+        """A context that lists what happens *inside* the kernels called within it: casts from
+        ``dtype`` to a float dtype that cannot hold every ``dtype`` value (a kernel computing in
+        float16 while the run is in bfloat16) and work placed on the host instead of the device.
+        Used by the per-op replay of ``isthmus dump --level op``; the default sees nothing."""
+        import contextlib
+
+        return contextlib.nullcontext([])
+
+    def numerics(self) -> dict[str, Any]:
+        """The precision switches in force (TF32, HF32, reduced-precision reductions, operator
+        precision modes) and determinism flags, as ``{name: value}``, recorded in dump bundles;
+        the default has none."""
+        return {}
 
 
 @dataclass(frozen=True)

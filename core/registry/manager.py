@@ -28,6 +28,9 @@ BUILTIN_PLUGINS = (
 )
 MODEL_PACKAGES = "isthmus.models"  # each package in it registers itself through its ``plugin`` module
 DISABLE_AUTOLOAD_ENV = "ISTHMUS_DISABLE_PLUGIN_AUTOLOAD"
+PLUGINS_ENV = "ISTHMUS_PLUGINS"
+"""Comma-separated ``module`` or ``module:attribute`` plugins to load besides the installed ones: a
+plugin under development, or one a parent process hands to the subprocesses it starts."""
 TRACE_ENV = "ISTHMUS_TRACE_PLUGINS"
 
 # hook name -> (registry kind, the spec type a plugin must pass to ``register``)
@@ -95,8 +98,9 @@ def load_plugins(
     """Build a fresh manager and registry.
 
     Built-in plugins load first, then (unless ``ISTHMUS_DISABLE_PLUGIN_AUTOLOAD`` is set or
-    ``autoload`` is False) every entry point of group ``isthmus``, then ``extra`` (name, object)
-    pairs, which tests use to register plugins in-process. A plugin that fails to import, or whose
+    ``autoload`` is False) every entry point of group ``isthmus``, then the plugins named in
+    ``ISTHMUS_PLUGINS``, then ``extra`` (name, object) pairs, which tests use to register plugins
+    in-process. A plugin that fails to import, or whose
     hook raises, is recorded with its error and contributes nothing; the others still load.
     """
     if autoload is None:
@@ -117,6 +121,10 @@ def load_plugins(
     if autoload:
         for entry_point in metadata.entry_points(group=ENTRY_POINT_GROUP):
             load_entry_point(manager, registry, entry_point)
+
+    for spec in (part.strip() for part in os.environ.get(PLUGINS_ENV, "").split(",")):
+        if spec:
+            load_named(manager, registry, spec)
 
     for name, plugin in extra:
         record = PluginRecord(name=name, source="in-process", module=getattr(plugin, "__name__", ""))
@@ -150,6 +158,26 @@ def load_entry_point(
     except Exception as exc:  # fail soft on discovery: record and go on
         record.error = one_line(exc)
     trace(f"entry point {entry_point.name} = {entry_point.value}: {record.error or 'loaded'}")
+
+
+def load_named(manager: pluggy.PluginManager, registry: Registry, spec: str) -> None:
+    """Load the plugin ``module`` or ``module:attribute`` that ``ISTHMUS_PLUGINS`` names."""
+    module_name, _, attribute = spec.partition(":")
+    name = attribute or module_name.rsplit(".", 1)[-1]
+    record = PluginRecord(name=name, source=PLUGINS_ENV, module=spec)
+    if name in registry.plugins:
+        record.error = f"plugin name '{name}' is already taken by {registry.plugins[name].module}"
+        registry.plugins[f"{name} ({spec})"] = record
+        return
+    registry.plugins[name] = record
+    try:
+        plugin: Any = importlib.import_module(module_name)
+        for part in attribute.split(".") if attribute else ():
+            plugin = getattr(plugin, part)
+        manager.register(plugin, name=name)
+    except Exception as exc:  # fail soft, as for entry points
+        record.error = one_line(exc)
+    trace(f"{PLUGINS_ENV} plugin {spec}: {record.error or 'loaded'}")
 
 
 def collect(manager: pluggy.PluginManager, registry: Registry) -> None:

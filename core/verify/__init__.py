@@ -1,2 +1,4 @@
 """Proof that numbers match: kernel conformance against the float64 reference, the ONNX oracle,
-op replay, the portability check and its report, and the hardware selftest."""
+dumps and their bundles (dump, capture, recording, replay_dump), their comparison on any machine
+(compare, truth, metrics, divergence, replay_check, report), portability (dump + compare on one
+machine) and the hardware selftest."""

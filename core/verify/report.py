@@ -1,7 +1,8 @@
-"""The portability report files: ``report.json`` (everything), ``report.md`` (the table),
-``report.html`` (the table and the plots) and the PNGs it references by relative path:
-``errors.png`` (every compared tensor's error as a share of its tolerance, per backend) and, after
-a training comparison, ``loss_curves.png``.
+"""The comparison report files: ``report.json`` (everything), ``report.md`` (the tables and
+findings), ``report.html`` (the same with plots) and the PNGs it references by relative path:
+``error_by_depth.png`` (each record's error as a multiple of its floor, in call order, forward and
+backward), ``error_vs_magnitude.png`` (each record's error against the size of its float64 values)
+and, after training comparisons, ``loss_curves.png``.
 """
 
 from __future__ import annotations
@@ -14,132 +15,166 @@ from pathlib import Path
 from typing import Any
 
 from isthmus.train.atomic import write_text_atomic
-from isthmus.verify.portability import GRADIENT_TOLERANCES, TOLERANCES, PortabilityReport, TargetResult
+from isthmus.verify.compare import Comparison, Target, Verdict
+from isthmus.verify.divergence import describe_events, describe_first
+from isthmus.verify.metrics import summarise, verdict_line
+
+HEADER = ["backend", "engine", "device", "dtype", "result", "outputs err / x floor", "loss err / x floor",
+          "worst gradient / x floor", "forward records", "backward records", "training (last loss)", "notes"]
 
 
-def _ratio(value: float | None) -> str:
-    if value is None:
-        return "-"
+def _x(value: float) -> str:
     return "inf" if math.isinf(value) else f"{value:.3g}"
 
 
-def _cell(result: TargetResult, kind: str) -> str:
-    worst = result.worst(kind)
-    if worst is None:
+def _cell(verdicts: list[Verdict], kind: str | None = None) -> str:
+    chosen = [v for v in verdicts if kind is None or v.kind == kind]
+    if not chosen:
         return "-"
-    name = "" if kind != "gradient" else f" ({worst.name})"
-    return f"{worst.max_abs_err:.2e} / {_ratio(worst.ratio)}x{name}"
+    worst = max(chosen, key=lambda v: v.ratio)
+    name = f" ({worst.name})" if kind in (None, "gradient") else ""
+    return f"{worst.error:.2e} / {_x(worst.ratio)}x{name}"
 
 
-def _verdict(result: TargetResult) -> str:
-    if result.status in ("skipped", "golden"):
-        return result.status
-    return "BREACH" if result.breach else "ok"
+def _records(verdicts: list[Verdict]) -> str:
+    if not verdicts:
+        return "-"
+    bad = sum(v.breach for v in verdicts)
+    worst = max(verdicts, key=lambda v: v.ratio)
+    return f"{len(verdicts)}, {bad} beyond; worst {_x(worst.ratio)}x"
 
 
-def _finding(result: TargetResult) -> str:
-    finding = result.op_finding
-    if finding is None:
-        return ""
-    if finding.first_bad is not None:
-        bad = finding.first_bad
-        return (f"first op beyond tolerance: **{bad.op}** at {finding.first_bad_ratio:.3g}x its tolerance "
-                f"(max abs err {finding.first_bad_error:.2e}); {bad.describe()}, of {finding.calls} kernel calls")
-    worst = f"; largest single-op error: {finding.worst.op} ({finding.worst_ratio:.2f}x)" if finding.worst else ""
-    return f"every op within tolerance on its own: the error accumulates across ops{worst}"
+def verdict_text(target: Target) -> str:
+    if target.status == "skipped":
+        return "skipped"
+    return "BREACH" if target.breach else ("golden" if target.status == "golden" else "ok")
 
 
-def rows(report: PortabilityReport) -> list[list[str]]:
-    """The summary table: one row per backend."""
+def rows(comparison: Comparison) -> list[list[str]]:
+    """The summary table: one row per compared run."""
     out = []
-    for r in report.targets:
-        train = "-" if not r.train_losses else f"{r.train_losses[-1]:.4f} ({r.train_note})"
-        out.append([r.label, r.engine or "-", r.device or "-", r.dtype if r.status != "skipped" else "-",
-                    _verdict(r), _cell(r, "forward"), _cell(r, "loss"), _cell(r, "gradient"), train,
-                    r.reason or _finding(r).replace("**", "") or "; ".join(r.notes)])
+    for t in comparison.targets:
+        train = "-" if not t.train.get("losses") else f"{t.train['losses'][-1]:.4f} ({t.train.get('note', '')})"
+        notes = t.reason or "; ".join(t.breach_reasons) or "; ".join(t.notes[:2])
+        out.append([t.label, t.engine or "-", t.device or "-", t.dtype if t.status != "skipped" else "-",
+                    verdict_text(t), _cell(t.results, "logits"), _cell(t.results, "loss"),
+                    _cell(t.results, "gradient"), _records(t.forward), _records(t.backward), train, notes])
     return out
 
 
-HEADER = ["backend", "engine", "device", "dtype", "result", "logits err / x tol", "loss err / x tol",
-          "worst gradient err / x tol", "training (last loss)", "notes"]
-
-
-def markdown(report: PortabilityReport) -> str:
-    """``report.md``."""
-    lines = [f"# Portability report: {report.model}, checkpoint step {report.step}", "",
-             f"Checkpoint `{report.checkpoint}`, {report.batch_size} held-out samples. Result: "
-             f"**{'BREACH' if report.exit_code else 'all compared backends within tolerance'}**.", "",
-             "| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
-    lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in rows(report)]
-    lines += ["", "## How it was compared", ""]
-    lines += [f"- {line}" for line in method_lines(report)]
-    findings = [(r.label, _finding(r)) for r in report.targets if r.op_finding is not None]
-    if findings:
-        lines += ["", "## Which op breaks", ""]
-        lines += [f"- {label}: {text}" for label, text in findings]
-    if report.files.get("errors_png"):
-        lines += ["", "## Plots", "", "![per-tensor errors](errors.png)"]
-    if report.files.get("loss_png"):
-        lines += ["", "![loss curves](loss_curves.png)"]
-    return "\n".join(lines) + "\n"
-
-
-def method_lines(report: PortabilityReport) -> list[str]:
-    """What the numbers mean: tolerances, gradient source, training setup."""
-    lines = ["Each cell shows the largest |backend - reference| and that error as a multiple of its "
-             "tolerance (above 1 is a breach). Tolerance per element: atol x max|reference| + rtol x "
-             "|reference|, by the dtype the backend computes in: "
-             + ", ".join(f"{d} {t.rtol:g}" for d, t in TOLERANCES.items()) + "; gradients, which pass "
-             "through every op's backward as well: "
-             + ", ".join(f"{d} {t.rtol:g}" for d, t in GRADIENT_TOLERANCES.items()) + "."]
-    lines.append("Forward logits and the loss are compared with the NumPy float64 reference.")
-    if report.gradient_source:
-        lines.append(f"Gradients are compared with float64 gradients from {report.gradient_source}"
-                     + (f"; {report.gradient_check}" if report.gradient_check else "") + ".")
-    if report.train_steps:
-        lines.append(f"Training: {report.train_steps} steps from the checkpoint (its weights, AdamW moments and "
-                     f"data position) through the trainer in fp32 at a constant lr {report.train_lr:g}; curves "
-                     f"are compared with the first trained backend's.")
-    lines.append("A backend that breaches is replayed op by op on the reference's recorded inputs to name "
-                 "the first op that disagrees on its own.")
+def method_lines(comparison: Comparison) -> list[str]:
+    """What the numbers mean: truth, floors, k, gradient source and check, replay."""
+    lines = [f"Truth: {comparison.reference}.",
+             f"Inputs: {comparison.batch.get('size')} held-out samples (--batch {comparison.batch.get('size')} --seed "
+             f"{comparison.batch.get('seed')}, sha256 {str(comparison.batch.get('sha256', ''))[:12]}); checkpoint "
+             f"step {comparison.checkpoint.get('step')} (sha256 {str(comparison.checkpoint.get('sha256', ''))[:12]}).",
+             verdict_line(comparison.k) + ". A record's floor is never below the floors of the records before it "
+             "(rounding accumulates with depth). Forward floors: the NumPy reference computing in the target's "
+             "dtype (each op's output rounded to the dtype an engine returns).",
+             "Error: relative RMSE for full tensors (--mode tensors) and for outputs, loss and gradients; for "
+             "statistics-only records, the largest error of mean, std, min, max and L2 relative to the float64 RMS."]
+    if comparison.floors:
+        lines.append(f"Floors of {comparison.floors}.")
+    if comparison.gradient_source:
+        lines.append(f"Gradients: float64 from {comparison.gradient_source}; confirmed by {comparison.gradient_check}.")
+    else:
+        lines.append("Gradients: no golden float64 bundle among the inputs, so gradients and backward records are "
+                     "not judged against float64 (make one with `isthmus dump --golden`).")
+    lines.append("Replay (bundles dumped with --level op): each op alone on the float64 reference's inputs rounded to "
+                 "the dtype; its output against the float64 op and its vector-Jacobian product against central "
+                 "differences of the float64 op along a seeded direction (step chosen so no kink is crossed), each "
+                 "within the op tolerance of its dtype. A gradient breach is attributed to the first op, in backward "
+                 "order, whose VJP disagrees.")
     return lines
 
 
-def html_page(report: PortabilityReport) -> str:
+def findings(comparison: Comparison) -> list[tuple[str, list[str]]]:
+    """Per target with something to say: the first divergences and their context."""
+    out = []
+    for t in comparison.targets:
+        lines = []
+        for key in ("forward", "replay_forward", "backward", "replay_backward"):
+            text = describe_first(t.first, key)
+            if text:
+                lines.append(text)
+                lines.append("  " + describe_events(t.first[key]))
+        if t.overflow:
+            lines.append(f"NaN/Inf: {json.dumps(t.overflow)}")
+        for event in t.downcasts[:5]:
+            lines.append(f"unrequested down-cast at {event['name']} (layer {event['layer'] or '-'}): {event['detail']}")
+        fallbacks = [e for e in t.events if e["kind"] in ("fallback", "host")]
+        for event in fallbacks[:5]:
+            lines.append(f"{event['kind']} at {event['name']}: {event['detail']}")
+        if t.replay:
+            r = t.replay
+            lines.append(f"replay: {r['judged']} of {r['ops']} ops judged in {r['dtype']} (tolerance {r['tolerance']:g}); "
+                         f"worst output {r['worst_forward_ratio']:.3g}x, worst VJP {r['worst_vjp_ratio']:.3g}x "
+                         f"({r['vjp']})")
+        worst = sorted((v for v in t.results if v.breach), key=lambda v: -v.ratio)[:3]
+        for v in worst:
+            lines.append(f"{v.name}: {summarise(v.metrics)}")
+        if lines:
+            out.append((t.label, lines))
+    return out
+
+
+def markdown(comparison: Comparison) -> str:
+    """``report.md``."""
+    verdict = "BREACH" if comparison.exit_code else "every compared run within its noise floor"
+    lines = [f"# Comparison report: {comparison.model}, checkpoint step {comparison.checkpoint.get('step')}", "",
+             f"Result: **{verdict}**.", "", "| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
+    lines += ["| " + " | ".join(str(c).replace("|", "\\|") for c in row) + " |" for row in rows(comparison)]
+    lines += ["", "## How it was compared", ""] + [f"- {line}" for line in method_lines(comparison)]
+    found = findings(comparison)
+    if found:
+        lines += ["", "## Findings", ""]
+        for label, items in found:
+            lines.append(f"### {label}")
+            lines += [f"- {item.strip()}" if not item.startswith("  ") else f"  - {item.strip()}" for item in items]
+            lines.append("")
+    for key, title in (("depth_png", "error by depth"), ("magnitude_png", "error against magnitude"),
+                       ("loss_png", "loss curves")):
+        if comparison.files.get(key):
+            lines += ["", f"![{title}]({Path(comparison.files[key]).name})"]
+    return "\n".join(lines) + "\n"
+
+
+def html_page(comparison: Comparison) -> str:
     """``report.html``: the table, the method, the findings and the plots (relative <img>)."""
     esc = html.escape
     head = "".join(f"<th>{esc(h)}</th>" for h in HEADER)
     body = []
-    for row, result in zip(rows(report), report.targets):
-        css = {"BREACH": "bad", "ok": "good"}.get(_verdict(result), "muted")
+    for row, target in zip(rows(comparison), comparison.targets):
+        css = {"BREACH": "bad", "ok": "good"}.get(verdict_text(target), "muted")
         body.append(f'<tr class="{css}">' + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>")
-    verdict = "BREACH" if report.exit_code else "all compared backends within tolerance"
+    verdict = "BREACH" if comparison.exit_code else "every compared run within its noise floor"
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'>",
-        f"<title>Portability: {esc(report.model)}</title><style>",
-        "body{font-family:sans-serif;margin:2em;max-width:1400px}table{border-collapse:collapse;font-size:13px}",
+        f"<title>Comparison: {esc(comparison.model)}</title><style>",
+        "body{font-family:sans-serif;margin:2em;max-width:1500px}table{border-collapse:collapse;font-size:13px}",
         "td,th{border:1px solid #ccc;padding:4px 8px;text-align:left;vertical-align:top}",
         "th{background:#eee}tr.bad td{background:#fde2e2}tr.good td{background:#e6f4e6}tr.muted td{color:#666}",
         "img{max-width:100%;border:1px solid #ddd;margin:1em 0}</style></head><body>",
-        f"<h1>Portability report: {esc(report.model)}, checkpoint step {report.step}</h1>",
-        f"<p>Checkpoint <code>{esc(report.checkpoint)}</code>, {report.batch_size} held-out samples. "
-        f"Result: <b>{esc(verdict)}</b>.</p>",
+        f"<h1>Comparison report: {esc(comparison.model)}, checkpoint step {comparison.checkpoint.get('step')}</h1>",
+        f"<p>Result: <b>{esc(verdict)}</b>.</p>",
         f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>",
-        "<h2>How it was compared</h2><ul>" + "".join(f"<li>{esc(l)}</li>" for l in method_lines(report)) + "</ul>",
+        "<h2>How it was compared</h2><ul>" + "".join(f"<li>{esc(l)}</li>" for l in method_lines(comparison)) + "</ul>",
     ]
-    findings = [(r.label, _finding(r)) for r in report.targets if r.op_finding is not None]
-    if findings:
-        parts.append("<h2>Which op breaks</h2><ul>" + "".join(
-            f"<li>{esc(label)}: {esc(text).replace('**', '')}</li>" for label, text in findings) + "</ul>")
-    if report.files.get("errors_png"):
-        parts.append("<h2>Per-tensor errors</h2><img src='errors.png' alt='per-tensor errors'>")
-    if report.files.get("loss_png"):
-        parts.append("<h2>Loss curves</h2><img src='loss_curves.png' alt='loss curves'>")
+    found = findings(comparison)
+    if found:
+        parts.append("<h2>Findings</h2>")
+        for label, items in found:
+            parts.append(f"<h3>{esc(label)}</h3><ul>" + "".join(f"<li>{esc(i.strip())}</li>" for i in items) + "</ul>")
+    for key, title in (("depth_png", "Error by depth"), ("magnitude_png", "Error against magnitude"),
+                       ("loss_png", "Loss curves")):
+        if comparison.files.get(key):
+            name = Path(comparison.files[key]).name
+            parts.append(f"<h2>{title}</h2><img src='{name}' alt='{title.lower()}'>")
     parts.append("</body></html>")
     return "\n".join(parts)
 
 
-def _plots(report: PortabilityReport, out: Path) -> dict[str, str]:
+def _plots(comparison: Comparison, out: Path) -> dict[str, str]:
     try:
         import matplotlib
 
@@ -148,55 +183,58 @@ def _plots(report: PortabilityReport, out: Path) -> dict[str, str]:
     except ImportError:
         return {}
     files: dict[str, str] = {}
-    compared = [r for r in report.targets if r.tensors]
-    if compared:
-        names = list(dict.fromkeys(t.name for r in compared for t in r.tensors))
-        width = 0.8 / len(compared)
-        figure, axis = plt.subplots(figsize=(max(8.0, 0.28 * len(names) + 2), 5), dpi=100)
-        for i, result in enumerate(compared):
-            by_name = {t.name: t.ratio for t in result.tensors}
-            values = [max(min(by_name.get(n, math.nan), 1e6), 1e-6) for n in names]
-            axis.bar([j + (i - (len(compared) - 1) / 2) * width for j in range(len(names))], values, width,
-                     label=result.label)
-        axis.axhline(1.0, color="red", linestyle="--", linewidth=1, label="tolerance")
-        axis.set_yscale("log")
-        axis.set_ylabel("max error / tolerance")
-        axis.set_xticks(range(len(names)))
-        axis.set_xticklabels(names, rotation=90, fontsize=7)
-        axis.set_title(f"{report.model}: error per compared tensor (forward, loss, gradients) vs float64")
-        axis.legend(fontsize=8)
+    judged = [t for t in comparison.targets if t.forward or t.backward]
+    if judged:
+        figure, panels = plt.subplots(1, 2, figsize=(13, 4.8), dpi=100)
+        for i, t in enumerate(judged):
+            for panel, verdicts, order in ((panels[0], t.forward, 1), (panels[1], t.backward, -1)):
+                points = sorted(verdicts, key=lambda v: order * v.call)
+                if points:
+                    panel.plot(range(len(points)), [min(max(v.ratio, 1e-3), 1e6) for v in points],
+                               marker="osD^v"[i % 5], markersize=3, linewidth=0.8, label=t.label)
+        for panel, title in ((panels[0], "forward records, call order"), (panels[1], "backward records, backward order")):
+            panel.axhline(comparison.k, color="red", linestyle="--", linewidth=1, label=f"k = {comparison.k:g}")
+            panel.set_yscale("log")
+            panel.set_xlabel("record (depth)")
+            panel.set_ylabel("error / floor")
+            panel.set_title(title)
+            panel.grid(alpha=0.3)
+            panel.legend(fontsize=7)
         figure.tight_layout()
-        figure.savefig(out / "errors.png")
+        figure.savefig(out / "error_by_depth.png")
         plt.close(figure)
-        files["errors_png"] = str(out / "errors.png")
-    trained = [r for r in report.targets if r.train_losses]
+        files["depth_png"] = str(out / "error_by_depth.png")
+        figure, axis = plt.subplots(figsize=(7.5, 5), dpi=100)
+        for i, t in enumerate(judged):
+            points = [v for v in t.forward + t.backward + t.results
+                      if v.metrics.get("magnitude", 0) > 0 and math.isfinite(v.error) and v.error > 0]
+            if points:
+                axis.scatter([v.metrics["magnitude"] for v in points], [v.error for v in points], s=8,
+                             marker="osD^v"[i % 5], label=t.label, alpha=0.7)
+        axis.set_xscale("log")
+        axis.set_yscale("log")
+        axis.set_xlabel("float64 RMS of the record")
+        axis.set_ylabel("error (relative)")
+        axis.set_title("error against magnitude, every judged record")
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=7)
+        figure.tight_layout()
+        figure.savefig(out / "error_vs_magnitude.png")
+        plt.close(figure)
+        files["magnitude_png"] = str(out / "error_vs_magnitude.png")
+    trained = [t for t in comparison.targets if t.train.get("losses")]
     if trained:
-        figure, (curves, gaps) = plt.subplots(1, 2, figsize=(11, 4.5), dpi=100)
-        baseline = trained[0].train_losses
-        for i, result in enumerate(trained):
-            steps = list(range(report.step + 1, report.step + 1 + len(result.train_losses)))
-            # Curves that agree lie on top of each other: distinct markers and dashes keep each visible.
-            curves.plot(steps, result.train_losses, marker="osD^v"[i % 5], linestyle=["-", "--", ":", "-."][i % 4],
-                        markersize=7 - i, label=result.label)
-            if i:
-                gap = [max(abs(a - b), 1e-12) for a, b in zip(result.train_losses, baseline)]
-                gaps.plot(steps, gap, marker="osD^v"[i % 5], label=f"{result.label} vs {trained[0].label}")
-        from matplotlib.ticker import MaxNLocator
-
-        for panel in (curves, gaps):
-            panel.xaxis.set_major_locator(MaxNLocator(integer=True))
-        curves.set_xlabel("step")
-        curves.set_ylabel("training loss")
-        curves.set_title(f"{report.train_steps} steps from the checkpoint, overlaid")
-        curves.grid(alpha=0.3)
-        curves.legend()
-        gaps.set_yscale("log")
-        gaps.set_xlabel("step")
-        gaps.set_ylabel("|loss - baseline loss|")
-        gaps.set_title("gap to the first backend's curve")
-        gaps.grid(alpha=0.3)
-        if len(trained) > 1:
-            gaps.legend(fontsize=8)
+        figure, axis = plt.subplots(figsize=(7.5, 4.5), dpi=100)
+        step = int(comparison.checkpoint.get("step") or 0)
+        for i, t in enumerate(trained):
+            losses = t.train["losses"]
+            axis.plot(range(step + 1, step + 1 + len(losses)), losses, marker="osD^v"[i % 5],
+                      linestyle=["-", "--", ":", "-."][i % 4], markersize=7 - i, label=t.label)
+        axis.set_xlabel("step")
+        axis.set_ylabel("training loss")
+        axis.set_title("training steps from the checkpoint, overlaid")
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=8)
         figure.tight_layout()
         figure.savefig(out / "loss_curves.png")
         plt.close(figure)
@@ -206,11 +244,14 @@ def _plots(report: PortabilityReport, out: Path) -> dict[str, str]:
 
 def _jsonable(value: Any) -> Any:
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        if hasattr(value, "as_dict"):
-            return _jsonable(value.as_dict())
-        return {f.name: _jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        data = {f.name: _jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        if isinstance(value, Verdict):
+            data.update(ratio=_jsonable(value.ratio), breach=value.breach)
+        if isinstance(value, Target):
+            data.update(breach=value.breach, breach_reasons=value.breach_reasons)
+        return data
     if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
+        return {str(k): _jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [_jsonable(v) for v in value]
     if isinstance(value, float) and not math.isfinite(value):
@@ -218,20 +259,17 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-def write_report(report: PortabilityReport, out: Path) -> dict[str, str]:
+def write_report(comparison: Comparison, out: Path) -> dict[str, str]:
     """Write every report file into ``out``; returns ``{kind: path}``."""
     out.mkdir(parents=True, exist_ok=True)
-    files = _plots(report, out)
-    report.files = {**files, "md": str(out / "report.md"), "html": str(out / "report.html"),
-                    "json": str(out / "report.json")}
-    data = _jsonable(report)
-    data["exit_code"] = report.exit_code
-    for result, row in zip(data["targets"], report.targets):
-        result["breach"] = row.breach
-    write_text_atomic(out / "report.json", json.dumps(data, indent=2) + "\n")
-    write_text_atomic(out / "report.md", markdown(report))
-    write_text_atomic(out / "report.html", html_page(report))
-    return report.files
+    comparison.files = {**_plots(comparison, out), "md": str(out / "report.md"), "html": str(out / "report.html"),
+                        "json": str(out / "report.json")}
+    data = _jsonable(comparison)
+    data["exit_code"] = comparison.exit_code
+    write_text_atomic(out / "report.json", json.dumps(data, indent=1) + "\n")
+    write_text_atomic(out / "report.md", markdown(comparison))
+    write_text_atomic(out / "report.html", html_page(comparison))
+    return comparison.files
 
 
 __all__ = ["HEADER", "html_page", "markdown", "method_lines", "rows", "write_report"]

@@ -1,0 +1,213 @@
+"""What a dump keeps of each recorded call: statistics, the tensor or its MD5, the gradient that
+flows back into it, and the dtype changes, fallbacks and host placements seen at the kernel
+boundary.
+
+Statistics are computed in float64 on the host copy (``engine.to_numpy``): ``count, min, max,
+mean, std, l2`` over the finite elements, then the ``nan`` and ``inf`` counts, one row per record in
+a float64 matrix, so a stats-mode bundle stays small and keeps every digit of every statistic.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from typing import Any
+
+import numpy as np
+
+from isthmus.kernels.interface import FLOAT_DTYPES
+from isthmus.verify.recording import CREATION_OPS, CallInfo, LayerInfo
+
+STATS = ("count", "min", "max", "mean", "std", "l2", "nan", "inf")
+LEVELS = ("model", "layer", "op")
+MODES = ("stats", "tensors", "md5")
+FLOATS = frozenset(FLOAT_DTYPES)
+NO_DTYPE_RULE = frozenset({"cast", "global_norm", "adamw_update", *CREATION_OPS})
+"""Ops whose output dtype is set by an argument or by the contract, not by their inputs."""
+
+
+def stats(array: np.ndarray) -> np.ndarray:
+    """The :data:`STATS` row of ``array`` (float64)."""
+    source = np.asarray(array).ravel()
+    values = source.astype(np.float64)
+    count = values.size
+    total = float(values.sum())
+    if count and math.isfinite(total):  # no NaN or Inf anywhere: the fast path
+        squares = float(values @ values)
+        mean = total / count
+        variance = squares / count - mean * mean
+        if variance < 1e-6 * mean * mean:  # cancellation would eat the digits: centre first
+            centred = values - mean
+            variance = float(centred @ centred) / count
+        # min and max are exact in the source dtype, and cheaper to read there.
+        return np.array([count, float(source.min()), float(source.max()), mean, math.sqrt(max(variance, 0.0)),
+                         math.sqrt(squares), 0.0, 0.0])
+    finite = np.isfinite(values)
+    nan = float(np.count_nonzero(np.isnan(values)))
+    inf = float(count - np.count_nonzero(finite) - nan)
+    good = values[finite]
+    if not good.size:
+        return np.array([0.0, np.nan, np.nan, np.nan, np.nan, 0.0, nan, inf])
+    return np.array([float(good.size), good.min(), good.max(), good.mean(), good.std(),
+                     float(np.sqrt(np.dot(good, good))), nan, inf])
+
+
+def widens(source: str, target: str) -> bool:
+    """Whether every ``source`` value is exact in ``target`` (float16/bfloat16 -> float32, any -> float64)."""
+    return source == target or target == "float64" or (target == "float32" and source in ("float16", "bfloat16"))
+
+
+_NOT_TENSORS = (bool, int, float, complex, str, bytes, type(None), dict, np.generic)
+
+
+def _flat(value: Any) -> list[Any]:
+    """The tensors in ``value`` (an output, or a call's arguments), lists and tuples looked into."""
+    if not isinstance(value, (list, tuple)):
+        return [] if isinstance(value, _NOT_TENSORS) else [value]
+    found = []
+    for item in value:
+        if isinstance(item, (list, tuple)):
+            found += _flat(item)
+        elif not isinstance(item, _NOT_TENSORS):
+            found.append(item)
+    return found
+
+
+class Capture:
+    """A :class:`~isthmus.verify.recording.Sink` that keeps one run's records.
+
+    ``level``: ``model`` (no records), ``layer`` (each layer's output) or ``op`` (every call's
+    output, and the layer records pointing at them). ``mode``: ``stats`` (the :data:`STATS` row),
+    ``tensors`` (also the tensor) or ``md5`` (also the MD5 of its bytes). Backward records come from
+    ``engine.tap`` where the engine offers it; ``key`` prefixes the stored tensors' keys.
+    """
+
+    def __init__(self, engine: Any, kernels: Any, level: str, mode: str, key: str,
+                 events: Any = None, backward: bool = True, dtype: str = "") -> None:
+        self.engine, self.dtype_of = engine, kernels.dtype
+        self.level, self.mode, self.key = level, mode, key
+        self.device = getattr(engine, "device", "")
+        self.kernel_events = events
+        self.backward_wanted = backward
+        self.dtype = dtype
+        self.forward: list[dict[str, Any]] = []
+        self.backward: list[dict[str, Any]] = []
+        self.rows: dict[str, list[np.ndarray]] = {"forward": [], "backward": []}
+        self.tensors: dict[str, np.ndarray] = {}
+        self.events: list[dict[str, Any]] = []
+        self.calls = 0
+        self.taps = 0
+        self._done: dict[tuple[int, int], dict[str, Any]] = {}
+        self._tapped: set[int] = set()
+
+    # ---------------------------------------------------------------------------- the sink
+    def call(self, info: CallInfo, args: tuple, kwargs: dict, out: Any) -> None:
+        """Every call: its kernels' notes; at op level, the boundary checks and its record (at layer
+        level the checks run on the recorded outputs only, which keeps the pass cheap)."""
+        self.calls += 1
+        if self.kernel_events is not None and self.kernel_events.items:
+            self._notes(info)
+        if self.level == "op":
+            self._boundary(info, args, kwargs, out)
+            self._record(info, info.name, "op", out)
+
+    def layer(self, info: LayerInfo, out: Any) -> None:
+        """A layer's run ended: its record (pointing at its last call's data)."""
+        if self.level in ("layer", "op"):
+            self._record(info.last, info.name, "layer", out, layer=info.layer)
+
+    # -------------------------------------------------------------------------- internals
+    def _record(self, call: CallInfo, name: str, kind: str, out: Any, layer: str | None = None) -> None:
+        pieces = _flat(out)
+        for i, tensor in enumerate(pieces):
+            suffix = f".{i}" if len(pieces) > 1 else ""
+            slot = (call.index, i)
+            data = self._done.get(slot)
+            if data is None:
+                data = self._keep("forward", f"{call.name}{suffix}", tensor)
+                self._done[slot] = data
+                if self.level != "op":
+                    self._layer_checks(call, tensor, data["dtype"])
+                if self.backward_wanted and data["float"]:
+                    self._tap(call, f"{call.name}{suffix}", tensor)
+            record = {"name": name + suffix, "kind": kind, "op": call.op,
+                      "layer": call.layer if layer is None else layer, "call": call.index, "where": call.where}
+            record.update(data)
+            del record["float"]
+            self.forward.append(record)
+
+    def _keep(self, direction: str, name: str, tensor: Any) -> dict[str, Any]:
+        dtype = self.dtype_of(tensor)
+        host = self.engine.to_numpy(tensor)
+        rows = self.rows[direction]
+        rows.append(stats(host))
+        data: dict[str, Any] = {"dtype": dtype, "shape": list(host.shape), "row": len(rows) - 1,
+                                "float": dtype in FLOATS}
+        if self.mode == "tensors":
+            key = f"{self.key}/{direction}/{name}"
+            self.tensors[key] = host
+            data["tensor"] = key
+        elif self.mode == "md5":
+            data["md5"] = hashlib.md5(np.ascontiguousarray(host).tobytes()).hexdigest()
+        return data
+
+    def _tap(self, call: CallInfo, name: str, tensor: Any) -> None:
+        def receive(grad: Any) -> None:
+            if grad is None:  # an engine may report "no gradient" as None
+                return
+            data = self._keep("backward", name, grad)
+            self.backward.append({"name": name, "op": call.op, "layer": call.layer, "call": call.index,
+                                  **{k: v for k, v in data.items() if k != "float"}})
+
+        if self.engine.tap(tensor, receive):
+            self.taps += 1
+
+    def _notes(self, info: CallInfo) -> None:
+        for kind, detail in self.kernel_events.drain():
+            self.events.append({"kind": kind, "call": info.index, "name": info.name, "op": info.op,
+                                "layer": info.layer, "detail": detail})
+
+    def _layer_checks(self, call: CallInfo, tensor: Any, produced: str) -> None:
+        """At layer level: a layer output in a float dtype that cannot hold the run's, or on the host."""
+        if self.dtype and produced in FLOATS and produced != self.dtype and not widens(self.dtype, produced):
+            self.events.append({"kind": "downcast", "call": call.index, "name": call.name, "op": call.op,
+                                "layer": call.layer, "detail": f"{produced} output in a {self.dtype} run"})
+        if self.device and self.device != "cpu":
+            where = self.engine.placement(tensor)
+            if where and where != self.device:
+                self.events.append({"kind": "host", "call": call.index, "name": call.name, "op": call.op,
+                                    "layer": call.layer, "detail": f"output on {where}, engine device {self.device}"})
+
+    def _boundary(self, info: CallInfo, args: tuple, kwargs: dict, out: Any) -> None:
+        outputs = _flat(out)
+        if self.device and self.device != "cpu":  # on a host device nothing runs "on the host instead"
+            for tensor in outputs:
+                where = self.engine.placement(tensor)
+                if where and where != self.device:
+                    self.events.append({"kind": "host", "call": info.index, "name": info.name, "op": info.op,
+                                        "layer": info.layer, "detail": f"output on {where}, engine device {self.device}"})
+                    break
+        if info.op in NO_DTYPE_RULE:
+            return
+        inputs = {self.dtype_of(t) for t in _flat(args)}
+        if kwargs:
+            inputs.update(self.dtype_of(t) for t in _flat(list(kwargs.values())))
+        inputs &= FLOATS
+        if len(inputs) != 1:
+            return
+        source = inputs.pop()
+        for tensor in outputs:
+            produced = self.dtype_of(tensor)
+            if produced != source and produced in FLOATS:
+                kind = "upcast" if widens(source, produced) else "downcast"
+                self.events.append({"kind": kind, "call": info.index, "name": info.name, "op": info.op,
+                                    "layer": info.layer, "detail": f"{source} inputs, {produced} output"})
+                break
+
+    # ---------------------------------------------------------------------------- results
+    def matrices(self) -> dict[str, np.ndarray]:
+        """The stats rows as ``{direction: (n, len(STATS)) float64}``."""
+        return {d: np.array(rows, dtype=np.float64).reshape(len(rows), len(STATS)) for d, rows in self.rows.items()}
+
+
+__all__ = ["Capture", "LEVELS", "MODES", "STATS", "stats", "widens"]

@@ -1,0 +1,166 @@
+"""Kernel calls named the same way on every engine.
+
+A :class:`Recording` wraps a kernel set and names each call its model makes, so a dump taken on one
+engine and the float64 reference computed elsewhere line up record for record:
+
+* the **layer** of a call is the innermost :class:`~isthmus.nn.params.Scope` prefix on the Python
+  call stack between the model's entry and the kernel call (``vision.blocks.0.attn.qkv`` inside
+  :func:`isthmus.nn.layers.linear`, ``vision.blocks.0.attn`` for the attention op itself; in a frame
+  holding several scopes, the one bound last); the call also runs in each dotted ancestor of that
+  layer (``vision.blocks.0``, ``vision.blocks``, ``vision``). Model code is the same Python on
+  every engine, so the names are too;
+* the **op record** of a call is ``<layer>/<op>:<n>``, ``n`` counting that op's calls in that layer
+  (``<op>:<n>`` at the top of the model);
+* a **layer record** is the output of the last call made while the layer was on the stack, which is
+  the value a layer function returns; a layer that runs twice gets ``@1``, ``@2``.
+
+``shape`` and ``dtype`` calls read metadata only: they are neither recorded nor counted.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from types import FrameType
+from typing import Any, Callable, NamedTuple, Protocol
+
+from isthmus.kernels.interface import OPS
+from isthmus.kernels.routing import KernelSet
+from isthmus.nn.params import Scope
+
+METADATA_OPS = frozenset({"shape", "dtype"})
+CREATION_OPS = frozenset({"asarray", "zeros", "ones", "full", "arange"})
+
+
+class CallInfo(NamedTuple):
+    """One recorded kernel call: its position, op, canonical name and where the model made it."""
+
+    index: int
+    op: str
+    name: str
+    layer: str
+    layers: tuple[str, ...]  # the layers it runs in, outermost first
+    code: Any  # the calling code object and line, for :attr:`where`
+    line: int
+
+    @property
+    def where(self) -> str:
+        """``function (file.py:line)`` of the model code that made the call."""
+        return f"{self.code.co_name} ({os.path.basename(self.code.co_filename)}:{self.line})"
+
+
+class LayerInfo(NamedTuple):
+    """One run of a layer: its record name and the call whose output the layer returned."""
+
+    name: str
+    layer: str
+    first: int
+    last: CallInfo
+
+
+class Sink(Protocol):
+    """What a :class:`Recording` reports to."""
+
+    def call(self, info: CallInfo, args: tuple, kwargs: dict, out: Any) -> None:
+        """Every recorded call, as it returns."""
+
+    def layer(self, info: LayerInfo, out: Any) -> None:
+        """A layer's run has ended; ``out`` is the output of its last call."""
+
+
+def op_name(layer: str, op: str, n: int) -> str:
+    """The canonical name of the ``n``-th call of ``op`` in ``layer``."""
+    return f"{layer}/{op}:{n}" if layer else f"{op}:{n}"
+
+
+class Recording:
+    """A kernel set (:attr:`kernels`) that names every call and reports it to ``sink``.
+
+    Call :meth:`begin` in the function that calls the model (frames above it are not searched for
+    scopes) and :meth:`end` when the model has returned, which closes the layers still open.
+    """
+
+    def __init__(self, kernels: KernelSet, sink: Sink) -> None:
+        self.base = kernels
+        self.sink = sink
+        table = {op: self._wrap(op, getattr(kernels, op)) for op in OPS}
+        self.kernels = KernelSet(kernels.backend, kernels.engine, table)
+        self._ancestors: dict[str, tuple[str, ...]] = {}
+        self.begin()
+
+    def begin(self) -> None:
+        """Start a run: counters reset; scopes are searched below the caller's frame."""
+        self._stop: FrameType | None = sys._getframe(1)
+        self.index = 0
+        self._counts: dict[tuple[str, str], int] = {}
+        self._layer_runs: dict[str, int] = {}
+        self._open: dict[str, tuple[str, int]] = {}  # layer -> (record name, first call)
+        self._layers: tuple[str, ...] = ()
+        self._previous: tuple[CallInfo, Any] | None = None
+
+    def end(self) -> None:
+        """Close every open layer (innermost first)."""
+        self._enter(())
+
+    # ------------------------------------------------------------------------------ internals
+    def _wrap(self, op: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        if op in METADATA_OPS:
+            return fn
+        sink = self.sink
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            frame = sys._getframe(1)
+            layers = self._scopes(frame)
+            out = fn(*args, **kwargs)
+            layer = layers[-1] if layers else ""
+            key = (layer, op)
+            n = self._counts.get(key, 0)
+            self._counts[key] = n + 1
+            info = CallInfo(self.index, op, f"{layer}/{op}:{n}" if layer else f"{op}:{n}", layer, layers,
+                            frame.f_code, frame.f_lineno)
+            self.index += 1
+            if layers != self._layers:
+                self._enter(layers, info.index)
+            self._previous = (info, out)
+            sink.call(info, args, kwargs, out)
+            return out
+
+        call.__name__ = op
+        return call
+
+    def _scopes(self, frame: FrameType | None) -> tuple[str, ...]:
+        """The innermost scope on the stack and its dotted ancestors, outermost first."""
+        while frame is not None and frame is not self._stop:
+            # The frame's latest-bound Scope (locals come in the order the code first binds them):
+            # in straight-line model code, the one the current part of the code reads.
+            prefix = ""
+            for value in frame.f_locals.values():
+                if type(value) is Scope and value.prefix:
+                    prefix = value.prefix
+            if prefix:
+                cached = self._ancestors.get(prefix)
+                if cached is None:
+                    parts = prefix.split(".")
+                    cached = self._ancestors[prefix] = tuple(".".join(parts[:i]) for i in range(1, len(parts) + 1))
+                return cached
+            frame = frame.f_back
+        return ()
+
+    def _enter(self, layers: tuple[str, ...], first: int = -1) -> None:
+        """The calls now run in ``layers``: close the open layers not among them (their last call
+        is the previous one, which was still inside them), innermost first, and open the new ones."""
+        ended = [path for path in self._open if path not in layers]
+        if ended and self._previous is not None:
+            last, out = self._previous
+            for path in sorted(ended, key=lambda p: -p.count(".")):
+                name, start = self._open.pop(path)
+                self.sink.layer(LayerInfo(name, path, start, last), out)
+        for path in layers:
+            if path not in self._open:
+                runs = self._layer_runs.get(path, 0)
+                self._layer_runs[path] = runs + 1
+                self._open[path] = (path if not runs else f"{path}@{runs}", first)
+        self._layers = layers
+
+
+__all__ = ["CREATION_OPS", "CallInfo", "LayerInfo", "METADATA_OPS", "Recording", "Sink", "op_name"]
