@@ -212,8 +212,9 @@ class FullyShardedParallel(DataParallel):
         state = self.state_dict(optimizer)
         dcp.load(state, checkpoint_id=Path(checkpoint) / SHARDS_DIR)
 
-    def close(self) -> None:
-        super().close()
+    @staticmethod
+    def read_full(checkpoint: Path) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        return read_full(checkpoint)
 
 
 def read_full(checkpoint: Path) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:

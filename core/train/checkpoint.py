@@ -276,7 +276,7 @@ def load_checkpoint(path: str | os.PathLike,
         raise CheckpointError(
             f"checkpoint {ckpt} is sharded (written by {doc['files'][SHARDED].get('world_size', '?')} ranks of "
             f"distributed=fsdp): resume it with distributed=fsdp on any number of ranks, or consolidate it with "
-            f"`isthmus convert {ckpt} --to isthmus --out DIR`")
+            f"`isthmus convert {ckpt} --to isthmus --output DIR`")
     state = CheckpointState(**{f.name: doc[f.name] for f in fields(CheckpointState) if f.name in doc})
     if model_name is not None and state.model_name != model_name:
         raise CheckpointError(f"checkpoint {ckpt} is for model {state.model_name!r}, not {model_name!r}")
