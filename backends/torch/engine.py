@@ -144,6 +144,24 @@ class TorchEngine(Engine):
             module._isthmus_recompute = True
         return params
 
+    def memory_capacity(self, processes: int = 1) -> int | None:
+        """The device's total memory (cuda, npu), or this host's physical memory shared by its
+        ``processes`` (cpu)."""
+        import os
+
+        kind = self.torch_device.type
+        if kind == "cpu":
+            try:
+                total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+            except (ValueError, OSError, AttributeError):
+                return None
+            return int(total // max(1, processes))
+        module = getattr(torch, kind, None)
+        try:
+            return int(module.get_device_properties(self.torch_device.index or 0).total_memory)
+        except Exception:  # no such query on this device type
+            return None
+
     def no_grad(self) -> contextlib.AbstractContextManager:
         """A context in which ops record no graph (evaluation, optimizer updates)."""
         return torch.no_grad()

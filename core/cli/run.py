@@ -91,6 +91,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
         check_fit(init, {n: (shape, None) for n, (shape, _) in manifest(run.model.param_specs()).items()},
                   run.model.name)
+    from isthmus.train import memory
+
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", launch.world_size)) if launch is not None else 1
+    estimate = memory.check(cfg, run, launch.world_size if launch is not None else 1, local)
     comm = parallel.start(cfg, run.backend)
     if writer:
         clear_output(directory, args.overwrite and not resuming_here)
@@ -107,6 +111,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"  weights from {init.path} (step {init.state.step}); optimizer state fresh")
     for line in run.selection.trace:
         print(f"  backend: {line}")
+    print(f"  {estimate.line()}")
     progress = not args.no_progress and sys.stderr.isatty()
     try:
         result = Trainer(run, directory, manager=get_manager(), progress=progress, resume=resume_from, comm=comm,

@@ -98,6 +98,12 @@ class Engine(Protocol):
         backward pass instead of keeping them. None (the default): the engine cannot recompute."""
         return None
 
+    def memory_capacity(self, processes: int = 1) -> int | None:
+        """Bytes one process may use on its device, ``processes`` being the run's ranks on this
+        host (a host's memory is shared by them, a device's is not); None when unknown (the
+        default), and the memory estimate is then printed but not enforced."""
+        return None
+
     def memory_stats(self) -> dict[str, float]:
         """Device memory figures in MiB since the last call (peak, allocated, reserved), for the
         metrics log; the default has none."""
