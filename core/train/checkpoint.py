@@ -273,8 +273,9 @@ def load_checkpoint(path: str | os.PathLike,
     ckpt = _resolve(Path(path))
     doc = _read_sidecar(ckpt)
     if SHARDED in doc["files"]:
+        ranks = doc["files"][SHARDED].get("world_size", "?")
         raise CheckpointError(
-            f"checkpoint {ckpt} is sharded (written by {doc['files'][SHARDED].get('world_size', '?')} ranks of "
+            f"checkpoint {ckpt} is sharded (written by {ranks} rank{'' if ranks == 1 else 's'} of "
             f"distributed=fsdp): resume it with distributed=fsdp on any number of ranks, or consolidate it with "
             f"`isthmus convert {ckpt} --to isthmus --output DIR`")
     state = CheckpointState(**{f.name: doc[f.name] for f in fields(CheckpointState) if f.name in doc})
