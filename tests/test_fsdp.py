@@ -209,13 +209,6 @@ def test_a_run_that_cannot_fit_is_refused_in_one_line_naming_what_would(tmp_path
     assert not (tmp_path / "checkpoints").exists()
 
 
-def test_training_prints_the_estimate_first(tmp_path):
-    result = isthmus("train", *DECODER, "train.steps=1", f"output_dir={tmp_path}", "--no-progress")
-    assert result.returncode == 0, result.stderr
-    before = result.stdout.split("done:")[0]
-    assert "memory per rank (estimate, single process): parameters" in before
-
-
 # -- fsdp in one process ---------------------------------------------------------------------
 def test_fsdp_group_of_one_matches_the_plain_trainer_and_writes_a_sharded_checkpoint(tmp_path, group_of_one):
     train_here(tmp_path / "plain", "train.steps=3")
@@ -262,6 +255,7 @@ def test_ranks_match_one_process_over_20_steps(tmp_path, ranks):
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert f"fully sharded data parallel: {ranks} processes, gloo" in run.stdout
+    assert f"memory per rank (estimate, fsdp on {ranks} ranks): parameters" in run.stdout.split("done:")[0]
     np.testing.assert_allclose(losses(tmp_path / "many"), losses(tmp_path / "one"), rtol=1e-5)
     shards = sorted((read_state_dir(tmp_path / "many") / "shards").glob("__*_0.distcp"))
     assert len(shards) == ranks  # every rank wrote its own part, about 1/N of the whole
