@@ -235,13 +235,13 @@ def test_a_sharded_checkpoint_resumes_and_consolidates(tmp_path, group_of_one):
     assert worst < 1e-5 and close == total
 
 
-def test_fsdp_on_an_engine_without_it_is_one_line(tmp_path):
-    env = {**os.environ, "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}
-    result = isthmus("train", *DECODER, "backend.engine=mindspore", "train.steps=1", "distributed=fsdp",
-                     f"output_dir={tmp_path}", "--no-progress", env=env)
+def test_fsdp_without_a_launcher_says_how_to_launch(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "RANK_ID", "RANK_SIZE")}
+    result = isthmus("train", *DECODER, "train.steps=1", "distributed=fsdp", f"output_dir={tmp_path}", "--no-progress",
+                     env=env)
     assert result.returncode != 0
-    line = result.stderr.strip().splitlines()[-1]
-    assert "distributed=fsdp: backend 'cpu' (engine mindspore) has no sharded support" in line, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "torchrun --nproc-per-node N -m isthmus.cli train distributed=fsdp" in lines[0], lines
 
 
 # -- several ranks (torchrun) ----------------------------------------------------------------
@@ -254,7 +254,7 @@ def test_ranks_match_one_process_over_20_steps(tmp_path, ranks):
     run = subprocess.run(torchrun(ranks, *DECODER, *steps, f"output_dir={tmp_path / 'many'}", "--no-progress"),
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    assert f"fully sharded data parallel: {ranks} processes, gloo" in run.stdout
+    assert f"fully sharded data parallel (torch FSDP2): {ranks} processes, gloo" in run.stdout
     assert f"memory per rank (estimate, fsdp on {ranks} ranks): parameters" in run.stdout.split("done:")[0]
     np.testing.assert_allclose(losses(tmp_path / "many"), losses(tmp_path / "one"), rtol=1e-5)
     shards = sorted((read_state_dir(tmp_path / "many") / "shards").glob("__*_0.distcp"))
@@ -368,3 +368,49 @@ def is_descendant(pid: int, ancestor: int) -> bool:
             return False
         pid = int(next(line.split()[1] for line in status.splitlines() if line.startswith("PPid:")))
     return False
+
+
+MINDSPORE_RANK = """
+import json, sys
+from pathlib import Path
+from isthmus.registry.manager import load_plugins
+from isthmus.train import parallel
+from isthmus.train.run import compose_run, prepare
+from isthmus.train.trainer import Trainer
+
+registry = load_plugins(autoload=False)[1]
+cfg = compose_run(registry, sys.argv[2:])
+run = prepare(cfg, registry)
+comm = parallel.start(cfg, run.backend)
+trainer = Trainer(run, Path(cfg.output_dir), comm=comm)
+trainer.fit()
+held = {n: int(m.shape[0]) for n, m in trainer.optimizer.exp_avg.items()}
+Path(sys.argv[1], f"rank{comm.rank}.json").write_text(json.dumps(held))
+"""
+
+
+@pytest.mark.slow
+def test_mindspore_two_ranks_shard_the_optimizer_state_under_msrun_and_match_one_process(tmp_path):
+    msrun = Path(sys.executable).parent / "msrun"
+    assert msrun.exists(), f"{msrun} is missing: the mindspore wheel installs it (make venv)"
+    args = [*DECODER, "backend.engine=mindspore", "train.steps=4"]
+    single = isthmus("train", *args, f"output_dir={tmp_path / 'one'}", "--no-progress")
+    assert single.returncode == 0, single.stderr
+    script = tmp_path / "rank.py"
+    script.write_text(MINDSPORE_RANK)
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}", "GLOG_v": "3"}
+    two = subprocess.run([str(msrun), "--worker_num", "2", "--local_worker_num", "2", "--master_port", str(free_port()),
+                          "--log_dir", str(tmp_path / "logs"), "--join", "True", str(script), str(tmp_path), *args,
+                          "distributed=fsdp", f"output_dir={tmp_path / 'two'}"],
+                         capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-3000:]
+    one_ckpt, two_ckpt = load_checkpoint(tmp_path / "one"), load_checkpoint(tmp_path / "two")
+    np.testing.assert_allclose(losses(tmp_path / "two"), losses(tmp_path / "one"), rtol=1e-5)
+    worst, close, total = weights_agree(one_ckpt.params, two_ckpt.params)
+    assert worst < 1e-4 and close >= 0.999 * total
+    for name, moment in one_ckpt.optimizer_tensors.items():  # gathered whole into the checkpoint
+        assert np.max(np.abs(two_ckpt.optimizer_tensors[name] - moment)) < 1e-5, name
+    for rank in (0, 1):  # each rank held the moments of half of every parameter
+        held = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        for name, spec_shape in ((n, a.shape) for n, a in one_ckpt.params.items()):
+            assert held[name] == -(-int(np.prod(spec_shape)) // 2), name

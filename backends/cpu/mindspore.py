@@ -37,6 +37,7 @@ def build_cpu(request: BackendRequest) -> BackendParts:
     the mode ``backend.options`` asks for (:mod:`isthmus.backends.cpu.options`)."""
     options = parse_options(request.options)
     from isthmus.backends.mindspore.distributed import DataParallel
+    from isthmus.backends.mindspore.sharded import OptimizerParallel
     from isthmus.backends.mindspore.engine import MindSporeEngine, configure_cpu
     from isthmus.backends.mindspore.kernels import kernel_table
 
@@ -45,4 +46,4 @@ def build_cpu(request: BackendRequest) -> BackendParts:
     # over the cores. Default to the cores this process may run on.
     configure_cpu(int(request.threads) if request.threads else _cpu_threads(), request.deterministic)
     return BackendParts(engine=engine, kernel_table=kernel_table(engine),
-                        capabilities=CPU_CAPABILITIES, data_parallel=DataParallel)
+                        capabilities=CPU_CAPABILITIES, data_parallel=DataParallel, sharded=OptimizerParallel)

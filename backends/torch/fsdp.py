@@ -38,13 +38,16 @@ class FullyShardedParallel(DataParallel):
     """:class:`isthmus.train.parallel.Sharded` over FSDP2; joins the group on creation."""
 
     strategy = "fsdp"
+    shards = ("parameters", "gradients", "optimizer")  # what is divided over the ranks
+    casts_parameters = True  # FSDP gathers parameters in the compute dtype itself
+    whole_checkpoints = False
 
     def __init__(self, comm_backend: str, timeout_s: float, engine: Any, env: Any) -> None:
         super().__init__(comm_backend, timeout_s, engine, env)
         self.engine = engine
         self.mesh = init_device_mesh(self.device.type, (self.world_size,))
         self.params: dict[str, DTensor] = {}
-        self.description = f"fsdp (torch FSDP2, {comm_backend})"
+        self.description = "fully sharded data parallel (torch FSDP2)"
 
     # -- placing the model --------------------------------------------------------------------
     def place(self, model: Any, arrays: Mapping[str, np.ndarray], compute_dtype: str, recompute: bool) -> dict[str, Any]:
@@ -102,7 +105,7 @@ class FullyShardedParallel(DataParallel):
         return distribute_tensor(full, p.device_mesh, p.placements, src_data_rank=None)
 
     # -- one step -------------------------------------------------------------------------------
-    def step(self, loss_fn: Any, batches: Sequence[Mapping[str, np.ndarray]], to_device: Any, optimizer: Any,
+    def step(self, k: Any, loss_fn: Any, batches: Sequence[Mapping[str, np.ndarray]], to_device: Any, optimizer: Any,
              specs: Mapping[str, Any], lr: float, clip_norm: float | None, loss_scale: Any) -> tuple[float, float, str]:
         """One optimizer step over this rank's micro-batches; ``loss_fn(params, device batch) -> loss``.
         Returns (loss, grad norm, skip reason or '') as the trainer's own step does."""

@@ -102,7 +102,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         sys.stdout = open(os.devnull, "w")  # the other ranks' summaries would repeat rank 0's
     if comm is not None:
-        kind = "fully sharded data parallel" if comm.strategy == "fsdp" else "data parallel"
+        kind = comm.description if comm.strategy == "fsdp" else "data parallel"
         print(f"{kind}: {comm.world_size} processes, {run.backend.capabilities.comm_backend}, "
               f"global batch {cfg.train.batch_size} ({int(cfg.train.batch_size) // comm.world_size} per process)")
     print(f"training {run.model.name} on {run.backend.name}/{run.backend.engine_name} ({run.backend.device}), "

@@ -2,10 +2,11 @@
 anything is allocated, and the refusal of a run that cannot fit its device.
 
 Parameters and AdamW's two moments are float32 masters; gradients are float32 too. ``ddp`` and a
-single process hold all of them on every rank; ``fsdp`` holds each parameter's rows
+single process hold all of them on every rank; ``fsdp`` on torch holds each parameter's rows
 ``ceil(rows / N)`` (FSDP pads the first dimension to a multiple of the ranks) plus, while a block
 runs, that block's whole parameters in the compute dtype (two blocks: the one running and the one
-prefetched). Activations are a rough figure: for every matrix of a block, its input and output rows
+prefetched); on MindSpore it divides the optimizer state alone (``ceil(elements / N)`` of each
+flattened parameter). Activations are a rough figure: for every matrix of a block, its input and output rows
 for each token the rank holds, in the compute dtype, and the logits in float32 twice (their
 softmax's gradient); ``recompute`` keeps only each block's input and one block's activations.
 """
@@ -20,6 +21,7 @@ from isthmus.errors import IsthmusError
 
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "float64": 8}
 GIB = 2**30
+ALL = ("parameters", "gradients", "optimizer")
 
 
 class MemoryLimitError(IsthmusError):
@@ -78,13 +80,18 @@ def units(specs: Mapping[str, Any], blocks: list[str]) -> dict[str, list[str]]:
 
 
 def estimate(specs: Mapping[str, Any], blocks: list[str], strategy: str, world: int, tokens_per_rank: int,
-             compute_dtype: str, recompute: bool, vocab: int = 0) -> Estimate:
+             compute_dtype: str, recompute: bool, vocab: int = 0, shards: tuple[str, ...] = ALL) -> Estimate:
     """One rank's memory for a model with ``specs`` and ``blocks`` (see the module docstring);
     ``tokens_per_rank`` counts the tokens (or samples) of one micro-batch on one rank; ``vocab``
-    the width of the logits (0: none)."""
+    the width of the logits (0: none); ``shards``: what ``fsdp`` divides on this engine (MindSpore's
+    divides the optimizer state alone, each parameter flattened)."""
     sharded = strategy == "fsdp"
     width = BYTES.get(compute_dtype, 4)
-    elements = sum(shard_elements(tuple(s.shape), world) if sharded else math.prod(s.shape) for s in specs.values())
+    whole = sum(math.prod(s.shape) for s in specs.values())
+    rows = sum(shard_elements(tuple(s.shape), world) for s in specs.values())
+    flat = sum(math.ceil(math.prod(s.shape) / world) for s in specs.values())
+    held = {kind: (rows if "parameters" in shards else flat) if sharded and kind in shards else whole
+            for kind in ALL}
     grouped = units(specs, blocks)
     per_block = []
     inputs = []
@@ -99,14 +106,15 @@ def estimate(specs: Mapping[str, Any], blocks: list[str], strategy: str, world: 
     logits = 2 * tokens_per_rank * vocab * 4
     activations = (sum(inputs) + max(per_block) if recompute else sum(per_block)) + logits
     gathered = 0
-    if sharded and world > 1:
+    if sharded and world > 1 and "parameters" in shards:
         sizes = sorted((sum(math.prod(specs[n].shape) for n in names) for names in grouped.values()), reverse=True)
         gathered = sum(sizes[:2]) * width
-    return Estimate(strategy, world, recompute, elements * 4, elements * 4, elements * 8, activations, gathered)
+    return Estimate(strategy, world, recompute, held["parameters"] * 4, held["gradients"] * 4, held["optimizer"] * 8,
+                    activations, gathered)
 
 
 def refuse_if_too_big(found: Estimate, capacity: int | None, specs: Mapping[str, Any], blocks: list[str],
-                      tokens_per_rank: int, compute_dtype: str, vocab: int) -> None:
+                      tokens_per_rank: int, compute_dtype: str, vocab: int, shards: tuple[str, ...] = ALL) -> None:
     """Raise one line when ``found`` exceeds ``capacity`` bytes (None: unknown, nothing to check),
     naming a strategy that fits: fsdp on these ranks, then with recompute, else the ranks fsdp needs."""
     if capacity is None or found.total <= capacity:
@@ -117,14 +125,14 @@ def refuse_if_too_big(found: Estimate, capacity: int | None, specs: Mapping[str,
     for strategy, ranks, recompute in tries:
         if strategy == "none" and ranks > 1:
             continue
-        other = estimate(specs, blocks, strategy, ranks, tokens_per_rank, compute_dtype, recompute, vocab)
+        other = estimate(specs, blocks, strategy, ranks, tokens_per_rank, compute_dtype, recompute, vocab, shards)
         if other.total <= capacity and (strategy, recompute) != (found.strategy, found.recompute):
             fits = (f"distributed={strategy}" + (" train.recompute=true" if recompute else "") +
                     f" on {ranks} ranks fits ({mib(other.total)})")
             break
     if not fits:
         for ranks in (2, 4, 8, 16, 32, 64, 128, 256, 512, 1024):
-            other = estimate(specs, blocks, "fsdp", ranks, tokens_per_rank, compute_dtype, True, vocab)
+            other = estimate(specs, blocks, "fsdp", ranks, tokens_per_rank, compute_dtype, True, vocab, shards)
             if other.total <= capacity:
                 fits = f"distributed=fsdp train.recompute=true on {ranks} ranks would fit ({mib(other.total)} per rank)"
                 break
@@ -144,7 +152,8 @@ def _inputs(cfg: Any, run: Any, world: int) -> dict[str, Any]:
             "tokens_per_rank": per_rank * max(1, int(getattr(run.data.train, "tokens_per_sample", 1) or 1)),
             "compute_dtype": "float32" if model.autocast else
             {"bf16": "bfloat16", "fp16": "float16"}.get(str(cfg.train.precision), "float32"),
-            "vocab": max((shape[0] for shape in outside), default=0) if blocks else 0}
+            "vocab": max((shape[0] for shape in outside), default=0) if blocks else 0,
+            "shards": tuple(getattr(run.backend.sharded, "shards", ALL) or ALL)}
 
 
 def plan(cfg: Any, run: Any, world: int, local: int = 1) -> tuple[Estimate, int | None]:

@@ -82,6 +82,13 @@ class Sharded(Comm, Protocol):
     :mod:`isthmus.backends.torch.fsdp` for the torch one; the trainer calls only these."""
 
     description: str
+    shards: tuple[str, ...]
+    """What is divided over the ranks: ``parameters``, ``gradients``, ``optimizer``."""
+    casts_parameters: bool
+    """True: the engine casts parameters to the compute dtype itself (the trainer casts otherwise)."""
+    whole_checkpoints: bool
+    """True: checkpoints hold whole tensors (:meth:`whole_optimizer`), written by rank 0; False:
+    every rank writes its shards (:meth:`write_shards`)."""
 
     def place(self, model: Any, arrays: Mapping[str, np.ndarray], compute_dtype: str, recompute: bool) -> dict[str, Any]:
         """Shard the model built from whole float32 ``arrays``; returns the sharded parameters."""
@@ -95,7 +102,7 @@ class Sharded(Comm, Protocol):
         """A whole array as a tensor sharded like parameter ``name``."""
         ...
 
-    def step(self, loss_fn: Any, batches: Any, to_device: Any, optimizer: Any, specs: Mapping[str, Any], lr: float,
+    def step(self, k: Any, loss_fn: Any, batches: Any, to_device: Any, optimizer: Any, specs: Mapping[str, Any], lr: float,
              clip_norm: float | None, loss_scale: Any) -> tuple[float, float, str]:
         """One optimizer step; (loss, grad norm, skip reason or '')."""
         ...
@@ -106,6 +113,10 @@ class Sharded(Comm, Protocol):
 
     def full(self, tensors: Mapping[str, Any]) -> dict[str, np.ndarray]:
         """Sharded tensors gathered to whole numpy arrays on every rank (a collective)."""
+        ...
+
+    def whole_optimizer(self, optimizer: Any) -> dict[str, np.ndarray]:
+        """Whole optimizer tensors under checkpoint names (``whole_checkpoints``; a collective)."""
         ...
 
     def write_shards(self, directory: Any, optimizer: Any) -> dict[str, Any] | None:

@@ -166,8 +166,12 @@ class Trainer:
         self.foreign = dict(state.extra.get("foreign") or {})
 
     def save(self) -> Path | None:
-        if self.sharded is not None and not self.writer:
-            self.sharded.write_shards(None, self.optimizer)  # rank 0 names the directory
+        sharded = self.sharded
+        whole = sharded.whole_optimizer(self.optimizer) if sharded is not None and sharded.whole_checkpoints else None
+        if whole is not None:
+            sharded = None  # a whole checkpoint, written by rank 0 as without sharding
+        elif sharded is not None and not self.writer:
+            sharded.write_shards(None, self.optimizer)  # rank 0 names the directory
             return None
         if not self.writer:
             return None
@@ -175,11 +179,12 @@ class Trainer:
         optimizer_scalars = self.optimizer.scalars()
         if self.policy.loss_scale is not None:
             optimizer_scalars["loss_scale"] = self.policy.loss_scale.state()
-        sharded = self.sharded
+        params = self.sharded.eval_params() if self.sharded is not None else self.params
+        optimizer = whole if whole is not None else {n: engine.to_numpy(t) for n, t in self.optimizer.tensors().items()}
         path = save_checkpoint(
             self.run_dir,
-            {n: engine.to_numpy(p) for n, p in self.params.items()} if sharded is None else {},
-            {n: engine.to_numpy(t) for n, t in self.optimizer.tensors().items()} if sharded is None else {},
+            {n: engine.to_numpy(p) for n, p in params.items()} if sharded is None else {},
+            optimizer if sharded is None else {},
             CheckpointState(
                 step=self.step,
                 model_name=self.run.model.name,
@@ -210,12 +215,17 @@ class Trainer:
         k, engine, policy = backend.kernels, backend.engine, self.policy
         own = self.run.model.autocast  # the model runs the engine's autocast instead of being cast
         if self.sharded is not None:
-            def loss_of(params: Any, batch: Any) -> Any:  # the sharded engine casts the parameters itself
+            casts = self.sharded.casts_parameters  # else the policy casts and the engine recomputes, as here
+
+            def loss_of(params: Any, batch: Any) -> Any:
                 with engine.autocast(policy.compute_dtype) if own else nullcontext():
                     used = batch if own else policy.cast_batch(k, batch)
+                    if not casts:
+                        params = params if own else policy.cast_params(k, params)
+                        params = engine.recompute(self.run.model, params) if t.recompute else params
                     return self.loss_fn(k, params, used, training=True)[0]
 
-            return self.sharded.step(loss_of, [next(self.data) for _ in range(int(t.grad_accum))],
+            return self.sharded.step(k, loss_of, [next(self.data) for _ in range(int(t.grad_accum))],
                                      lambda raw: to_device(backend, raw), self.optimizer, self.specs, lr,
                                      t.clip_norm, policy.loss_scale)
         recompute = bool(t.recompute)
