@@ -135,7 +135,7 @@ def recomputed(fn: Callable[..., Any], generator: torch.Generator | None) -> Cal
 
 
 def module_blocks(module: nn.Module, names: list[str]) -> list[nn.Module]:
-    """The submodules ``names`` of a wrapped ``torch.nn.Module`` (``Model.blocks()`` of a torch-module model)."""
+    """The submodules ``names`` of a wrapped ``torch.nn.Module`` (its ``Model.blocks()``)."""
     found = []
     for name in names:
         try:
