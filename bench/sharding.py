@@ -66,7 +66,7 @@ def worker(overrides: list[str], out: Path) -> None:
         run = prepare(cfg, registry)
         env = parallel.launch_env()
         comm = parallel.start(cfg, run.backend)
-        estimate, _ = memory.plan(cfg, run, env.world_size)
+        estimate, _ = memory.plan(cfg, run.model, run.data, run.backend, env.world_size)
         grads_seen: list[int] = []
         clip = trainer_module.clip_by_global_norm
 
@@ -153,7 +153,7 @@ def activations(overrides: list[str]) -> dict[str, int]:
             p.grad = None
         name = "recompute" if recompute else "kept"
         out[name] = sum(storages.values())
-        out[f"{name}_estimate"] = memory.plan(cfg, run, 1)[0].activations
+        out[f"{name}_estimate"] = memory.plan(cfg, run.model, run.data, run.backend, 1)[0].activations
 
     return out
 

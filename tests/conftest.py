@@ -2,7 +2,9 @@
 kernel tests run on: every backend the plugin registry reports usable here, built as a user would get
 it. ``record_backend_skip`` collects the cases one of them skipped, for the terminal summary;
 ``kill_seed`` seeds (and prints) random kill steps; the ``without_ascend`` marker skips, with the
-reason, tests of what a machine without Ascend reports when this one has Ascend."""
+reason, tests of what a machine without Ascend reports when this one has Ascend. ``tiny_run`` and
+``tiny_t2i_run`` are a captioner and a text-to-image run trained once per session, in-process, for
+the tests that must not pay for training (copy them before changing them)."""
 
 from __future__ import annotations
 
@@ -42,6 +44,22 @@ def reference_kernel_set() -> tuple[str, Any, Any]:
 
     engine = ReferenceEngine(seed=0)
     return ("reference", KernelSet("reference", "numpy", kernel_table(engine)), engine)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """A three-step captioner run (``hostile.TINY``) with its checkpoint, metrics and loss plot."""
+    from hostile import train
+
+    return train(tmp_path_factory.mktemp("tiny-run") / "run")
+
+
+@pytest.fixture(scope="session")
+def tiny_t2i_run(tmp_path_factory):
+    """A two-step text-to-image run (``hostile.TINY_T2I``)."""
+    from hostile import TINY_T2I, train
+
+    return train(tmp_path_factory.mktemp("tiny-t2i-run") / "run", model=TINY_T2I, steps=2)
 
 
 BACKEND_SKIPS = pytest.StashKey[list]()

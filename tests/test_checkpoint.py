@@ -42,8 +42,9 @@ def state(step: int, **changes) -> CheckpointState:
                   config={"model": {"name": "tiny-captioner", "dim": 4, "heads": 2, "bias": True},
                           "train": {"lr": 1e-3, "steps": 100}},
                   engine="torch", versions={"torch": "2.13.0"},
-                  optimizer={"step": step, "loss_scale": 65536.0},
-                  rng={"numpy": np.random.default_rng(step).bit_generator.state, "torch_cpu": "AAEC"},
+                  optimizer={"step": step, "loss_scale": {"scale": 65536.0, "good_steps": 3}},
+                  rng={"engine": "torch",
+                       "state": {"numpy": np.random.default_rng(step).bit_generator.state, "torch_cpu": "AAEC"}},
                   data_position={"epoch": 0, "index": step * 8}, extra={"note": "test"})
     fields.update(changes)
     return CheckpointState(**fields)
@@ -100,7 +101,7 @@ def test_round_trip_is_bitwise_for_every_dtype_and_restores_the_state(tmp_path):
     assert got.versions["torch"] == "2.13.0" and {"isthmus", "numpy", "safetensors"} <= set(got.versions)
     # A resumed RNG continues the same stream.
     resumed = np.random.default_rng()
-    resumed.bit_generator.state = got.rng["numpy"]
+    resumed.bit_generator.state = got.rng["state"]["numpy"]
     assert resumed.random(4).tolist() == np.random.default_rng(40).random(4).tolist()
 
 

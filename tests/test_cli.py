@@ -113,7 +113,7 @@ def test_backend_options_are_checked_here_without_importing_an_engine():
     assert "ENGINES []" in result.stdout
     errors = [line for line in result.stderr.splitlines() if line.startswith("isthmus: error:")]
     assert errors == ["isthmus: error: backend.options.allow_hf23: unknown ascend option (did you mean "
-                      "'allow_hf32'?); valid: allow_hf32, precision_mode, jit_level, fused_kernels"]
+                      "'allow_hf32'?); valid: allow_hf32, precision_mode, mode, jit_level, fallback, fused_kernels"]
 
 
 def test_kernels_check_runs_gradients_and_names_the_op_of_a_wrong_backward(monkeypatch, capsys):

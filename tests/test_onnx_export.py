@@ -219,3 +219,23 @@ def test_greedy_loop_matches_generate_on_the_reference(trained, registry):
                                 tok.bos_id, tok.eos_id, tok.pad_id)
     expected = restored.model.caption(k, params, engine.asarray(host["images"]), steps, tok.bos_id, tok.eos_id)
     np.testing.assert_array_equal(ids, expected)
+
+
+def test_a_failed_export_leaves_the_previous_file(trained, registry, tmp_path, monkeypatch):
+    """The file is written under a temporary name and renamed only once it passed every check."""
+    from isthmus.backends.onnx.exporters import OnnxFormat
+    from isthmus.export.pipeline import ExportOptionError
+
+    output = tmp_path / "model.onnx"
+    export_checkpoint(registry, trained, output=output, echo=lambda line: None)
+    good = output.read_bytes()
+
+    def half_written(self, request, opset):
+        request.output.write_bytes(good[: len(good) // 2])  # a crash or a full disk mid-write
+        raise ExportOptionError("the exporter stopped half way")
+
+    monkeypatch.setattr(OnnxFormat, "_kernel", half_written)
+    with pytest.raises(ExportOptionError, match="half way"):
+        export_checkpoint(registry, trained, output=output, echo=lambda line: None)
+    assert output.read_bytes() == good
+    assert [p.name for p in tmp_path.iterdir()] == ["model.onnx"]  # no temporary left behind

@@ -159,14 +159,25 @@ class AbsentDevicePlugin:
                              factory=lambda request: None, engine_modules={"numpy": ("numpy",)}, auto=False))
 
 
-def test_unknown_and_unusable_backends_are_skipped_not_dropped(trained, tmp_path):
+def test_unknown_labels_are_errors_and_a_report_that_compared_nothing_fails(trained, tmp_path):
+    from isthmus.verify.coverage import BackendLabelError
+
     registry = registry_with(("absent", AbsentDevicePlugin))
-    report = run_portability(registry, trained, ["reference", "nosuch", "fake-npu", "cpu:nosuch"], out_dir=tmp_path,
-                             echo=lambda line: None)
-    assert [(t.label, t.status) for t in report.targets] == [
-        ("reference", "golden"), ("nosuch", "skipped"), ("fake-npu", "skipped"), ("cpu:nosuch", "skipped")]
-    reasons = [t.reason for t in report.targets[1:]]
-    assert "no installed plugin registers backend 'nosuch'" in reasons[0]
-    assert reasons[1] == "no fake NPU (fix: plug one in)"
-    assert "'nosuch' is not an engine of backend 'cpu'" in reasons[2]
-    assert report.exit_code == 0
+    # Labels no plugin knows are mistakes, refused before any work, every one named.
+    with pytest.raises(BackendLabelError) as caught:
+        run_portability(registry, trained, ["reference", "nosuch", "fake-npu", "cpu:mindpsore"], out_dir=tmp_path,
+                        echo=lambda line: None)
+    message = str(caught.value)
+    assert "'nosuch': no installed plugin registers backend 'nosuch'" in message
+    assert "'cpu:mindpsore': 'mindpsore' is not an engine of backend 'cpu' (did you mean 'mindspore'?)" in message
+    assert "fake-npu" not in message.split("(known backends")[0]  # registered: not a mistake
+    assert not (tmp_path / "report.json").exists()
+    # A known backend that cannot run here is skipped with its reason; the golden reference alone is
+    # no comparison, so the report fails.
+    lines: list[str] = []
+    report = run_portability(registry, trained, ["reference", "fake-npu"], out_dir=tmp_path, echo=lines.append)
+    assert [(t.label, t.status) for t in report.targets] == [("reference", "golden"), ("fake-npu", "skipped")]
+    assert report.targets[1].reason == "no fake NPU (fix: plug one in)"
+    assert report.exit_code == 1
+    assert lines[-1].startswith("portability: FAILED: no backend was compared")
+    assert json.loads((tmp_path / "report.json").read_text())["exit_code"] == 1

@@ -321,7 +321,7 @@ def test_generate_refuses_bad_input_in_one_line(trained, judge, tmp_path):
     one_line_error(isthmus("generate", "--checkpoint", str(run_dir), "--prompt", "a pink circle"),
                    "'pink'", "known words", "red")
     one_line_error(isthmus("generate", "--checkpoint", str(run_dir), "--prompt", "a red circle", "--count", "0"),
-                   "--count must be at least 1")
+                   "--count: expected an integer from 1 to 1024, got 0")
     one_line_error(isthmus("generate", "--checkpoint", str(run_dir), "--prompt", "a red circle",
                            "--out", str(tmp_path / "x.jpg")), ".png")
     one_line_error(isthmus("generate", "--checkpoint", str(judge), "--prompt", "a red circle"),

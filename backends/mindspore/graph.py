@@ -181,7 +181,7 @@ def _cheap_caller_lines() -> Iterator[None]:
 
 
 def _tensor_text(self: Any) -> str:
-    return "Tensor"  # not even the shape: reading it costs ~17 us, ~20 ms a captioner step
+    return "Tensor"  # not even the shape: reading it costs ~17 us, ~20 ms a small model's step
 
 
 @contextlib.contextmanager
@@ -190,7 +190,7 @@ def _short_tensor_text() -> Iterator[None]:
 
     MindSpore's trace builds ``logger.debug(f"... {args}")`` messages whether or not debug logging
     is on, formatting every argument's values: at every call of a traced function (~250 ms per
-    captioner step, more than its kernels take) and at every op while tracing."""
+    small model's step, more than its kernels take) and at every op while tracing."""
     originals = ms.Tensor.__str__, ms.Tensor.__repr__
     ms.Tensor.__str__ = ms.Tensor.__repr__ = _tensor_text
     try:

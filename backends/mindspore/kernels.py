@@ -356,7 +356,7 @@ class MindSporeKernels:
         if x.ndim > 2:
             # As a matrix: the bias gradient is then a sum over one axis, which a compiled graph
             # runs ~5x faster than the sum over the leading axes of the 3-D output (measured
-            # 1.4 ms against 8 ms for the captioner's MLP projection); op by op it is a wash.
+            # 1.4 ms against 8 ms for a small model's MLP projection); op by op it is a wash.
             lead = tuple(x.shape[:-1])
             out = ops.dense(ops.reshape(x, (int(np.prod(lead)), x.shape[-1])), weight, bias)
             return ops.reshape(out, lead + (weight.shape[0],))
@@ -367,7 +367,7 @@ class MindSporeKernels:
         if (self.engine.device_target == "CPU" and groups == 1 and stride == tuple(weight.shape[2:])
                 and padding == (0, 0) and dilation == (1, 1)):
             # Non-overlapping patches (a patch embedding): MindSpore's CPU Conv2D takes ~60 ms for
-            # the captioner's (64, 3, 32, 32) * (64, 3, 8, 8) / 8, a reshape and a matmul ~1 ms.
+            # an image model's (64, 3, 32, 32) * (64, 3, 8, 8) / 8, a reshape and a matmul ~1 ms.
             return nn.conv2d_disjoint(x, weight, bias)
         if x.dtype not in _CONV_DTYPES:
             return nn.conv2d_patches(x, weight, bias, stride, padding, dilation, groups)
@@ -395,7 +395,7 @@ class MindSporeKernels:
                 and bias is not None):
             # The CPU LayerNorm kernel centres before squaring (it passes the offset-1e4 conformance
             # case that catches E[x^2] - E[x]^2) and is one op forward and one backward where the
-            # composition below is nine and about fifteen: ~1/4 of the captioner's ops.
+            # composition below is nine and about fifteen: ~1/4 of a small transformer's ops.
             begin = axis % x.ndim
             key = (begin, float(eps))
             if key not in self._layer_norms:

@@ -94,7 +94,7 @@ class MindSporeStepRunner:
         def objective(*flat: Any) -> tuple[Any, Any]:
             params = dict(zip(names, flat[:n]))
             # The batch is a graph input like the parameters, and the traced graph's backward would
-            # compute its gradient too (for the captioner, a Conv2DBackpropInput costing a quarter of
+            # compute its gradient too (for an image model, a Conv2DBackpropInput costing a quarter of
             # the step): stop_gradient marks it constant.
             batch = {key: ops.stop_gradient(t) for key, t in zip(keys, flat[n:n + len(keys)])}
             value, loss = step.objective(params, batch, flat[n + len(keys)] if scaled else None)

@@ -46,25 +46,39 @@ class OnnxFormat:
     engines = ENGINES
 
     def export(self, request: ExportRequest) -> Exported:
-        """Export with ``request.exporter``, check the file and open a session on it."""
+        """Export with ``request.exporter``, check the file and open a session on it. The file is
+        written under a hidden temporary name and renamed into place only once it passed the checks,
+        so a failed export leaves the previous file (or none) at ``request.output``."""
+        import dataclasses
+        import os
+
+        from isthmus.train import atomic
+
         if request.exporter not in EXPORTERS:
             raise ExportError(f"--exporter {request.exporter!r}: valid: {', '.join(EXPORTERS)}")
         opset = request.opset or DEFAULT_OPSETS[request.exporter]
-        request.output.parent.mkdir(parents=True, exist_ok=True)
-        if request.exporter == "kernel":
-            opset = self._kernel(request, opset)
-        elif request.exporter == "torch":
-            opset = self._torch(request, opset)
-        else:
-            opset = self._mindspore(request, opset)
-        check(request.output)
-        model = _load(request.output)
+        final = request.output
+        final.parent.mkdir(parents=True, exist_ok=True)
+        # The temporary name keeps the suffix: some exporters add ".onnx" to a name without it.
+        request = dataclasses.replace(request, output=final.with_name(f".{final.stem}.tmp-{os.getpid()}{final.suffix}"))
         try:
-            run = runner(request.output)
-        except Exception as error:  # e.g. an opset newer than this ONNX Runtime knows
-            raise ExportError(f"ONNX Runtime cannot load {request.output}: {_first_line(error)}") from None
+            if request.exporter == "kernel":
+                opset = self._kernel(request, opset)
+            elif request.exporter == "torch":
+                opset = self._torch(request, opset)
+            else:
+                opset = self._mindspore(request, opset)
+            check(request.output)
+            model = _load(request.output)
+            try:
+                run = runner(request.output)  # the session holds the model: the file may move
+            except Exception as error:  # e.g. an opset newer than this ONNX Runtime knows
+                raise ExportError(f"ONNX Runtime cannot load the export for {final}: {_first_line(error)}") from None
+            atomic.rename(request.output, final)
+        finally:
+            atomic.remove_tree(request.output)
         return Exported(
-            path=request.output, exporter=request.exporter, opset=opset,
+            path=final, exporter=request.exporter, opset=opset,
             inputs=[i.name for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer}],
             outputs=[o.name for o in model.graph.output], run=run,
         )

@@ -32,11 +32,17 @@ def checkpoint_model(path: str) -> str:
 
 def run(name: str, specs: Sequence[Any], argv: Sequence[str]) -> int:
     """Pick the version of ``name`` registered for the checkpoint's model and run it on ``argv``."""
-    first = argparse.ArgumentParser(add_help=False)
+    from isthmus.cli.args import Parser
+
+    first = Parser(prog=f"isthmus {name}", add_help=False)
     first.add_argument("--checkpoint")
     first.add_argument("-h", "--help", action="store_true")
     known, _ = first.parse_known_args(argv)
     if known.checkpoint is None:
+        options = {o for spec in specs for a in parser(name, spec)._actions for o in a.option_strings}
+        unknown = [w for w in argv if w.startswith("--") and w.split("=")[0] not in options]
+        if unknown:  # no version of the command takes them: say so before asking for a checkpoint
+            first.error(f"unrecognized arguments: {' '.join(unknown)}")
         if known.help:
             for spec in specs:
                 parser(name, spec).print_help()
@@ -67,9 +73,12 @@ def served(specs: Sequence[Any]) -> str:
 
 def parser(name: str, spec: Any) -> argparse.ArgumentParser:
     """The argument parser of one model's version of the command."""
-    p = argparse.ArgumentParser(prog=f"isthmus {name}", description=f"for {', '.join(spec.models)} checkpoints: "
-                                                                     f"{spec.description or spec.help}")
+    from isthmus.cli.args import Parser, harden
+
+    p = Parser(prog=f"isthmus {name}", description=f"for {', '.join(spec.models)} checkpoints: "
+                                                   f"{spec.description or spec.help}")
     spec.configure(p)
+    harden(p)  # numbers with ranges, errors on one line, as for every other command
     return p
 
 

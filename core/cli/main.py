@@ -7,8 +7,6 @@ import json
 import sys
 from typing import Any, Sequence
 
-from isthmus.errors import IsthmusError
-
 
 def table(rows: list[list[str]], header: list[str]) -> str:
     """Plain aligned columns: fast to import, readable in CI logs."""
@@ -68,6 +66,9 @@ def cmd_backends(args: argparse.Namespace) -> int:
 
 
 def cmd_plugins(args: argparse.Namespace) -> int:
+    from isthmus.registry.selection import all_status
+
+    all_status(registry())  # probes are cheap and bounded: one that misbehaves marks its plugin failed
     records = sorted(registry().plugins.values(), key=lambda r: (r.source != "builtin", r.name))
     if args.json:
         print(json.dumps([r.as_dict() for r in records], indent=2))
@@ -174,6 +175,7 @@ def check_kernels(backend: Any, args: argparse.Namespace) -> int:
     dtypes = [d for d in ("float32", "bfloat16") if d in backend.capabilities.dtypes] or ["float64"]
     ops = [o.strip() for o in args.ops.split(",") if o.strip()] if getattr(args, "ops", None) else None
     if ops:
+        from isthmus.errors import IsthmusError
         from isthmus.kernels.interface import OPS
 
         unknown = [o for o in ops if o not in OPS]
@@ -206,8 +208,13 @@ def check_kernels(backend: Any, args: argparse.Namespace) -> int:
 def parser() -> argparse.ArgumentParser:
     from isthmus import __version__
 
-    p = argparse.ArgumentParser(prog="isthmus", description="Train, export and check one model on any accelerator.")
+    from isthmus.cli.args import Parser, harden
+    from isthmus.cli.guard import DEBUG_ENV, DEBUG_FLAG
+
+    p = Parser(prog="isthmus", description="Train, export and check one model on any accelerator.")
     p.add_argument("--version", action="version", version=f"isthmus {__version__}")
+    p.add_argument(DEBUG_FLAG, action="store_true",
+                   help=f"show the traceback of an error instead of one line (also {DEBUG_ENV}=1); may stand anywhere")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     s = sub.add_parser("backends", help="list backends: engines, installed, usable, why not")
@@ -249,6 +256,7 @@ def parser() -> argparse.ArgumentParser:
     add_convert_commands(sub)
     add_bundle_commands(sub)
     add_plugin_commands(sub)
+    harden(p)
     return p
 
 
@@ -270,37 +278,54 @@ def add_plugin_commands(sub: Any) -> None:
                 owner.error = f"register_commands: command '{name}' is already taken"
             continue
         s = sub.add_parser(name, help=spec.help, description=spec.description or None)
-        spec.configure(s)
+        try:
+            spec.configure(s)
+        except BaseException as exc:  # noqa: BLE001 - a plugin's bug must not take the CLI down
+            if isinstance(exc, KeyboardInterrupt):
+                raise
+            from isthmus.registry.manager import one_line
+
+            owner = reg.plugins.get(spec.plugin)
+            if owner is not None and not owner.error:
+                owner.error = f"register_commands: configuring command '{name}' raised {one_line(exc)}"
+            remove_subcommand(sub, name)
+            continue
         s.set_defaults(run=spec.run)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    cli = parser()
-    args, extra = cli.parse_known_args(argv)
-    if getattr(args, "dispatch", None):  # a command several models share: its own parser decides
-        words = list(sys.argv[1:] if argv is None else argv)
-        extra = words[words.index(args.dispatch) + 1:]
-        args.argv = extra
-        extra = []
-    # argparse gives a positional list one stretch of the command line: overrides written after an
-    # option (`train a=1 --config f.yaml b=2`) come back here, in order, and belong to the list.
-    if extra and isinstance(getattr(args, "overrides", None), list) and not any(e.startswith("-") for e in extra):
-        args.overrides.extend(extra)
-    elif extra:
-        cli.error(f"unrecognized arguments: {' '.join(extra)}")
-    try:
-        return int(args.run(args) or 0)
-    except IsthmusError as exc:
-        print(f"isthmus: error: {exc}", file=sys.stderr)
-        return 2
-    except Exception as exc:
-        # Config errors come from the config module; imported lazily to keep startup light.
-        from isthmus.config.composer import ConfigError
+def remove_subcommand(sub: Any, name: str) -> None:
+    """Take a half-configured subcommand back out of the parser (argparse has no public way)."""
+    sub.choices.pop(name, None)
+    sub._choices_actions = [a for a in sub._choices_actions if a.dest != name]
 
-        if isinstance(exc, ConfigError):
-            print(f"isthmus: error: {exc}", file=sys.stderr)
-            return 2
-        raise
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one ``isthmus`` command; every error ends as one line (see :mod:`isthmus.cli.guard`)."""
+    from isthmus.cli.args import argv_or_sys, strip_flag
+    from isthmus.cli.guard import DEBUG_FLAG, debug_requested, guarded
+
+    words, flag = strip_flag(argv_or_sys(argv), DEBUG_FLAG)
+    debug = flag or debug_requested()
+    # The command's name, for messages: the first word until argparse knows better.
+    named = {"command": next((w for w in words if not w.startswith("-")), "isthmus")}
+
+    def body() -> int:
+        from isthmus.cli.args import keep_overrides_positional
+
+        cli = parser()
+        args, extra = cli.parse_known_args(keep_overrides_positional(cli, words))
+        named["command"] = " ".join(filter(None, (args.command, getattr(args, "config_command", None))))
+        if getattr(args, "dispatch", None):  # a command several models share: its own parser decides
+            args.argv, extra = words[words.index(args.dispatch) + 1:], []
+        # argparse gives a positional list one stretch of the command line: overrides written after an
+        # option (`train a=1 --config f.yaml b=2`) come back here, in order, and belong to the list.
+        if extra and isinstance(getattr(args, "overrides", None), list) and not any(e.startswith("-") for e in extra):
+            args.overrides.extend(extra)
+        elif extra:
+            cli.error(f"unrecognized arguments: {' '.join(extra)}")
+        return int(args.run(args) or 0)
+
+    return guarded(lambda: named["command"], body, debug)
 
 
 if __name__ == "__main__":

@@ -4,56 +4,32 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from isthmus.errors import IsthmusError
+def checkpoint_bytes(model: Any, keep_last: int) -> int:
+    """Disk a run's checkpoints take: weights and two AdamW moments (float32), ``keep_last`` of
+    them plus the one being written, and a little for the sidecar and the logs."""
+    from isthmus.train.budget import param_bytes
 
-RUN_FILES = ("config.yaml", "metrics.jsonl", "loss.png", "samples.png", "checkpoints")
-
-
-class RunDirError(IsthmusError):
-    """The output directory holds another run and the user did not say what to do with it."""
-
-
-def check_output(run_dir: Path, resume: bool, overwrite: bool) -> None:
-    """Refuse an output_dir whose run the user did not say to resume or replace; changes nothing."""
-    has_checkpoints = (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir())
-    if resume:
-        if not has_checkpoints:
-            raise RunDirError(f"--resume: no checkpoint in {run_dir}/checkpoints; train without --resume first")
-        return
-    if has_checkpoints and not overwrite:
-        raise RunDirError(
-            f"output_dir {run_dir} already holds a run; pass --resume to continue it, --overwrite to replace it, "
-            f"or output_dir=PATH for a new one"
-        )
-
-
-def clear_output(run_dir: Path, overwrite: bool) -> None:
-    """Make ``run_dir``; with ``overwrite``, first remove what an earlier run wrote there. Called only
-    once the run is set up, so a config or data error leaves the old run (or no directory) behind."""
-    if overwrite:
-        # Remove only what a run writes, so a mistyped output_dir cannot wipe unrelated files.
-        for name in RUN_FILES:
-            target = run_dir / name
-            if target.is_dir():
-                shutil.rmtree(target)
-            elif target.exists():
-                target.unlink()
-    run_dir.mkdir(parents=True, exist_ok=True)
+    return 3 * param_bytes(model.param_specs()) * (keep_last + 1) + 2**20
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from isthmus.train.atomic import write_text_atomic
+    """Compose, check everything that can be checked (config, output_dir, memory, data, model, the
+    checkpoint it resumes from), and only then change the run directory, undoably until the new
+    run's first checkpoint (:class:`isthmus.train.rundir.RunDirChange`)."""
     from isthmus.cli.main import compose_config, registry
+    from isthmus.cli.outputs import free_bytes, output_dir
     from isthmus.config.composer import to_yaml
-    from isthmus.train import parallel
     from isthmus.registry.manager import get_manager
-    from isthmus.train.checkpoint import read_state
+    from isthmus.train import parallel
+    from isthmus.train.atomic import write_text_atomic
+    from isthmus.train.budget import human
+    from isthmus.train.checkpoint import CheckpointError, read_state
     from isthmus.train.run import prepare, run_dir, saved_data_state
+    from isthmus.train.rundir import RunDirChange, RunDirError, check_output
     from isthmus.train.trainer import Trainer
 
     init = None
@@ -73,18 +49,23 @@ def cmd_train(args: argparse.Namespace) -> int:
     resume_from = Path(args.resume) if args.resume not in (None, "") else (directory if args.resume == "" else None)
     launch = parallel.launch_env() if str(cfg.distributed) in ("ddp", "fsdp") else None
     writer = launch is None or launch.rank == 0  # data parallel: rank 0 alone touches the run dir
+    if writer:
+        output_dir(directory, "output_dir")
     if launch is not None:  # each process its own device: the local rank among the visible ones
         from isthmus.registry.selection import select
 
         spec = select(registry(), str(cfg.backend.name), cfg.backend.engine, bool(cfg.backend.strict)).spec
         index = parallel.device_index(launch.local_rank, spec.visible_devices_env)
         cfg = compose_config([*args.overrides, f"backend.device_index={index}"], args.config_files)
-    resuming_here = resume_from is not None and resume_from == directory
+    resuming_here = resume_from is not None and resume_from.absolute() == directory.absolute()
     if writer:
         check_output(directory, resuming_here, args.overwrite)
     saved = read_state(resume_from) if resume_from is not None else None
+    if saved is not None and saved.model_name != str(cfg.model.name):
+        raise CheckpointError(f"--resume {resume_from}: the checkpoint is for model {saved.model_name!r}, but the "
+                              f"config trains {cfg.model.name!r}; resume with model={saved.model_name}")
     run = prepare(cfg, registry(), saved_data=saved_data_state(saved.extra) if saved else None,
-                  model_data=saved.extra.get("model_data") if saved else None)
+                  model_data=saved.extra.get("model_data") if saved else None, source=resume_from)
     if init is not None:  # the model is known only now: the weights must fit it exactly
         from isthmus.nn.params import manifest
         from isthmus.train.checkpoint import check_fit
@@ -93,30 +74,46 @@ def cmd_train(args: argparse.Namespace) -> int:
                   run.model.name)
     from isthmus.train import memory
 
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", launch.world_size)) if launch is not None else 1
-    estimate = memory.check(cfg, run, launch.world_size if launch is not None else 1, local)
-    comm = parallel.start(cfg, run.backend)
+    world = launch.world_size if launch is not None else 1
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    estimate, _ = memory.plan(cfg, run.model, run.data, run.backend, world, local)  # refused in prepare when too big
     if writer:
-        clear_output(directory, args.overwrite and not resuming_here)
-        write_text_atomic(directory / "config.yaml", to_yaml(cfg))
-    else:
-        sys.stdout = open(os.devnull, "w")  # the other ranks' summaries would repeat rank 0's
+        need, free = checkpoint_bytes(run.model, int(cfg.train.keep_last)), free_bytes(directory)
+        if free is not None and free < need:
+            raise RunDirError(f"output_dir {directory}: the checkpoints of this run need about {human(need)} but "
+                              f"{human(free)} is free there; free some space, lower train.keep_last, or choose "
+                              f"another output_dir")
+    comm = parallel.start(cfg, run.backend)
     if comm is not None:
         kind = comm.description if comm.strategy == "fsdp" else "data parallel"
         print(f"{kind}: {comm.world_size} processes, {run.backend.capabilities.comm_backend}, "
               f"global batch {cfg.train.batch_size} ({int(cfg.train.batch_size) // comm.world_size} per process)")
-    print(f"training {run.model.name} on {run.backend.name}/{run.backend.engine_name} ({run.backend.device}), "
-          f"{cfg.train.steps} steps, precision {cfg.train.precision}; run dir {directory}")
-    if init is not None:
-        print(f"  weights from {init.path} (step {init.state.step}); optimizer state fresh")
-    for line in run.selection.trace:
-        print(f"  backend: {line}")
-    print(f"  {estimate.line()}")
+    mode = "resume" if resuming_here else ("overwrite" if args.overwrite else "new")
+    change = RunDirChange(directory, mode) if writer else None
     progress = not args.no_progress and sys.stderr.isatty()
+    trainer = Trainer(run, directory, manager=get_manager(), progress=progress, resume=resume_from, comm=comm,
+                      init=init.params if init is not None else None,
+                      foreign=init.state.extra.get("foreign") if init is not None else None,
+                      after_checkpoint=lambda path: change.commit() if change is not None else None)
     try:
-        result = Trainer(run, directory, manager=get_manager(), progress=progress, resume=resume_from, comm=comm,
-                         init=init.params if init is not None else None,
-                         foreign=init.state.extra.get("foreign") if init is not None else None).fit()
+        trainer.start_state()  # the checkpoint, verified against the model; the data stream: nothing written yet
+        if change is not None:
+            change.begin()
+            write_text_atomic(directory / "config.yaml", to_yaml(cfg))
+        else:
+            sys.stdout = open(os.devnull, "w")  # the other ranks' summaries would repeat rank 0's
+        print(f"training {run.model.name} on {run.backend.name}/{run.backend.engine_name} ({run.backend.device}), "
+              f"{cfg.train.steps} steps, precision {cfg.train.precision}; run dir {directory}")
+        if init is not None:
+            print(f"  weights from {init.path} (step {init.state.step}); optimizer state fresh")
+        for line in run.selection.trace:
+            print(f"  backend: {line}")
+        print(f"  {estimate.line()}")
+        result = trainer.fit()
+    except BaseException:
+        if change is not None:
+            change.rollback()  # nothing, once the first checkpoint is written
+        raise
     finally:
         if comm is not None:
             comm.close()
@@ -144,6 +141,7 @@ def init_weights(path: str) -> tuple[Any, Path]:
     from isthmus.cli.main import registry
     from isthmus.interop import foreign_checkpoint
     from isthmus.train.checkpoint import load_checkpoint
+    from isthmus.train.rundir import RunDirError
 
     loaded = foreign_checkpoint(registry(), path) or load_checkpoint(Path(path))
     model = loaded.state.config.get("model")
@@ -195,7 +193,7 @@ def checkpoint_run(path: str, overrides: Sequence[str], for_training: bool = Fal
     chosen = overrides or config_files
     cfg = OmegaConf.merge(saved, {"backend": compose_config(overrides, config_files).backend}) if chosen else saved
     run = prepare(cfg, registry(), for_training=for_training, saved_data=saved_data_state(loaded.state.extra),
-                  model_data=loaded.state.extra.get("model_data"))
+                  model_data=loaded.state.extra.get("model_data"), source=loaded.path / "state.json")
     # The model is known only now: check what was loaded against its parameter manifest.
     check_fit(loaded, manifest(run.model.param_specs()), run.model.name)
     engine = run.backend.engine
@@ -217,8 +215,10 @@ def parse_options(pairs: Sequence[str]) -> dict[str, str]:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from isthmus.cli.outputs import output_dir
+
+    out_dir = output_dir(args.out, "--out", 2**20) if args.out else None
     run, params, loaded = checkpoint_run(args.checkpoint, args.overrides, config_files=args.config_files)
-    out_dir = Path(args.out) if args.out else None
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
     result = run.model.evaluate(run.backend, params, run.data.eval, batch_size=128, max_samples=args.max_samples,
@@ -231,6 +231,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def add_commands(sub: Any) -> None:
+    from isthmus.cli.args import int_range
     from isthmus.cli.main import add_config_arguments
 
     s = sub.add_parser("train", help="train the configured model; writes runs/<name>/")
@@ -246,7 +247,8 @@ def add_commands(sub: Any) -> None:
 
     s = sub.add_parser("eval", help="evaluate a checkpoint on the held-out split")
     s.add_argument("--checkpoint", required=True, metavar="PATH")
-    s.add_argument("--max-samples", type=int, default=None)
+    s.add_argument("--max-samples", type=int_range(1), default=None, metavar="N",
+                   help="evaluate the first N held-out samples only")
     s.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="an option of the model's evaluation, e.g. judge=runs/demo for text to image (repeatable)")
     s.add_argument("--out", default=None, metavar="DIR", help="where the evaluation may write files (a grid of samples)")

@@ -4,23 +4,26 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 from typing import Any, Sequence
 
 
 def cmd_selftest(args: argparse.Namespace) -> int:
+    from isthmus.cli.outputs import output_file
     from isthmus.train.atomic import write_text_atomic
     from isthmus.verify.selftest import run_selftest
 
+    report = output_file(args.report, "--report", need_bytes=2**20) if args.report else None
     code, text = run_selftest(args.backend, args.engine, steps=args.steps)
-    if args.report:
-        write_text_atomic(Path(args.report), text)
+    if report is not None:
+        write_text_atomic(report, text)
         print(f"report written to {args.report}")
     return code
 
 
 def add_commands(sub: Any) -> None:
     """Register ``selftest`` on the CLI's subparsers."""
+    from isthmus.cli.args import int_range
+
     s = sub.add_parser(
         "selftest",
         help="conformance, a short training run, a checkpoint round trip and a CPU comparison on one "
@@ -31,22 +34,26 @@ def add_commands(sub: Any) -> None:
     s.add_argument("--backend", required=True, metavar="NAME", help="backend to check, e.g. ascend or cpu")
     s.add_argument("--engine", default=None, help="engine of that backend (default: its default engine)")
     s.add_argument("--report", default=None, metavar="FILE", help="also write the Markdown report to FILE")
-    s.add_argument("--steps", type=int, default=8, help="training steps (default 8)")
+    s.add_argument("--steps", type=int_range(1, 100_000), default=8, help="training steps (default 8)")
     s.set_defaults(run=cmd_selftest)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m isthmus.cli.selftest --backend NAME``: the command without the rest of the CLI."""
-    from isthmus.errors import IsthmusError
+    """``python -m isthmus.cli.selftest --backend NAME``: the command without the rest of the CLI,
+    behind the same guard as ``isthmus`` (one-line errors, exit 2 for user mistakes)."""
+    from isthmus.cli.args import Parser, harden, strip_flag
+    from isthmus.cli.guard import DEBUG_FLAG, debug_requested, guarded
 
-    parser = argparse.ArgumentParser(prog="isthmus")
-    add_commands(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["selftest", *(sys.argv[1:] if argv is None else argv)])
-    try:
+    words, flag = strip_flag(sys.argv[1:] if argv is None else argv, DEBUG_FLAG)
+
+    def body() -> int:
+        parser = Parser(prog="isthmus")
+        add_commands(parser.add_subparsers(dest="command", required=True))
+        harden(parser)
+        args = parser.parse_args(["selftest", *words])
         return int(args.run(args))
-    except IsthmusError as exc:  # the same one-line errors and exit code as `isthmus`
-        print(f"isthmus: error: {exc}", file=sys.stderr)
-        return 2
+
+    return guarded(lambda: "selftest", body, flag or debug_requested())
 
 
 if __name__ == "__main__":

@@ -150,7 +150,8 @@ def _parse_override(text: str, options: Options) -> tuple[str, tuple[str, ...], 
                 f"{', '.join(sorted(options[key]))}; to set a key inside it write {key}.<key>=<value>"
             )
         return "group", path, option
-    return "set", path, parse_yaml(raw, f"{key}: value {raw!r}")
+    shown = raw if len(raw) <= 60 else raw[:57] + "..."
+    return "set", path, parse_yaml(raw, f"{key}: value {shown!r}", command_line=True)
 
 
 def _assign(tree: dict[Any, Any], path: tuple[str, ...], value: Any, text: str) -> None:

@@ -41,12 +41,15 @@ from omegaconf.errors import OmegaConfBaseException
 __all__ = [
     "BackendConfig",
     "DataBase",
+    "INT64_MAX",
+    "INT64_MIN",
     "Mlp",
     "ModelBase",
     "NanPolicy",
     "Norm",
     "Precision",
     "RunConfig",
+    "SEED_MAX",
     "Schedule",
     "TrainConfig",
     "bounds",
@@ -61,6 +64,11 @@ Origins = Mapping[KeyPath, str | None]  # key path -> the file its value came fr
 # (backend name, backend.options) -> [(dotted key under backend.options, problem)]: the plugin
 # registry's check of what each backend declares it takes (``isthmus.registry.options``).
 OptionCheck = Callable[[str, Mapping[str, Any]], list[tuple[str, str]]]
+
+# Every int field holds an int64 at most, whatever its own bounds: engines keep seeds, counts and
+# sizes in 64-bit integers, and a bigger Python int overflows inside them with an engine's traceback.
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+SEED_MAX = 2**32 - 1  # what every engine's and numpy's seeding takes
 
 # Accepted whatever the registry says: "auto" is a selection policy, not a registered backend.
 ALWAYS_VALID: dict[str, tuple[str, ...]] = {"backend.name": ("auto",)}
@@ -131,7 +139,7 @@ class BackendConfig:
     engine: str | None = None  # None: the backend's default engine
     strict: bool = False  # True: fail instead of falling back to another backend or kernel route
     device_index: int = field(default=0, metadata=bounds(ge=0))
-    threads: int | None = field(default=None, metadata=bounds(ge=1))  # None: the engine decides
+    threads: int | None = field(default=None, metadata=bounds(ge=1, le=4096))  # None: the engine decides
     deterministic: bool = True
     options: dict[str, Any] = field(default_factory=dict)  # backend-specific knobs (allow_hf32), as each backend declares
 
@@ -148,6 +156,12 @@ class DataBase:
     """What every data section has. A plugin dataset's schema subclasses this."""
 
     name: str = MISSING
+
+    def memory_bytes(self) -> int | None:
+        """About how many bytes the dataset's splits take in memory once built, for
+        :mod:`isthmus.train.budget` to refuse, before building them, data this machine cannot
+        hold. ``None`` (the default): not estimated."""
+        return None
 
 
 @dataclass
@@ -171,6 +185,9 @@ class TrainConfig:
     nan_policy: NanPolicy = NanPolicy.skip
     log_every: int = field(default=20, metadata=bounds(ge=1))
     recompute: bool = False  # recompute each block's activations in the backward pass instead of keeping them
+    # Refuse, before anything is built, a run whose estimated memory exceeds what is free
+    # (isthmus.train.budget); false: try anyway (also ISTHMUS_MEMORY_CHECK=0).
+    memory_check: bool = True
 
     def check(self) -> list[tuple[str, str]]:
         """Rules that involve two fields."""
@@ -188,7 +205,7 @@ class RunConfig:
     model: ModelBase = field(default_factory=ModelBase)
     data: DataBase = field(default_factory=DataBase)
     train: TrainConfig = field(default_factory=TrainConfig)
-    seed: int = field(default=0, metadata=bounds(ge=0))
+    seed: int = field(default=0, metadata=bounds(ge=0, le=SEED_MAX))
     name: str = II("model.name")
     output_dir: str = "runs/${name}"
     distributed: Distributed = Distributed.none  # ddp or fsdp: one process per device, started by torchrun or msrun
@@ -400,7 +417,10 @@ class _Checker:
             self.report(path, f"expected a finite number, got {result!r}")
             return _BAD
         if limits and result is not None and not _within(result, limits):
-            self.report(path, f"must be {_limits_text(limits)}, got {result!r}")
+            self.report(path, f"must be {_limits_text(limits)}, got {describe(result)}")
+            return _BAD
+        if isinstance(result, int) and not isinstance(result, bool) and not INT64_MIN <= result <= INT64_MAX:
+            self.report(path, f"must fit in 64 bits ({INT64_MIN} to {INT64_MAX}), got {describe(result)}")
             return _BAD
         return result
 
@@ -459,7 +479,8 @@ def _within(value: float, limits: Mapping[str, float]) -> bool:
 
 def _limits_text(limits: Mapping[str, float]) -> str:
     signs = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}
-    return " and ".join(f"{signs[op]} {bound:g}" for op, bound in limits.items())
+    return " and ".join(f"{signs[op]} {bound if isinstance(bound, int) else format(bound, 'g')}"
+                        for op, bound in limits.items())
 
 
 def _expected(kind: Any, plural: bool = False) -> str:
@@ -478,6 +499,8 @@ def _expected(kind: Any, plural: bool = False) -> str:
 
 def describe(value: Any) -> str:
     """A value as an error message shows it: ``'abc'``, ``null``, ``a list [1, 2]``, cut at 60."""
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10**60:
+        return f"an integer of {len(str(abs(value)))} digits"
     if value is None:
         return "null"
     if isinstance(value, dict):

@@ -185,7 +185,15 @@ class BatchIterator(Iterator[Batch]):
 
     @classmethod
     def from_state(cls, dataset: Dataset, state: Mapping[str, Any], *, epochs: int | None = None) -> BatchIterator:
-        """Rebuild the iterator at a saved position; refuses a dataset of another size."""
+        """Rebuild the iterator at a saved position; refuses a dataset of another size, and a
+        position with a field missing or of the wrong type (naming it)."""
+        fields = {"num_samples": int, "batch_size": int, "seed": int, "epoch": int, "step": int, "shuffle": bool,
+                  "drop_last": bool}
+        for key, kind in fields.items():
+            value = state.get(key)
+            if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+                raise DataError(f"data_position.{key}: expected {'an int' if kind is int else 'a bool'}, got "
+                                f"{'nothing' if value is None else repr(value)[:40]}: the checkpoint is damaged")
         if state.get("num_samples") != len(dataset):
             raise DataError(
                 f"saved data position is for {state.get('num_samples')} samples but the dataset has {len(dataset)}: "

@@ -30,18 +30,36 @@ def _one_line(text: str) -> str:
     return " ".join(str(text).split())
 
 
+MAX_IMAGE_PIXELS = 64 * 2**20  # 8192 x 8192: far above what a model here reads, far below a bomb
+
+
 def load_image(path: Path, image_size: int) -> np.ndarray:
     """uint8 ``(image_size, image_size, 3)`` RGB pixels of the image at ``path``.
 
     Non-square images are resized without cropping (the aspect ratio changes) so that nothing a
-    caption mentions, such as a shape near the edge, is cut away. Raises ``OSError`` or
-    ``ValueError`` when Pillow cannot decode the file.
+    caption mentions, such as a shape near the edge, is cut away. The size in the file's header is
+    checked against ``MAX_IMAGE_PIXELS`` before anything is decoded (a "decompression bomb" of a
+    few kilobytes can claim gigapixels). Raises ``OSError`` when the file cannot be read and
+    ``ValueError`` for anything Pillow cannot or will not decode, with the reason.
     """
+    import warnings
+
     from PIL import Image
 
-    with Image.open(path) as image:
-        image.load()  # decode now: a truncated file fails here, not at resize time
-        rgb = image.convert("RGB")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                width, height = image.size
+                if width * height > MAX_IMAGE_PIXELS:
+                    raise ValueError(f"{width}x{height} pixels is more than the {MAX_IMAGE_PIXELS} isthmus reads "
+                                     f"(a decompression bomb, or an image far larger than any model here needs)")
+                image.load()  # decode now: a truncated file fails here, not at resize time
+                rgb = image.convert("RGB")
+    except (OSError, ValueError):
+        raise
+    except Exception as err:  # noqa: BLE001 - the file is input: any decoder failure is a bad file
+        raise ValueError(f"cannot decode it ({type(err).__name__}: {_one_line(str(err))[:200]})") from None
     if rgb.size != (image_size, image_size):
         rgb = rgb.resize((image_size, image_size), Image.Resampling.BICUBIC)
     return np.asarray(rgb, dtype=np.uint8)

@@ -29,6 +29,15 @@ def describe(fn: Callable[..., Any]) -> str:
     return f"{module}.{qualname}"
 
 
+def _available(route: KernelRoute) -> bool:
+    """A route's own availability check; one that raises counts as unavailable, so a plugin's
+    broken check falls back to the engine's op instead of breaking the backend."""
+    try:
+        return bool(route.available())  # type: ignore[misc]
+    except Exception:  # noqa: BLE001 - a plugin's check: the engine's op serves instead
+        return False
+
+
 class KernelSet:
     """The ops a model calls (``k.softmax(x)``), each bound to the implementation that serves it.
 
@@ -64,7 +73,7 @@ class KernelSet:
                     f"plugin '{route.plugin}' routes unknown op '{route.op}' on backend '{backend}'; "
                     f"known ops: {', '.join(sorted(ops))}"
                 )
-            if route.available is not None and not route.available():
+            if route.available is not None and not _available(route):
                 continue
             ops[route.op] = route.impl
             routed[route.op] = route.plugin

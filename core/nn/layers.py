@@ -197,6 +197,19 @@ class BlockConfig:
         return self.mlp_hidden or 4 * self.dim
 
 
+def stack_activation_bytes(tokens: int, config: BlockConfig, n_layers: int, batch: int, training: bool,
+                           itemsize: int = 4) -> int:
+    """Bytes of the activations a stack of ``n_layers`` blocks holds for ``batch`` sequences of
+    ``tokens``: for training, what autodiff keeps for the backward pass of every block (normalised
+    inputs, q/k/v, attention scores and weights, the feed-forward's hidden values, the residuals);
+    without gradients, one block's worth at a time. An estimate for :mod:`isthmus.train.budget`,
+    generous rather than tight."""
+    per_token = 10 * config.dim + 3 * config.hidden  # norms, qkv, attention out, residuals; mlp in/act/out
+    scores = 2 * config.n_heads * tokens * tokens  # attention logits and their softmax
+    per_block = batch * (tokens * per_token + scores) * itemsize
+    return per_block * (max(1, n_layers) if training else 2)
+
+
 def block_specs(config: BlockConfig) -> dict[str, ParamSpec]:
     """``norm1``, ``attn`` (``qkv``, ``proj``), ``norm2`` and ``mlp``."""
     specs: dict[str, ParamSpec] = {}
@@ -286,4 +299,5 @@ __all__ = [
     "rotary_tables",
     "self_attention",
     "split_heads",
+    "stack_activation_bytes",
 ]

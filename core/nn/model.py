@@ -3,7 +3,7 @@
 A model class derives from :class:`Model` (a ``Protocol``, so type checkers check the signatures)
 and gets working defaults for every optional part: it must write ``name``, ``param_specs``,
 ``forward`` and ``loss``; ``evaluate``, ``bind_data``, ``data_state``, ``generate``, ``blocks``,
-``engine_module``, ``export_graphs`` and ``export_checks`` are there to override. The trainer, the export and the portability check call
+``engine_module``, ``export_graphs``, ``export_checks`` and ``activation_bytes`` are there to override. The trainer, the export and the portability check call
 only what is declared here, never ``getattr``.
 """
 
@@ -135,6 +135,14 @@ class Model(Protocol):
         (a KV-cache step for generation, say); ``params`` are the float32 host weights and
         ``host_batch`` the example inputs of the forward. The default has none."""
         return []
+
+    def activation_bytes(self, batch_size: int, training: bool = True) -> int | None:
+        """About how many bytes of activations one step holds for ``batch_size`` samples: with
+        ``training``, what autodiff keeps for the backward pass; without, what a forward pass (or
+        a generation) needs at its peak. :mod:`isthmus.train.budget` adds it to the parameters'
+        and optimizer's memory to refuse, before anything is built, a run this machine cannot hold.
+        ``None`` (the default): not estimated, the check counts parameters and data only."""
+        return None
 
     def export_checks(self, backend: Any, params: Mapping[str, Any], run_file: Any, host_batch: Mapping[str, Any],
                       tolerance: float, graphs: Mapping[str, Any] | None = None) -> list[Any]:

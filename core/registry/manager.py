@@ -60,8 +60,53 @@ def one_line(exc: BaseException) -> str:
     """``Type: message`` on one line, with the place it was raised, for plugin error records."""
     frames = traceback.extract_tb(exc.__traceback__)
     where = f" (at {Path(frames[-1].filename).name}:{frames[-1].lineno})" if frames else ""
-    text = " ".join(str(exc).split())
+    if isinstance(exc, SystemExit):  # sys.exit() in a plugin: say so, its code is no message
+        return f"called sys.exit({exc.code!r}){where}"
+    text = " ".join(str(exc).split())[:300]
     return f"{type(exc).__name__}: {text}{where}"
+
+
+def contained(exc: BaseException) -> bool:
+    """Whether a plugin's exception is kept inside the plugin (recorded as its error): everything,
+    ``SystemExit`` included, except the user's own Ctrl-C."""
+    return not isinstance(exc, KeyboardInterrupt)
+
+
+class PluginHookError(Exception):
+    """A plugin's event hook (``on_step_end``, ...) called ``sys.exit()`` or raised another
+    ``BaseException``: a bug in that plugin, reported with its name (the CLI tells the user to
+    report it to the plugin's authors) instead of ending the command with the plugin's exit code."""
+
+    def __init__(self, plugin: str, hook: str, cause: BaseException) -> None:
+        self.plugin = plugin
+        super().__init__(f"plugin '{plugin}' failed in {hook}: {one_line(cause)}")
+
+
+def call_hook(manager: pluggy.PluginManager, name: str, **kwargs: Any) -> None:
+    """Call event hook ``name`` on every plugin. An ``Exception`` passes through as it is (callers
+    may stop a run on purpose with one; the CLI names the plugin whose code raised it); a
+    ``SystemExit`` or other ``BaseException`` (the user's Ctrl-C excepted) becomes a
+    :class:`PluginHookError` naming the plugin."""
+    caller = getattr(manager.hook, name)
+    try:
+        caller(**kwargs)
+    except Exception:
+        raise
+    except BaseException as exc:
+        if not contained(exc):
+            raise
+        raise PluginHookError(_owner(caller, exc), name, exc) from exc
+
+
+def _owner(caller: Any, exc: BaseException) -> str:
+    """The plugin whose hook implementation the traceback of ``exc`` passes through."""
+    codes = {getattr(impl.function, "__code__", None): impl.plugin_name for impl in caller.get_hookimpls()}
+    tb = exc.__traceback__
+    found = "?"
+    while tb is not None:
+        found = codes.get(tb.tb_frame.f_code, found)
+        tb = tb.tb_next
+    return found
 
 
 def new_manager() -> pluggy.PluginManager:
@@ -114,7 +159,9 @@ def load_plugins(
         registry.plugins[short] = record
         try:
             manager.register(importlib.import_module(module_name), name=short)
-        except Exception as exc:  # a broken built-in must not take the others down
+        except BaseException as exc:  # a broken built-in must not take the others down
+            if not contained(exc):
+                raise
             record.error = one_line(exc)
         trace(f"builtin plugin {short}: {'error ' + record.error if record.error else 'loaded'}")
 
@@ -127,15 +174,27 @@ def load_plugins(
             load_named(manager, registry, spec)
 
     for name, plugin in extra:
-        record = PluginRecord(name=name, source="in-process", module=getattr(plugin, "__name__", ""))
+        record = PluginRecord(name=name, source="in-process", module=_module_of(plugin))
         registry.plugins[name] = record
         try:
             manager.register(plugin, name=name)
-        except Exception as exc:
+        except BaseException as exc:
+            if not contained(exc):
+                raise
             record.error = one_line(exc)
 
     collect(manager, registry)
     return manager, registry
+
+
+def _module_of(plugin: Any) -> str:
+    """The module a plugin object comes from: its own name for a module, else where it is defined."""
+    import inspect
+
+    if inspect.ismodule(plugin):
+        return plugin.__name__
+    owner = plugin if inspect.isclass(plugin) else type(plugin)
+    return f"{owner.__module__}:{owner.__qualname__}"
 
 
 def load_entry_point(
@@ -155,7 +214,9 @@ def load_entry_point(
     registry.plugins[entry_point.name] = record
     try:
         manager.register(entry_point.load(), name=entry_point.name)
-    except Exception as exc:  # fail soft on discovery: record and go on
+    except BaseException as exc:  # fail soft on discovery, even on sys.exit(): record and go on
+        if not contained(exc):
+            raise
         record.error = one_line(exc)
     trace(f"entry point {entry_point.name} = {entry_point.value}: {record.error or 'loaded'}")
 
@@ -201,11 +262,16 @@ def collect(manager: pluggy.PluginManager, registry: Registry) -> None:
             ) -> None:
                 if not isinstance(spec, _type):
                     raise TypeError(f"{_hook} expects {_type.__name__}, got {type(spec).__name__}")
+                problem = spec_problem(spec)
+                if problem:
+                    raise ValueError(problem)
                 _items.append((_kind, spec))
 
             try:
                 impl.function(register=register)
-            except Exception as exc:
+            except BaseException as exc:
+                if not contained(exc):
+                    raise
                 failed.add(plugin_name)
                 registry.plugins[plugin_name].error = f"{hook_name}: {one_line(exc)}"
                 pending.pop(plugin_name, None)
@@ -221,7 +287,13 @@ def collect(manager: pluggy.PluginManager, registry: Registry) -> None:
             returned: Any = impl.function()
             dirs = [] if returned is None else [returned] if isinstance(returned, (str, Path)) else list(returned)
             config_dirs[plugin_name] = [Path(d) for d in dirs]
-        except Exception as exc:
+            for folder in config_dirs[plugin_name]:
+                if not folder.is_dir():
+                    raise ValueError(f"{folder} is not a directory")
+        except BaseException as exc:
+            if not contained(exc):
+                raise
+            config_dirs.pop(plugin_name, None)
             failed.add(plugin_name)
             registry.plugins[plugin_name].error = f"register_config_dirs: {one_line(exc)}"
             pending.pop(plugin_name, None)
@@ -241,6 +313,27 @@ def collect(manager: pluggy.PluginManager, registry: Registry) -> None:
     for plugin_name, found in config_dirs.items():
         if plugin_name not in pending and plugin_name not in failed:
             registry.config_dirs.extend(found)
+
+
+def spec_problem(spec: Any) -> str:
+    """What makes a registered spec unusable, checked when it is registered, so that the plugin is
+    marked failed and contributes nothing, instead of breaking the built-in backends later: a
+    kernel route for an op the kernel interface does not have, or an implementation that cannot
+    be called; a spec whose name is not a plain string."""
+    if isinstance(spec, KernelRoute):
+        from isthmus.kernels.interface import OPS
+
+        if spec.op not in OPS:
+            return f"kernel route for unknown op {spec.op!r} (backend {spec.backend!r})"
+        if not callable(spec.impl):
+            return f"kernel route for op {spec.op!r}: impl is {type(spec.impl).__name__}, not a function"
+        if spec.available is not None and not callable(spec.available):
+            return f"kernel route for op {spec.op!r}: available is not a function"
+        return ""
+    name = getattr(spec, "name", None)
+    if not isinstance(name, str) or not name.strip():
+        return f"{type(spec).__name__} name must be a non-empty string, got {name!r}"
+    return ""
 
 
 def stamp(spec: Any, plugin_name: str) -> Any:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib.util
+import os
+import threading
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -35,17 +37,84 @@ def installed_engines(spec: BackendSpec) -> list[str]:
     ]
 
 
+PROBE_TIMEOUT_ENV = "ISTHMUS_PROBE_TIMEOUT"
+PROBE_TIMEOUT_S = 5.0  # a probe is a cheap check (device count, a library present); longer is a fault
+
+
+def probe_timeout() -> float:
+    try:
+        return max(0.01, float(os.environ.get(PROBE_TIMEOUT_ENV, PROBE_TIMEOUT_S)))
+    except ValueError:
+        return PROBE_TIMEOUT_S
+
+
 def probe(spec: BackendSpec) -> ProbeResult:
-    """Run the backend's usability probe once per process; a raising probe reads as unusable."""
+    """Run the backend's usability probe once per process, isolated: in a thread of its own with a
+    time bound (``ISTHMUS_PROBE_TIMEOUT``, 5 s), its result type-checked. A probe that raises (even
+    ``SystemExit``), returns something other than a ``ProbeResult`` or does not answer in time
+    reads as unusable, and ``details["fault"]`` says what it did (see :func:`probe_faults`)."""
     key = f"{spec.plugin}:{spec.name}"
     if key not in _probe_cache:
-        try:
-            _probe_cache[key] = spec.probe()
-        except Exception as exc:
-            _probe_cache[key] = ProbeResult(
-                usable=False, reason=f"probe raised {type(exc).__name__}: {exc}", fix="report it to the plugin's authors"
-            )
+        _probe_cache[key] = _run_probe(spec)
     return _probe_cache[key]
+
+
+def _run_probe(spec: BackendSpec) -> ProbeResult:
+    outcome: dict[str, Any] = {}
+
+    def call() -> None:
+        try:
+            outcome["result"] = spec.probe()
+        except BaseException as exc:  # noqa: BLE001 - a plugin's probe: contained, reported below
+            outcome["error"] = exc
+
+    limit = probe_timeout()
+    worker = threading.Thread(target=call, name=f"isthmus-probe-{spec.name}", daemon=True)
+    worker.start()
+    worker.join(limit)
+    fault = ""
+    if worker.is_alive():  # left running: a daemon thread does not keep the process alive
+        fault = f"probe timed out after {limit:g} s"
+    elif "error" in outcome:
+        error = outcome["error"]
+        if isinstance(error, KeyboardInterrupt):
+            raise error
+        from isthmus.registry.manager import one_line
+
+        fault = f"probe raised {one_line(error)}"
+    elif not isinstance(outcome.get("result"), ProbeResult):
+        fault = f"probe returned {type(outcome.get('result')).__name__}, not a ProbeResult"
+    else:
+        fault = _malformed(outcome["result"])
+    if fault:
+        return ProbeResult(usable=False, reason=fault, fix=f"report it to the authors of plugin '{spec.plugin}'",
+                           details={"fault": fault})
+    return outcome["result"]
+
+
+def _malformed(result: ProbeResult) -> str:
+    """What is wrong with the fields of a probe's ``ProbeResult``, or ''."""
+    kinds = {"usable": bool, "reason": str, "fix": str, "devices": int, "details": Mapping}
+    for name, kind in kinds.items():
+        value = getattr(result, name)
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            return f"probe returned a ProbeResult whose {name} is {type(value).__name__}, not {kind.__name__}"
+    return ""
+
+
+def probe_faults(registry: Registry) -> dict[str, str]:
+    """Plugin name -> what its backends' probes did wrong, over every backend probed so far; also
+    recorded as the plugin's error, so ``isthmus plugins`` marks it failed."""
+    faults: dict[str, str] = {}
+    for spec in registry.backends():
+        result = _probe_cache.get(f"{spec.plugin}:{spec.name}")
+        fault = result.details.get("fault") if result is not None else None
+        if fault:
+            faults[spec.plugin] = f"backend '{spec.name}': {fault}"
+            record = registry.plugins.get(spec.plugin)
+            if record is not None and not record.error:
+                record.error = faults[spec.plugin]
+    return faults
 
 
 def clear_caches() -> None:
@@ -84,6 +153,8 @@ def status(registry: Registry, spec: BackendSpec) -> BackendStatus:
         usable, reason, fix, devices = False, f"no engine installed (needs one of: {', '.join(spec.engines)})", hints, 0
     else:
         result = probe(spec)
+        if result.details.get("fault"):
+            probe_faults(registry)
         usable, reason, fix, devices = result.usable, result.reason, result.fix, result.devices
         if not usable and result.details.get("hardware_present"):
             devices = max(devices, 1)

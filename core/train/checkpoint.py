@@ -25,12 +25,12 @@ import safetensors
 import safetensors.numpy
 
 from isthmus import __version__
-from isthmus.train import atomic
-from isthmus.errors import IsthmusError
+from isthmus.train import atomic, sidecar
+from isthmus.train.sidecar import CheckpointError
 
 __all__ = ["CheckpointError", "check_fit", "CheckpointState", "Loaded", "save_checkpoint", "load_checkpoint",
-           "latest_checkpoint", "list_checkpoints", "load_sharded_state", "read_manifest", "read_state", "resolve", "FORMAT_VERSION",
-           "MODEL_FILE"]
+           "latest_checkpoint", "list_checkpoints", "load_sharded_state", "locate", "read_manifest", "read_state",
+           "resolve", "FORMAT_VERSION", "MODEL_FILE"]
 
 FORMAT = "isthmus-checkpoint"
 FORMAT_VERSION = 1
@@ -50,10 +50,6 @@ _DTYPE_TAGS = {"bool": "BOOL", "int8": "I8", "uint8": "U8", "int16": "I16", "uin
 _TAG_DTYPES = {tag: name for name, tag in _DTYPE_TAGS.items()}
 _ML_DTYPES = {"bfloat16", "float8_e4m3fn", "float8_e5m2"}
 _MISSING = object()
-
-
-class CheckpointError(IsthmusError):
-    """A checkpoint could not be written, or is missing, damaged or made for another model."""
 
 
 @dataclass
@@ -218,7 +214,11 @@ def _encode_state(state: CheckpointState, step: int, files: dict) -> bytes:
     doc["versions"] = {"isthmus": __version__, "numpy": np.__version__,
                        "safetensors": safetensors.__version__, **dict(state.versions)}
     doc["files"] = files
-    return json.dumps(doc, indent=1, default=_to_json).encode("utf-8")
+    data = json.dumps(doc, indent=1, default=_to_json).encode("utf-8")
+    found = sidecar.problems(json.loads(data))  # what loading would refuse is not written at all
+    if found:
+        raise CheckpointError(f"cannot save checkpoint: its {STATE_FILE} would not load: {'; '.join(found)}")
+    return data
 
 
 def _to_json(obj: Any) -> Any:
@@ -317,6 +317,12 @@ def read_state(path: str | os.PathLike) -> CheckpointState:
     return CheckpointState(**{f.name: doc[f.name] for f in fields(CheckpointState) if f.name in doc})
 
 
+def locate(path: str | os.PathLike) -> Path:
+    """The checkpoint directory ``path`` names (a run directory's latest, a checkpoint directory,
+    or a file in one), without reading it; a one-line :class:`CheckpointError` when there is none."""
+    return _resolve(Path(path))
+
+
 def check_fit(loaded: Loaded, expect: Mapping[str, tuple[tuple[int, ...], Any]], model_name: str | None = None) -> None:
     """The checks ``load_checkpoint`` makes with ``expect`` and ``model_name``, on a checkpoint
     already in memory: for callers that learn the model only from the checkpoint's own config."""
@@ -369,19 +375,10 @@ def _read_sidecar(ckpt: Path) -> dict:
     if not isinstance(doc.get("format_version"), int) or doc["format_version"] > FORMAT_VERSION:
         raise CheckpointError(f"{path} has format version {doc.get('format_version')!r}; this isthmus "
                               f"reads up to {FORMAT_VERSION}: upgrade isthmus")
-    if not isinstance(doc.get("step"), int) or not isinstance(doc.get("model_name"), str):
-        raise CheckpointError(f"{path} is corrupted: no step or model_name")
-    files = doc.get("files")
-    if isinstance(files, dict) and isinstance(files.get(SHARDED), dict):
-        if not {"format", "dir", "tensors"} <= files[SHARDED].keys():
-            raise CheckpointError(f"{path} is corrupted: its sharded entry has no format, dir and tensors")
-        if not (ckpt / files[SHARDED]["dir"]).is_dir():
-            raise CheckpointError(f"{ckpt / files[SHARDED]['dir']} is missing; {atomic.describe_dir(ckpt)}")
-        return doc
-    for name in (MODEL_FILE, OPTIMIZER_FILE):
-        entry = files.get(name) if isinstance(files, dict) else None
-        if not isinstance(entry, dict) or not {"bytes", "sha256", "tensors"} <= entry.keys():
-            raise CheckpointError(f"{path} is corrupted: no size, checksum and manifest for {name}")
+    sidecar.validate(doc, path)  # every field a resume, evaluation or export reads
+    shards = doc["files"].get(SHARDED)
+    if shards is not None and not (ckpt / shards["dir"]).is_dir():
+        raise CheckpointError(f"{ckpt / shards['dir']} is missing; {atomic.describe_dir(ckpt)}")
     return doc
 
 

@@ -141,33 +141,34 @@ def refuse_if_too_big(found: Estimate, capacity: int | None, specs: Mapping[str,
     raise MemoryLimitError(f"{found.line()} exceeds the device's {mib(capacity)}; {fits}")
 
 
-def _inputs(cfg: Any, run: Any, world: int) -> dict[str, Any]:
-    model = run.model
+def _inputs(cfg: Any, model: Any, data: Any, backend: Any, world: int) -> dict[str, Any]:
     specs = model.param_specs()
     blocks = list(model.blocks())
     per_rank = max(1, int(cfg.train.batch_size) // max(1, world))
     outside = [tuple(s.shape) for n, s in specs.items()
                if len(s.shape) == 2 and not any(n.startswith(p + ".") for p in blocks)]
     return {"specs": specs, "blocks": blocks,
-            "tokens_per_rank": per_rank * max(1, int(getattr(run.data.train, "tokens_per_sample", 1) or 1)),
+            "tokens_per_rank": per_rank * max(1, int(getattr(data.train, "tokens_per_sample", 1) or 1)),
             "compute_dtype": "float32" if model.autocast else
             {"bf16": "bfloat16", "fp16": "float16"}.get(str(cfg.train.precision), "float32"),
             "vocab": max((shape[0] for shape in outside), default=0) if blocks else 0,
-            "shards": tuple(getattr(run.backend.sharded, "shards", ALL) or ALL)}
+            "shards": tuple(getattr(backend.sharded, "shards", ALL) or ALL)}
 
 
-def plan(cfg: Any, run: Any, world: int, local: int = 1) -> tuple[Estimate, int | None]:
-    """The estimate for run ``run`` of config ``cfg`` on ``world`` ranks (``local`` of them on this
-    host), and the bytes one rank may use (the engine's ``memory_capacity``; None when unknown)."""
+def plan(cfg: Any, model: Any, data: Any, backend: Any, world: int, local: int = 1) -> tuple[Estimate, int | None]:
+    """The estimate for ``model`` on ``data`` under config ``cfg`` on ``world`` ranks (``local`` of
+    them on this host), and the bytes one rank may use (``backend.engine.memory_capacity``; None
+    when unknown)."""
     strategy = str(cfg.distributed) if world > 1 or str(cfg.distributed) == "fsdp" else "none"
-    found = estimate(strategy=strategy, world=world, recompute=bool(cfg.train.recompute), **_inputs(cfg, run, world))
-    return found, run.backend.engine.memory_capacity(local)
+    found = estimate(strategy=strategy, world=world, recompute=bool(cfg.train.recompute),
+                     **_inputs(cfg, model, data, backend, world))
+    return found, backend.engine.memory_capacity(local)
 
 
-def check(cfg: Any, run: Any, world: int, local: int = 1) -> Estimate:
+def check(cfg: Any, model: Any, data: Any, backend: Any, world: int, local: int = 1) -> Estimate:
     """:func:`plan`, refused in one line when it cannot fit (see :func:`refuse_if_too_big`)."""
-    found, capacity = plan(cfg, run, world, local)
-    refuse_if_too_big(found, capacity, **_inputs(cfg, run, world))
+    found, capacity = plan(cfg, model, data, backend, world, local)
+    refuse_if_too_big(found, capacity, **_inputs(cfg, model, data, backend, world))
     return found
 
 

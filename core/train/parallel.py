@@ -194,6 +194,9 @@ class NullLog:
     def close(self) -> None:
         pass
 
+    def abandon(self) -> None:
+        pass
+
 
 class QuietProgress:
     """The progress bar of a rank that does not print."""

@@ -32,8 +32,12 @@ class Restored:
     @property
     def run_dir(self) -> Path:
         """The run directory the checkpoint belongs to (``<run>/checkpoints/step-N``)."""
-        path = self.loaded.path
-        return path.parent.parent if path.parent.name == "checkpoints" else path
+        return run_dir_of(self.loaded.path)
+
+
+def run_dir_of(checkpoint_dir: Path) -> Path:
+    """The run directory of a checkpoint directory (``<run>/checkpoints/step-N`` -> ``<run>``)."""
+    return checkpoint_dir.parent.parent if checkpoint_dir.parent.name == "checkpoints" else checkpoint_dir
 
 
 def restore(registry: Registry, path: str | Path) -> Restored:
@@ -54,7 +58,7 @@ def restore(registry: Registry, path: str | Path) -> Restored:
     cfg = from_yaml(yaml.safe_dump(loaded.state.config), source=f"{loaded.path}/state.json",
                     schemas=registry.config_schemas())
     model, data = model_and_data(cfg, registry, saved_data_state(loaded.state.extra),
-                                 loaded.state.extra.get("model_data"))
+                                 loaded.state.extra.get("model_data"), source=loaded.path / "state.json")
     if foreign is not None:
         check_fit(loaded, manifest(model.param_specs()), model.name)
     else:
@@ -103,4 +107,4 @@ def batch_indices(count: int, available: int) -> np.ndarray:
     return np.arange(count) % max(available, 1)
 
 
-__all__ = ["Restored", "batch_indices", "build_label", "label_status", "parse_label", "restore"]
+__all__ = ["Restored", "batch_indices", "build_label", "label_status", "parse_label", "restore", "run_dir_of"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -84,14 +86,27 @@ def saved_data_state(extra: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def model_and_data(cfg: Any, registry: Registry, saved_data: Mapping[str, Any] | None = None,
-                   model_data: Mapping[str, Any] | None = None) -> tuple[Model, DataSplits]:
+                   model_data: Mapping[str, Any] | None = None, training: bool = False,
+                   on_host: bool = True, source: Any = "the checkpoint", backend: Any = None) -> tuple[Model, DataSplits]:
     """The dataset's splits, the model built for them, and the data as the model consumes it.
 
     ``saved_data``: a checkpoint's data state (vocabulary, class names), so ids keep their
     meaning; ``model_data``: what the model fitted on the data then (``Model.data_state()``).
+    Before the data and again before the model's data view and weights are made, their memory is
+    estimated and a request beyond the machine refused (:mod:`isthmus.train.budget`); ``training``
+    and ``on_host`` say what the estimate counts (gradients and optimizer state; the model on
+    the host). ``source``: the checkpoint's sidecar, named when what it kept cannot be used.
     """
+    from isthmus.train import budget
+    from isthmus.train.sidecar import interpreting
+
+    # A run from a checkpoint takes backend overrides only: there the environment switch is the one.
+    setting, switch = bool(cfg.train.memory_check), "train.memory_check=false" if training else ""
+    data_need = budget.data_estimate(budget.schema_instance(cfg.data))
+    budget.check(data_need, f"the {cfg.data.name} data", setting, switch)
     dataset = registry.dataset(str(cfg.data.name))
-    data = dataset.factory(plain(cfg.data), saved_data)
+    with interpreting("extra.data", f"dataset '{dataset.name}'", source) if saved_data is not None else nullcontext():
+        data = dataset.factory(plain(cfg.data), saved_data)
     if not isinstance(data, DataSplits):
         raise ModelContractError(f"dataset '{dataset.name}' (plugin {dataset.plugin or '?'}) returned "
                                  f"{type(data).__name__}; a dataset factory returns isthmus.DataSplits")
@@ -100,20 +115,53 @@ def model_and_data(cfg: Any, registry: Registry, saved_data: Mapping[str, Any] |
     if Model not in type(model).__mro__:
         raise ModelContractError(f"model '{spec.name}' (plugin {spec.plugin or '?'}) returned {type(model).__name__}, "
                                  f"which does not derive from isthmus.Model")
-    bound = model.bind_data(data, int(cfg.seed), model_data)
+    batch = int(cfg.train.batch_size) if training else EVAL_BATCH
+    need = budget.model_estimate(model, batch, training, on_host)
+    for part, nbytes in data_need.parts.items():
+        need.add(part, nbytes)
+    doing = f"training {model.name} with batch {batch}" if training else f"running {model.name}"
+    if training and backend is not None and budget.enabled(setting):  # per rank, on the device, by strategy
+        from isthmus.train import memory, parallel
+
+        launch = parallel.launch_env() if str(cfg.distributed) in ("ddp", "fsdp") else None
+        world = launch.world_size if launch is not None else 1
+        memory.check(cfg, model, data, backend, world, int(os.environ.get("LOCAL_WORLD_SIZE", world)))
+    budget.check(need, doing, setting, switch)
+    with interpreting("extra.model_data", f"model '{model.name}'", source) if model_data is not None else nullcontext():
+        bound = model.bind_data(data, int(cfg.seed), model_data)
+    if saved_data is not None:  # from a checkpoint: it must hold what gives ids and codes their meaning
+        _check_saved(saved_data, data, model_data, model, source)
     return model, bound
 
 
+def _check_saved(saved_data: Mapping[str, Any], data: DataSplits, model_data: Any, model: Model, source: Any) -> None:
+    """Refuse a checkpoint that lacks part of the data state its dataset and model keep: rebuilt
+    from the data instead, a vocabulary or a codebook may silently differ from the trained one."""
+    from isthmus.train.sidecar import SidecarError
+
+    missing = [f"extra.data.{key}: missing (dataset keeps it so that ids keep their meaning)"
+               for key in data.state() if key not in saved_data]
+    if model_data is None and model.data_state() is not None:
+        missing.append(f"extra.model_data: missing (model '{model.name}' keeps what it fitted on the data there)")
+    if missing:
+        raise SidecarError(source, missing)
+
+
+EVAL_BATCH = 128  # the batch evaluations run at (isthmus.cli.run.cmd_eval, the trainer's evaluations)
+
+
 def prepare(cfg: Any, registry: Registry, for_training: bool = True, saved_data: Mapping[str, Any] | None = None,
-            model_data: Mapping[str, Any] | None = None) -> Run:
+            model_data: Mapping[str, Any] | None = None, source: Any = "the checkpoint") -> Run:
     """Backend first (cheapest to fail), then data (gives the vocabulary), then the model.
 
-    ``saved_data`` and ``model_data``: what a checkpoint kept of the data (see :func:`model_and_data`).
+    ``saved_data``, ``model_data`` and ``source``: what a checkpoint kept of the data, and where
+    (see :func:`model_and_data`).
     """
     selection, backend = build_backend(cfg, registry)
     if for_training:
         check_capabilities(cfg, backend)
-    model, data = model_and_data(cfg, registry, saved_data, model_data)
+    model, data = model_and_data(cfg, registry, saved_data, model_data, training=for_training,
+                                 on_host=str(backend.device).split(":")[0] == "cpu", source=source, backend=backend)
     if model.engines is not None and backend.engine_name not in model.engines:
         raise CapabilityError(
             f"model {model.name} runs on the {' or '.join(model.engines)} engine only, and backend "
@@ -142,7 +190,26 @@ def compose_run(registry: Registry, overrides: Sequence[str], smoke: bool = Fals
     cfg = composed(overrides)
     if smoke:
         cfg = composed([*registry.model(str(cfg.model.name)).smoke, *overrides])
+    check_engine(cfg, registry)
     return cfg
+
+
+def check_engine(cfg: Any, registry: Registry) -> None:
+    """``backend.engine`` must be an engine of the named backend (of some backend, for ``auto``):
+    the check ``train`` makes when it selects the backend, made when the config is composed, so that
+    ``config show`` and every other command refuse what ``train`` would refuse."""
+    from isthmus.config.composer import ConfigError
+    from isthmus.registry.store import suggest
+
+    engine, name = cfg.backend.engine, str(cfg.backend.name)
+    if engine is None:
+        return
+    specs = [registry.backend(name)] if name != "auto" else registry.backends()
+    engines = sorted({e for spec in specs for e in spec.engines})
+    if str(engine) not in engines:
+        whose = f"of backend '{name}'" if name != "auto" else "of any registered backend"
+        raise ConfigError(f"backend.engine: '{engine}' is not an engine {whose}{suggest(str(engine), engines)}; "
+                          f"valid: {', '.join(engines)}")
 
 
 def compose(overrides: Sequence[str] = (), registry: Registry | None = None, smoke: bool = False) -> Any:

@@ -1,12 +1,53 @@
-"""A run's outputs besides checkpoints: metrics JSONL, the loss-curve PNG, the progress display."""
+"""A run's outputs besides checkpoints: metrics JSONL, the loss-curve PNG, the progress display.
+
+Faults are expected here: a crash or a full disk leaves ``metrics.jsonl`` with a torn last line,
+which a resume cuts back to the last whole line; a write that fails (``ENOSPC``, ``EDQUOT``, ...)
+is a one-line :class:`RunLogError` naming the file, and never touches the checkpoints, which are
+written by :mod:`isthmus.train.checkpoint` on their own.
+"""
 
 from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any, Mapping
+
+from isthmus.errors import IsthmusError
+from isthmus.train import atomic
+
+
+class RunLogError(IsthmusError):
+    """``metrics.jsonl`` or ``loss.png`` could not be written; the checkpoints are not affected."""
+
+
+def _failed(path: Path, err: OSError, doing: str) -> RunLogError:
+    return RunLogError(f"could not {doing} {path}: {atomic.describe_os_error(err)}; the checkpoints in "
+                       f"{path.parent / 'checkpoints'} are intact")
+
+
+def whole_rows(path: Path) -> tuple[list[dict[str, Any]], int]:
+    """The rows of a metrics file up to its last whole line, and how many lines were dropped:
+    a torn last line (a crash mid-write, a full disk) or a line that is not a JSON object."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return [], 0
+    rows, dropped = [], 0
+    whole, _, torn = data.rpartition(b"\n")
+    dropped += 1 if torn.strip() else 0
+    for line in whole.split(b"\n"):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            row = None
+        if isinstance(row, dict):
+            rows.append(row)
+        else:
+            dropped += 1
+    return rows, dropped
 
 
 class MetricsLog:
@@ -14,30 +55,56 @@ class MetricsLog:
 
     def __init__(self, path: Path, truncate_after_step: int | None = None) -> None:
         self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if truncate_after_step is not None and path.exists():
-            # A resumed run rewrites history from its checkpoint on: drop rows past it.
-            kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= truncate_after_step]
-            path.write_text("".join(line + "\n" for line in kept))
-        elif truncate_after_step is None and path.exists():
-            path.unlink()
-        self.file = open(path, "a", encoding="utf-8")
+        self.dropped = 0
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if truncate_after_step is not None and path.exists():
+                # A resumed run rewrites history from its checkpoint on: keep the whole rows up to it.
+                rows, self.dropped = whole_rows(path)
+                kept = [row for row in rows if _step(row) <= truncate_after_step]
+                atomic.write_text_atomic(path, "".join(json.dumps(row) + "\n" for row in kept))
+            elif truncate_after_step is None and path.exists():
+                path.unlink()
+            self.file = open(path, "a", encoding="utf-8")
+        except OSError as err:
+            raise _failed(path, err, "prepare") from err
 
     def write(self, row: Mapping[str, Any]) -> None:
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
-        self.file.write(json.dumps(clean) + "\n")
-        self.file.flush()
+        try:
+            self.file.write(json.dumps(clean) + "\n")
+            self.file.flush()
+        except OSError as err:
+            raise _failed(self.path, err, "append to") from err
 
     def close(self) -> None:
-        self.file.close()
+        try:
+            self.file.close()
+        except OSError as err:  # the last buffered row could not be flushed
+            raise _failed(self.path, err, "close") from err
+
+    def abandon(self) -> None:
+        """Close without raising: the run already failed for another reason."""
+        try:
+            self.file.close()
+        except OSError:
+            pass
+
+
+def _step(row: Mapping[str, Any]) -> float:
+    step = row.get("step", 0)
+    return step if isinstance(step, int | float) and not isinstance(step, bool) else 0
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    """The whole rows of a metrics file (a torn last line is left out)."""
+    return whole_rows(path)[0]
 
 
 def plot_loss(metrics_path: Path, out: Path, title: str) -> Path | None:
-    """Train loss per logged step and eval loss per evaluation, as a PNG; None without matplotlib."""
+    """Train loss per logged step and eval loss per evaluation, as a PNG; None without matplotlib.
+    Written atomically: a failed write leaves the previous PNG, or none, and raises
+    :class:`RunLogError`."""
     try:
         import matplotlib
 
@@ -47,7 +114,7 @@ def plot_loss(metrics_path: Path, out: Path, title: str) -> Path | None:
         return None
     rows = read_metrics(metrics_path)
     train = [(r["step"], r["loss"]) for r in rows if r.get("split") == "train" and r.get("loss") is not None]
-    evals = [(r["step"], r["eval_loss"]) for r in rows if r.get("split") == "eval"]
+    evals = [(r["step"], r["eval_loss"]) for r in rows if r.get("split") == "eval" and r.get("eval_loss") is not None]
     figure, axis = plt.subplots(figsize=(7, 4), dpi=100)
     if train:
         axis.plot(*zip(*train), label="train loss", linewidth=1)
@@ -60,10 +127,15 @@ def plot_loss(metrics_path: Path, out: Path, title: str) -> Path | None:
     axis.grid(alpha=0.3)
     axis.legend()
     figure.tight_layout()
-    tmp = out.with_suffix(".tmp.png")
-    figure.savefig(tmp)
+    import io
+
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
     plt.close(figure)
-    os.replace(tmp, out)
+    try:
+        atomic.write_bytes_atomic(out, buffer.getvalue())
+    except OSError as err:
+        raise _failed(out, err, "write") from err
     return out
 
 

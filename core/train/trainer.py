@@ -9,11 +9,12 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 
 from isthmus.train.checkpoint import CheckpointState, load_checkpoint, load_sharded_state, save_checkpoint
+from isthmus.train.sidecar import interpreting
 from isthmus.errors import IsthmusError
 from isthmus.train.evaluate import to_device
 from isthmus.nn.params import manifest
@@ -56,7 +57,9 @@ class Trainer:
 
     def __init__(self, run: Run, run_dir: Path, manager: Any = None, progress: bool = False, resume: Path | None = None,
                  comm: Any = None, init: Mapping[str, np.ndarray] | None = None,
-                 foreign: Mapping[str, Any] | None = None) -> None:
+                 foreign: Mapping[str, Any] | None = None, after_checkpoint: Callable[[Path], None] | None = None) -> None:
+        """``after_checkpoint(path)`` is called after each complete checkpoint (the run directory's
+        change is committed on the first, see :class:`isthmus.train.rundir.RunDirChange`)."""
         self.run = run
         self.cfg = run.config
         self.run_dir = run_dir
@@ -79,14 +82,23 @@ class Trainer:
         self.writer = comm is None or comm.rank == 0
         # Fully sharded (distributed=fsdp): the engine's Sharded places, steps and checkpoints the model.
         self.sharded = comm if comm is not None and getattr(comm, "strategy", "ddp") == "fsdp" else None
+        self.after_checkpoint = after_checkpoint
+        self.started = False
 
     # -- events --------------------------------------------------------------------------
     def emit(self, event: str, **kwargs: Any) -> None:
-        if self.manager is not None:
-            getattr(self.manager.hook, event)(trainer=self, **kwargs)
+        if self.manager is not None:  # a plugin's failure, even sys.exit(), is named as the plugin's
+            from isthmus.registry.manager import call_hook
+
+            call_hook(self.manager, event, trainer=self, **kwargs)
 
     # -- state ---------------------------------------------------------------------------
     def start_state(self) -> None:
+        """Initial weights, or the checkpoint's (verified against the model), with the optimizer,
+        RNG and data position; writes nothing, so a command calls it before it touches the run
+        directory. Once per trainer."""
+        if self.started:
+            return
         backend, t = self.run.backend, self.cfg.train
         engine, k = backend.engine, backend.kernels
         # An engine that can compile the step (cuda: torch.compile when backend.options.compile)
@@ -102,6 +114,7 @@ class Trainer:
                                  f"set train.recompute=false")
         if self.sharded is not None:
             self.start_sharded()
+            self.started = True
             return
         if self.resume is None:
             weights = self.init if self.init is not None else self.run.model.initial_parameters(int(self.cfg.seed))
@@ -109,6 +122,7 @@ class Trainer:
             self.optimizer.init_state(k, self.params)
             engine.seed(int(self.cfg.seed))
             self.data = self.run.data.train.iter_batches(int(t.batch_size), seed=int(self.cfg.seed))
+            self.started = True
             return
         loaded = load_checkpoint(
             self.resume,
@@ -120,15 +134,19 @@ class Trainer:
         self.optimizer.load_tensors({n: engine.asarray(a) for n, a in loaded.optimizer_tensors.items()}, list(self.specs))
         self.optimizer.step = int(loaded.state.optimizer["step"])
         if self.policy.loss_scale is not None and "loss_scale" in loaded.state.optimizer:
-            self.policy.loss_scale.load(loaded.state.optimizer["loss_scale"])
+            with interpreting("optimizer.loss_scale", "the fp16 loss scale", loaded.path / "state.json"):
+                self.policy.loss_scale.load(loaded.state.optimizer["loss_scale"])
         if loaded.state.rng.get("engine") == backend.engine_name:
-            engine.set_rng_state(loaded.state.rng["state"])
+            with interpreting("rng.state", f"engine {backend.engine_name}", loaded.path / "state.json"):
+                engine.set_rng_state(loaded.state.rng["state"])
         else:
             engine.seed(int(self.cfg.seed) + loaded.state.step)
-        self.data = self.run.data.train.resume(loaded.state.data_position)
+        with interpreting("data_position", "the training data", loaded.path / "state.json"):
+            self.data = self.run.data.train.resume(loaded.state.data_position)
         self.step = loaded.state.step
         self.skipped = int(loaded.state.extra.get("skipped_steps", 0))
         self.foreign = dict(loaded.state.extra.get("foreign") or {})
+        self.started = True
 
     def start_sharded(self) -> None:
         """Shard the model over the ranks: from the seeded or given weights, from a whole checkpoint
@@ -160,7 +178,8 @@ class Trainer:
         if self.policy.loss_scale is not None and "loss_scale" in state.optimizer:
             self.policy.loss_scale.load(state.optimizer["loss_scale"])
         engine.seed(int(self.cfg.seed) + state.step)
-        self.data = self.run.data.train.resume(state.data_position)
+        with interpreting("data_position", "the training data", ckpt / "state.json"):
+            self.data = self.run.data.train.resume(state.data_position)
         self.step = state.step
         self.skipped = int(state.extra.get("skipped_steps", 0))
         self.foreign = dict(state.extra.get("foreign") or {})
@@ -179,12 +198,16 @@ class Trainer:
         optimizer_scalars = self.optimizer.scalars()
         if self.policy.loss_scale is not None:
             optimizer_scalars["loss_scale"] = self.policy.loss_scale.state()
-        params = self.sharded.eval_params() if self.sharded is not None else self.params
-        optimizer = whole if whole is not None else {n: engine.to_numpy(t) for n, t in self.optimizer.tensors().items()}
+        if sharded is not None:  # every rank writes its shards
+            params, optimizer = {}, {}
+        else:  # whole: the parameters as the engine holds them (a sharding one keeps them whole then)
+            held = self.sharded.eval_params() if self.sharded is not None else self.params
+            params = {n: engine.to_numpy(p) for n, p in held.items()}
+            optimizer = whole if whole is not None else {n: engine.to_numpy(t) for n, t in self.optimizer.tensors().items()}
         path = save_checkpoint(
             self.run_dir,
-            {n: engine.to_numpy(p) for n, p in params.items()} if sharded is None else {},
-            optimizer if sharded is None else {},
+            params,
+            optimizer,
             CheckpointState(
                 step=self.step,
                 model_name=self.run.model.name,
@@ -201,6 +224,8 @@ class Trainer:
             keep_last=int(self.cfg.train.keep_last),
             shard_writer=(lambda tmp: sharded.write_shards(tmp, self.optimizer)) if sharded is not None else None,
         )
+        if self.after_checkpoint is not None:
+            self.after_checkpoint(path)
         self.emit("on_checkpoint", step=self.step, path=path)
         return path
 
@@ -320,6 +345,9 @@ class Trainer:
                     self.eval_and_log(metrics_log, progress, EVAL_SAMPLES_DURING_TRAINING)
                 if (int(t.checkpoint_every) and self.step % int(t.checkpoint_every) == 0) or final:
                     checkpoint = self.save()
+        except BaseException:
+            metrics_log.abandon()  # the error that stopped the run is the one to report
+            raise
         finally:
             progress.close()
         wall = time.perf_counter() - started

@@ -148,8 +148,11 @@ class Comparison:
 
     @property
     def exit_code(self) -> int:
-        """1 on any breach (or golden gradients that central differences reject), else 0."""
-        return 1 if any(t.breach for t in self.targets) or self.gradient_check_ok is False else 0
+        """1 on any breach (or golden gradients that central differences reject), and when no
+        backend was compared at all (:func:`isthmus.verify.coverage.verdict`); else 0."""
+        from isthmus.verify.coverage import verdict
+
+        return verdict(self.targets, any(t.breach for t in self.targets) or self.gradient_check_ok is False)[0]
 
 
 # ----------------------------------------------------------------------------------- identity

@@ -102,7 +102,11 @@ def checkpoint_config(registry: Any, restored: Any, overrides: Sequence[str], co
     if not overrides and not config_files:
         return restored.config
     chosen = compose_run(registry, overrides, config_files=config_files)
-    merged = OmegaConf.merge(restored.config, {"backend": chosen.backend})
+    merged = OmegaConf.merge(restored.config, {})
+    # The whole section: the options the checkpoint's backend took mean nothing to another one.
+    OmegaConf.set_readonly(merged, False)
+    OmegaConf.update(merged, "backend", chosen.backend, merge=False)
+    OmegaConf.set_readonly(merged, True)
     if any(o.startswith("train.precision=") for o in overrides) or any(
             "precision" in (read_config_file(f).get("train") or {}) for f in config_files):
         merged = OmegaConf.merge(merged, {"train": {"precision": chosen.train.precision}})

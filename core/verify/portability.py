@@ -22,6 +22,7 @@ from typing import Any, Callable, Sequence
 from isthmus.registry.store import Registry
 from isthmus.train.restore import label_status, parse_label
 from isthmus.verify.compare import Comparison, Target, compare
+from isthmus.verify.coverage import check_labels, verdict
 
 GOLDEN_CANDIDATES = ("cpu", "cpu:mindspore")
 DEFAULT_TIMEOUT_S = 900
@@ -84,7 +85,7 @@ def run_portability(registry: Registry, checkpoint: str | Path, labels: Sequence
     bundles_dir = out / "bundles"
     bundles_dir.mkdir(parents=True, exist_ok=True)
     rows: list[tuple[str, str, str]] = []  # (label, state, bundle path or reason)
-    for label in dict.fromkeys(l.strip() for l in labels if l.strip()):
+    for label in check_labels(registry, labels):  # a label no plugin knows is an error, not a skip
         if parse_label(label)[0] == "reference":
             rows.append((label, "reference", ""))
             continue
@@ -118,7 +119,8 @@ def run_portability(registry: Registry, checkpoint: str | Path, labels: Sequence
     comparison.targets = _in_label_order(comparison, rows)
     files = write_report(comparison, out)
     echo(f"report: {files['html']} (also report.md, report.json)")
-    echo("portability: " + ("BREACH" if comparison.exit_code else "all compared backends within their noise floor"))
+    breach = any(t.breach for t in comparison.targets) or comparison.gradient_check_ok is False
+    echo("portability: " + verdict(comparison.targets, breach)[1])
     return comparison
 
 

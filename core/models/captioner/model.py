@@ -75,6 +75,17 @@ class TinyCaptioner(Model):
         add_specs(specs, "text.head", layers.linear_specs(c.d_model, c.vocab_size, bias=False))
         return specs
 
+    def activation_bytes(self, batch_size: int, training: bool = True) -> int:
+        """The vision stack over the patches, the text stack over patches + caption, and the
+        logits over the vocabulary (with their softmax and gradient when training)."""
+        c = self.config
+        tokens = c.num_patches + c.max_caption_len
+        vision = layers.stack_activation_bytes(c.num_patches, self.vision_block, c.n_layers_vision, batch_size, training)
+        text = layers.stack_activation_bytes(tokens, self.text_block, c.n_layers_text, batch_size, training)
+        logits = batch_size * c.max_caption_len * c.vocab_size * 4 * (3 if training else 1)
+        images = batch_size * c.channels * c.image_size**2 * 4
+        return vision + text + logits + images
+
     # ---- the network -----------------------------------------------------------------------
     def encode_images(self, k: Any, params: Mapping[str, Any], images: Tensor, training: bool = False) -> Tensor:
         """Image tokens ``(B, P, d)`` for images ``(B, C, H, W)``."""

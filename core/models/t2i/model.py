@@ -148,6 +148,17 @@ class TinyT2I(Model):
         specs["dec.out.bias"] = ParamSpec((c.tile_width,), "zeros", decay=False)
         return specs
 
+    def activation_bytes(self, batch_size: int, training: bool = True) -> int:
+        """The generator stack over caption + codes with its code logits, and the decoder stack
+        over the tiles with the images, noise and residuals it reads and draws."""
+        c = self.config
+        generator = layers.stack_activation_bytes(c.max_caption_len + c.num_codes, self.gen_block, c.n_layers,
+                                                  batch_size, training)
+        decoder = layers.stack_activation_bytes(c.num_codes, self.dec_block, c.decoder_layers, batch_size, training)
+        logits = batch_size * c.num_codes * (c.codebook_size + 1) * 4 * (3 if training else 2)
+        images = 8 * batch_size * c.channels * c.image_size**2 * 4
+        return generator + decoder + logits + images
+
     # ---- the generator ---------------------------------------------------------------------
     def generator_logits(self, k: Any, params: Mapping[str, Any], tokens: Tensor, codes: Tensor,
                          training: bool = False) -> Tensor:
