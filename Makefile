@@ -38,7 +38,7 @@ demo-t2i: $(STAMP)
 	$(BIN)/isthmus portability --checkpoint $(T2I_RUN) --backends cpu,cpu:mindspore,onnxruntime,reference --out $(T2I_RUN)/portability
 
 test: $(STAMP) lint
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -m "not slow" --durations=15
 	cd examples/isthmus-backend-example && ../../$(BIN)/python -m pytest -q --isthmus-backend=example --isthmus-quick
 	cd examples/isthmus-model-example && ../../$(BIN)/python -m pytest -q
 

@@ -36,9 +36,9 @@ def build_cpu(request: BackendRequest) -> BackendParts:
     """A :class:`~isthmus.backends.mindspore.engine.MindSporeEngine` on ``CPU`` and its kernels, in
     the mode ``backend.options`` asks for (:mod:`isthmus.backends.cpu.options`)."""
     options = parse_options(request.options)
+    from isthmus.backends.mindspore.engine import MindSporeEngine, configure_cpu  # first: it quiets MindSpore's log
     from isthmus.backends.mindspore.distributed import DataParallel
     from isthmus.backends.mindspore.sharded import OptimizerParallel
-    from isthmus.backends.mindspore.engine import MindSporeEngine, configure_cpu
     from isthmus.backends.mindspore.kernels import kernel_table
 
     engine = MindSporeEngine("CPU", 0, unsupported_dtypes={"bfloat16": BFLOAT16_GAP}, execution=options.execution)

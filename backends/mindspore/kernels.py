@@ -396,7 +396,8 @@ class MindSporeKernels:
             # The CPU LayerNorm kernel centres before squaring (it passes the offset-1e4 conformance
             # case that catches E[x^2] - E[x]^2) and is one op forward and one backward where the
             # composition below is nine and about fifteen: ~1/4 of a small transformer's ops.
-            begin = axis % x.ndim
+            # -1 for the last axis: MindSpore's ONNX converter takes LayerNorm in that spelling only.
+            begin = -1 if axis % x.ndim == x.ndim - 1 else axis % x.ndim
             key = (begin, float(eps))
             if key not in self._layer_norms:
                 self._layer_norms[key] = ops.LayerNorm(begin_norm_axis=begin, begin_params_axis=begin, epsilon=eps)

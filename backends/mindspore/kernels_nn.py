@@ -59,7 +59,9 @@ def rotary_embedding(x: ms.Tensor, cos: ms.Tensor, sin: ms.Tensor, interleaved: 
         a, b = x[..., :r], x[..., r:2 * r]
     real, imag = a * cos - b * sin, a * sin + b * cos
     if interleaved:
-        stacked = ops.stack([real, imag], axis=-1)
+        # Concat of unsqueezed halves, not Stack: MindSpore 2.10's graph-mode Stack backward fails
+        # ("Bprop Stack ... pointer is null") where Concat's works.
+        stacked = ops.cat([ops.expand_dims(real, -1), ops.expand_dims(imag, -1)], -1)
         rotated = ops.reshape(stacked, tuple(stacked.shape[:-2]) + (2 * r,))
     else:
         rotated = ops.cat([real, imag], -1)

@@ -301,6 +301,10 @@ def _mindspore_message(error: BaseException) -> str:
         used_by = f" (used by kernel {users})" if users else ""
         return (f"MindSpore's ONNX exporter cannot convert operator {op}{used_by}; this model needs it, so "
                 f"export with --exporter kernel (engine-free) or --exporter torch")
+    if "begin_norm_axis" in text:  # the converter takes LayerNorm over the last axis only
+        return ("MindSpore's ONNX exporter cannot convert operator LayerNorm (used by kernel layer_norm) unless it "
+                "normalises the last axis alone (begin_norm_axis=-1); export with --exporter kernel (engine-free) "
+                "or --exporter torch")
     return f"MindSpore's ONNX conversion failed: {text[:200]}; use --exporter kernel"
 
 

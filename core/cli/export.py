@@ -11,9 +11,14 @@ from typing import Any
 def checkpoint_home(path: str) -> tuple[Path, Any, int]:
     """``(run directory, sidecar state, bytes of its model file)`` of the checkpoint at ``path``,
     from its sidecar alone: enough to name and size the outputs before anything is built."""
+    from isthmus.cli.main import registry
+    from isthmus.interop import foreign_model
     from isthmus.train.checkpoint import MODEL_FILE, locate, read_state
     from isthmus.train.restore import run_dir_of
 
+    if foreign_model(registry(), path) is not None:  # a Hugging Face or MindSpore model directory
+        weights = [f for f in Path(path).iterdir() if f.suffix in (".safetensors", ".ckpt")]
+        return Path(path), None, sum(f.stat().st_size for f in weights)
     ckpt = locate(path)
     state = read_state(ckpt)
     try:

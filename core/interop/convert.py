@@ -94,7 +94,7 @@ def write_isthmus(registry: Any, source: Any, out: Path, origin: str) -> tuple[i
         return {"bytes": done.nbytes, "sha256": done.sha256, "tensors": done.tensors}
 
     state = CheckpointState(step=0, model_name=source.model, config=config, optimizer={"step": 0},
-                            extra={"data": source.data_state if hasattr(source, "data_state") else {},
+                            extra={"data": getattr(source, "data_state", None) or None,  # null: no data state kept
                                    "model_data": None, "backend": None, "skipped_steps": 0,
                                    "converted_from": origin, **source.extra()})
     save_checkpoint(out, {}, {}, state, keep_last=None, model_writer=model_writer)
@@ -236,7 +236,7 @@ def foreign_checkpoint(registry: Any, path: str | Path) -> Any:
                   .reshape(source.shapes[name]) for name in source.shapes}
         config = source_config(registry, source)
         state = CheckpointState(step=0, model_name=source.model, config=config,
-                                extra={"data": getattr(source, "data_state", {}) or {}, "model_data": None,
+                                extra={"data": getattr(source, "data_state", None) or None, "model_data": None,
                                        "backend": None, "converted_from": str(path), **source.extra()})
     finally:
         source.close()

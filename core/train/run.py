@@ -77,9 +77,12 @@ class ModelContractError(IsthmusError):
     """A plugin's model or dataset factory returned something that breaks the contract."""
 
 
-def saved_data_state(extra: Mapping[str, Any]) -> dict[str, Any]:
+def saved_data_state(extra: Mapping[str, Any]) -> dict[str, Any] | None:
     """The data state a checkpoint's sidecar ``extra`` holds (``DataSplits.state()``); checkpoints
-    from before it had a data state kept the tokenizer alone."""
+    from before it had a data state kept the tokenizer alone. None for a checkpoint that kept none
+    on purpose (``extra.data: null``, a conversion from another layout): the data is as configured."""
+    if "data" in extra and extra["data"] is None:
+        return None
     if isinstance(extra.get("data"), Mapping):
         return dict(extra["data"])
     return {"tokenizer": extra["tokenizer"]} if extra.get("tokenizer") else {}

@@ -76,10 +76,12 @@ def run_portability(registry: Registry, checkpoint: str | Path, labels: Sequence
                     train_steps: int = 0, batch_size: int = 4, timeout: float = DEFAULT_TIMEOUT_S,
                     level: str = "op", precision: str = "fp32", echo: Callable[[str], None] = print) -> Comparison:
     """Dump every label in its own process, compare, write the report; see the module docstring."""
+    from isthmus.interop import foreign_checkpoint
     from isthmus.train.checkpoint import load_checkpoint
     from isthmus.verify.report import write_report
 
-    loaded = load_checkpoint(Path(checkpoint))
+    # A Hugging Face or MindSpore model directory is a checkpoint too; its report goes inside it.
+    loaded = foreign_checkpoint(registry, checkpoint) or load_checkpoint(Path(checkpoint))
     run_dir = loaded.path.parent.parent if loaded.path.parent.name == "checkpoints" else loaded.path
     out = Path(out_dir) if out_dir is not None else run_dir / "portability"
     bundles_dir = out / "bundles"
