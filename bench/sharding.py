@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -112,7 +111,6 @@ def worker(overrides: list[str], out: Path) -> None:
 
 def activations(overrides: list[str]) -> dict[str, int]:
     """Bytes autograd keeps for one forward of one process's batch, without and with recompute."""
-    import torch
 
     from isthmus.registry.manager import load_plugins
     from isthmus.train import memory
@@ -127,35 +125,43 @@ def activations(overrides: list[str]) -> dict[str, int]:
         backend, model = run.backend, run.model
         params = model.place_parameters(backend.engine, model.initial_parameters(0))
         batch = to_device(backend, next(run.data.train.iter_batches(int(cfg.train.batch_size), seed=0)))
-        used = backend.engine.recompute(model, params) if recompute else params
-        weights = {p.untyped_storage().data_ptr() for p in params.values()}
-        storages: dict[int, int] = {}
-
-        def keep(t):
-            if t.untyped_storage().data_ptr() not in weights:  # the weights are there either way
-                storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-            return t
-
-        if recompute:  # a recomputed block keeps its inputs alive for the second run
-            run_block = used.run_block
-
-            def keeping_inputs(prefix, fn, scope, args):
-                for t in args:
-                    keep(t)
-                return run_block(prefix, fn, scope, args)
-
-            used.run_block = keeping_inputs
-
-        with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
-            loss, _ = model.loss(backend.kernels, used, batch)
-        loss.backward()  # the recomputation runs, so the figure is of a step that works
-        for p in params.values():
-            p.grad = None
+        saved = saved_bytes(model, backend, params, batch, recompute)
         name = "recompute" if recompute else "kept"
-        out[name] = sum(storages.values())
+        out[name] = saved
         out[f"{name}_estimate"] = memory.plan(cfg, run.model, run.data, run.backend, 1)[0].activations
 
     return out
+
+
+def saved_bytes(model, backend, params, batch, recompute: bool) -> int:
+    """Bytes of the distinct storages, the weights aside, that autograd keeps for the backward pass
+    of one forward (with recompute: plus the recomputed blocks' inputs)."""
+    import torch
+
+    used = backend.engine.recompute(model, params) if recompute else params
+    weights = {p.untyped_storage().data_ptr() for p in params.values()}
+    storages: dict[int, int] = {}
+
+    def keep(t):
+        if t.untyped_storage().data_ptr() not in weights:  # the weights are there either way
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    if recompute:  # a recomputed block keeps its inputs alive for the second run
+        run_block = used.run_block
+
+        def keeping_inputs(prefix, fn, scope, args):
+            for t in args:
+                keep(t)
+            return run_block(prefix, fn, scope, args)
+
+        used.run_block = keeping_inputs
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+        loss, _ = model.loss(backend.kernels, used, batch)
+    loss.backward()  # the recomputation runs, so the figure is of a step that works
+    for p in params.values():
+        p.grad = None
+    return sum(storages.values())
 
 
 def launch(ranks: int, args: list[str], timeout: int = 1800) -> subprocess.CompletedProcess:

@@ -149,10 +149,12 @@ def test_recompute_gives_the_same_losses_and_weights_and_keeps_fewer_activations
         backend, model = trainer.run.backend, trainer.run.model
         batch = to_device(backend, next(trainer.run.data.train.iter_batches(8, seed=0)))
         params = backend.engine.recompute(model, trainer.params) if recompute else trainer.params
+        weights = {p.untyped_storage().data_ptr() for p in trainer.params.values()}
         storages: dict[int, int] = {}
 
         def keep(t):
-            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            if t.untyped_storage().data_ptr() not in weights:
+                storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
             return t
 
         with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
@@ -160,7 +162,7 @@ def test_recompute_gives_the_same_losses_and_weights_and_keeps_fewer_activations
         return sum(storages.values())
 
     kept, recomputed = saved_bytes(plain, False), saved_bytes(plain, True)
-    assert recomputed < 0.8 * kept, (recomputed, kept)
+    assert recomputed < 0.5 * kept, (recomputed, kept)
 
 
 def test_mindspore_recompute_runs_each_block_twice_with_the_same_losses(tmp_path, monkeypatch):
@@ -228,11 +230,29 @@ def test_a_sharded_checkpoint_resumes_and_consolidates(tmp_path, group_of_one):
     np.testing.assert_allclose(losses(tmp_path / "split"), losses(tmp_path / "through"), rtol=1e-6)
     converted = isthmus("convert", str(tmp_path / "split"), "--to", "isthmus", "--output", str(tmp_path / "whole"))
     assert converted.returncode == 0, converted.stderr
+    for source, out in ((tmp_path / "split", "hf-from-shards"), (tmp_path / "whole", "hf-from-whole")):
+        to_hf = isthmus("convert", str(source), "--to", "hf", "--output", str(tmp_path / out))
+        assert to_hf.returncode == 0, to_hf.stderr
+    from safetensors.numpy import load_file
+
+    a, b = (load_file(next((tmp_path / out).glob("*.safetensors"))) for out in ("hf-from-shards", "hf-from-whole"))
+    assert a.keys() == b.keys() and all(np.array_equal(a[n], b[n]) for n in a)
     whole, through = load_checkpoint(tmp_path / "whole"), load_checkpoint(tmp_path / "through")
     assert whole.state.step == 4 and whole.state.data_position == through.state.data_position
     assert set(whole.optimizer_tensors) == set(through.optimizer_tensors)
     worst, close, total = weights_agree(through.params, whole.params)
     assert worst < 1e-5 and close == total
+
+
+def test_fsdp_bf16_keeps_float32_shards_and_moments(tmp_path, group_of_one):
+    import torch
+
+    train_here(tmp_path / "plain", "train.steps=2", "train.precision=bf16")
+    sharded, _ = train_here(tmp_path / "fsdp", "train.steps=2", "train.precision=bf16", "distributed=fsdp")
+    assert {p.dtype for p in sharded.params.values()} == {torch.float32}  # the master weights
+    assert {m.dtype for m in sharded.optimizer.exp_avg.values()} == {torch.float32}
+    # bf16 compute in both; FSDP casts at the gather and reduces in float32, the policy casts in the loss.
+    np.testing.assert_allclose(losses(tmp_path / "fsdp"), losses(tmp_path / "plain"), rtol=2e-2)
 
 
 def test_fsdp_without_a_launcher_says_how_to_launch(tmp_path):
@@ -267,6 +287,55 @@ def test_ranks_match_one_process_over_20_steps(tmp_path, ranks):
                                         load_checkpoint(tmp_path / "whole").params)
     print(f"fsdp on {ranks} ranks vs one process after 20 steps: max |dw| {worst:.2e}, {close}/{total} within rounding")
     assert worst < 1e-4 and close >= 0.999 * total
+
+
+BLOCKS_MODULE = """
+import torch.nn as nn
+
+
+class Block(nn.Module):
+    def __init__(self, width):
+        super().__init__()
+        self.norm = nn.LayerNorm(width)
+        self.fc = nn.Linear(width, width)
+
+    def forward(self, x):
+        return x + self.fc(self.norm(x)).relu()
+
+
+class Net(nn.Module):
+    def __init__(self, classes=3, width=16):
+        super().__init__()
+        self.stem = nn.Conv2d(3, width, 4, stride=4)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.blocks = nn.Sequential(*[Block(width) for _ in range(3)])
+        self.head = nn.Linear(width, classes)
+
+    def forward(self, images):
+        return self.head(self.blocks(self.pool(self.stem(images)).flatten(1)))
+
+
+def build(**kwargs):
+    return Net(**kwargs)
+"""
+
+
+@pytest.mark.slow
+def test_a_torch_module_shards_its_block_classes_and_matches_one_process(tmp_path):
+    (tmp_path / "blocknet.py").write_text(BLOCKS_MODULE)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")]))}
+    args = ["model=torch-module", "model.factory=blocknet:build", "model.blocks=[Block]", "model.loss=cross_entropy",
+            "data=example-shapes", "data.num_train=64", "data.num_eval=16", "backend=cpu", "train.batch_size=8",
+            "train.warmup_steps=1", "train.lr=1e-2", "train.eval_every=0", "train.log_every=1", "train.steps=6",
+            "--no-progress"]
+    single = isthmus("train", *args, f"output_dir={tmp_path / 'one'}", env=env)
+    assert single.returncode == 0, single.stderr
+    run = subprocess.run(torchrun(2, *args, "train.recompute=true", f"output_dir={tmp_path / 'two'}"),
+                         capture_output=True, text=True, timeout=600, env=env)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    np.testing.assert_allclose(losses(tmp_path / "two"), losses(tmp_path / "one"), rtol=1e-5)
+    tensors = read_manifest(tmp_path / "two")["sharded"]["tensors"]
+    assert "blocks.0.fc.weight" in tensors and "head.weight" in tensors
 
 
 def read_state_dir(run_dir: Path) -> Path:
