@@ -22,7 +22,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.distributed.tensor import DTensor
 
 from isthmus.backends.torch import blocks
 from isthmus.backends.torch.distributed import DataParallel
@@ -72,16 +72,32 @@ class FullyShardedParallel(DataParallel):
             self.root, self.view_params = module, None
             self.params = dict(module.named_parameters())
             return self.params
-        tensors = {n: torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)).to(self.device)
-                   for n, a in arrays.items()}
+        # Built without storage (the meta device) and sharded, then each rank allocates only its
+        # shards and copies its rows in: the device never holds the whole model.
+        tensors = {n: torch.empty(tuple(a.shape), dtype=torch.float32, device="meta") for n, a in arrays.items()}
         root, units, holder = blocks.build(model, tensors)
         for unit in units.values():
             fully_shard(unit, mesh=self.mesh, mp_policy=mp)
         fully_shard(root, mesh=self.mesh, mp_policy=mp)
+        root.to_empty(device=self.device)
         self.root = root
         self.view_params = blocks.ModuleParams(holder, units, recompute, self.engine.generator)
         self.params = {n: getattr(holder[n], blocks.attribute(n)) for n in tensors}
+        with torch.no_grad():
+            for name, p in self.params.items():
+                p.to_local().copy_(self.rows(name, arrays[name]))
         return self.params
+
+    def rows(self, name: str, array: np.ndarray) -> torch.Tensor:
+        """This rank's rows of the whole ``array`` for parameter ``name`` (sharded on dimension 0 in
+        chunks of ``ceil(rows / N)``, as ``Shard(0)`` places them), on the device."""
+        local = self.params[name].to_local()
+        if array.ndim == 0:
+            return torch.as_tensor(np.asarray(array, np.float32), device=self.device)
+        chunk = -(-array.shape[0] // self.world_size)
+        start = min(self.rank * chunk, array.shape[0])
+        part = np.ascontiguousarray(array[start: start + local.shape[0]], dtype=np.float32)
+        return torch.from_numpy(part).to(self.device)
 
     def run(self, fn: Any) -> Any:
         """``fn(params)`` inside the root module's forward, where FSDP's hooks gather and free units."""
@@ -99,10 +115,11 @@ class FullyShardedParallel(DataParallel):
                 {n: torch.zeros_like(p) for n, p in self.params.items()})
 
     def shard(self, name: str, array: np.ndarray) -> DTensor:
-        """A full array (the same on every rank) as a tensor sharded like parameter ``name``."""
-        p = self.params[name]
-        full = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32)).to(self.device)
-        return distribute_tensor(full, p.device_mesh, p.placements, src_data_rank=None)
+        """A whole array (the same on every rank) as a tensor sharded like parameter ``name``."""
+        out = torch.zeros_like(self.params[name])
+        with torch.no_grad():
+            out.to_local().copy_(self.rows(name, array))
+        return out
 
     # -- one step -------------------------------------------------------------------------------
     def step(self, k: Any, loss_fn: Any, batches: Sequence[Mapping[str, np.ndarray]], to_device: Any, optimizer: Any,
