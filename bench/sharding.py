@@ -259,7 +259,8 @@ def main() -> int:
     write_result(args.out, result)
     fsdp_ok = all(abs(row["of_ddp_over_n"] - 1) <= 0.10 for row in rows if row["strategy"] == "fsdp")
     estimate_ok = all(abs(row["estimate_error"]) <= 0.15 for row in rows)
-    return 0 if fsdp_ok and estimate_ok and acts["recompute"] < acts["kept"] else 1
+    agree_ok = all(a["max_loss_rel_diff"] <= 1e-5 for a in result.get("agreement", {}).values())
+    return 0 if fsdp_ok and estimate_ok and agree_ok and acts["recompute"] < acts["kept"] else 1
 
 
 if __name__ == "__main__":
