@@ -170,6 +170,7 @@ def test_another_checkpoint_other_inputs_and_a_corrupted_bundle_are_refused_in_o
 
 
 # ------------------------------------------------------------- the ReLU classifier: faults
+@pytest.mark.slow  # three dumps in subprocesses; the two-host test keeps dump + compare in the fast tier
 def test_portability_passes_a_correct_backend_on_a_relu_model(relu_portability, tmp_path):
     result, out, report = relu_portability
     cpu = next(t for t in report["targets"] if t["label"] == "cpu")

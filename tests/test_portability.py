@@ -51,6 +51,7 @@ def passing(trained, tmp_path_factory):
     return result, out
 
 
+@pytest.mark.slow  # four backends in subprocesses (make demo runs the same); lighter portability tests stay fast
 def test_portability_passes_across_cpu_mindspore_onnxruntime_and_reference(passing):
     result, out = passing
     assert result.returncode == 0, result.stdout + result.stderr

@@ -20,6 +20,7 @@ def selftest(*args: str) -> subprocess.CompletedProcess:
                           timeout=600, env=dict(os.environ))
 
 
+@pytest.mark.slow  # trains and compares on two engines; the selftests that must fail stay fast
 def test_selftest_on_cpu_passes_every_stage(tmp_path):
     report = tmp_path / "report.md"
     result = selftest("--backend", "cpu", "--steps", "4", "--report", str(report))

@@ -316,6 +316,7 @@ def test_generate_writes_a_png_and_is_reproducible(trained, tmp_path):
     assert (run_dir / "generated" / "a-green-cross-seed0.png").is_file()
 
 
+@pytest.mark.slow  # trains on MindSpore
 def test_generate_refuses_bad_input_in_one_line(trained, judge, tmp_path):
     run_dir, _ = trained
     one_line_error(isthmus("generate", "--checkpoint", str(run_dir), "--prompt", "a pink circle"),
@@ -350,6 +351,7 @@ def test_config_rules_name_the_key(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow  # export plus four-backend portability
 def test_export_and_portability_across_engines(trained, tmp_path):
     run_dir, _ = trained
     from isthmus.export.pipeline import export_checkpoint
@@ -372,6 +374,7 @@ def test_export_and_portability_across_engines(trained, tmp_path):
         assert by_label[label].status == "compared" and not by_label[label].breach, label
 
 
+@pytest.mark.slow  # each case loads the model; tests/bad_runs.yaml keeps generate's hostile cases fast
 def test_trains_on_mindspore_and_generates_the_same_image_as_torch(tmp_path):
     """The engine is a config choice for tiny-t2i too: MindSpore lowers the loss, and a checkpoint draws
     the same picture through either engine (greedy codes, seeded decoder noise)."""

@@ -101,6 +101,7 @@ def test_without_the_option_the_kit_adds_nothing(tmp_path):
     assert "1 test collected" in proc.stdout and "isthmus-kit" not in proc.stdout
 
 
+@pytest.mark.slow  # make test runs the quick kit on the example backend itself
 def test_quick_kit_passes_on_the_example_backend():
     import isthmus_backend_example  # noqa: F401  (make venv installs examples/isthmus-backend-example)
     proc = kit(EXAMPLE, "--isthmus-backend=example", "--isthmus-quick")
@@ -163,6 +164,7 @@ def test_a_wrong_backward_fails_the_kit_naming_the_op(linear_dir):
 STRIDES = ("-k", "training_matches_cpu or adamw_update or gradient_conformance and linear")
 
 
+@pytest.mark.slow  # trains two backends; the strided-gradient optimizer case stays in the fast kit
 def test_strided_gradients_train_like_cpu(linear_dir):
     """numpy-linear's weight gradients are transposed views (torch 2.13's fused CPU AdamW trained
     them to loss 2.85 where cpu reached 2.54 in these 8 steps): the optimizer's cases, linear's
