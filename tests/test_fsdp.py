@@ -199,6 +199,22 @@ def test_the_estimate_divides_sharded_state_and_matches_the_shards_held(tmp_path
     assert held == estimate(specs, blocks, "fsdp", 1, 64, "float32", False).parameters
 
 
+def test_a_rank_over_its_device_is_refused_naming_the_strategy_that_fits(tmp_path):
+    from isthmus.registry.manager import load_plugins
+    from isthmus.train.memory import MemoryLimitError, estimate, refuse_if_too_big
+    from isthmus.train.run import compose_run, prepare
+
+    registry = load_plugins(autoload=False)[1]
+    model = prepare(compose_run(registry, [*DECODER, f"output_dir={tmp_path}"]), registry).model
+    inputs = {"specs": model.param_specs(), "blocks": model.blocks(), "tokens_per_rank": 64,
+              "compute_dtype": "float32", "vocab": 0}
+    ddp = estimate(strategy="ddp", world=4, recompute=False, **inputs)
+    fsdp = estimate(strategy="fsdp", world=4, recompute=False, **inputs)
+    refuse_if_too_big(ddp, ddp.total, **inputs)  # fits exactly: nothing to say
+    with pytest.raises(MemoryLimitError, match=r"exceeds the device's .*; distributed=fsdp on 4 ranks fits"):
+        refuse_if_too_big(ddp, (ddp.total + fsdp.total) // 2, **inputs)
+
+
 def test_a_run_that_cannot_fit_is_refused_in_one_line_naming_what_would(tmp_path):
     big = ["model.hidden_size=8192", "model.intermediate_size=28672", "model.num_hidden_layers=80",
            "model.num_attention_heads=64", "model.num_key_value_heads=8"]
@@ -206,8 +222,8 @@ def test_a_run_that_cannot_fit_is_refused_in_one_line_naming_what_would(tmp_path
     assert result.returncode != 0
     line = result.stderr.strip().splitlines()
     assert len(line) == 1 and "Traceback" not in result.stderr, result.stderr
-    assert "memory per rank (estimate, single process): parameters" in line[0]
-    assert "exceeds the device's" in line[0] and "distributed=fsdp train.recompute=true on" in line[0], line[0]
+    # The host's budget refuses first; the per-rank estimate names what would fit one rank's device.
+    assert "needs about" in line[0] and "per rank, distributed=fsdp train.recompute=true on" in line[0], line[0]
     assert not (tmp_path / "checkpoints").exists()
 
 

@@ -113,32 +113,29 @@ def estimate(specs: Mapping[str, Any], blocks: list[str], strategy: str, world: 
                     activations, gathered)
 
 
-def refuse_if_too_big(found: Estimate, capacity: int | None, specs: Mapping[str, Any], blocks: list[str],
-                      tokens_per_rank: int, compute_dtype: str, vocab: int, shards: tuple[str, ...] = ALL) -> None:
-    """Raise one line when ``found`` exceeds ``capacity`` bytes (None: unknown, nothing to check),
-    naming a strategy that fits: fsdp on these ranks, then with recompute, else the ranks fsdp needs."""
-    if capacity is None or found.total <= capacity:
-        return
+def what_fits(found: Estimate, capacity: int, specs: Mapping[str, Any], blocks: list[str], tokens_per_rank: int,
+              compute_dtype: str, vocab: int, shards: tuple[str, ...] = ALL) -> str:
+    """The first of fsdp on these ranks, fsdp with recompute, recompute alone, then fsdp with
+    recompute on more ranks, whose estimate fits ``capacity`` bytes per rank, as config keys."""
     world = found.world_size
-    tries = [("fsdp", world, False), ("fsdp", world, True), (found.strategy, world, True)]
-    fits = ""
-    for strategy, ranks, recompute in tries:
-        if strategy == "none" and ranks > 1:
-            continue
+    for strategy, ranks, recompute in (("fsdp", world, False), ("fsdp", world, True), (found.strategy, world, True)):
         other = estimate(specs, blocks, strategy, ranks, tokens_per_rank, compute_dtype, recompute, vocab, shards)
         if other.total <= capacity and (strategy, recompute) != (found.strategy, found.recompute):
-            fits = (f"distributed={strategy}" + (" train.recompute=true" if recompute else "") +
-                    f" on {ranks} ranks fits ({mib(other.total)})")
-            break
-    if not fits:
-        for ranks in (2, 4, 8, 16, 32, 64, 128, 256, 512, 1024):
-            other = estimate(specs, blocks, "fsdp", ranks, tokens_per_rank, compute_dtype, True, vocab, shards)
-            if other.total <= capacity:
-                fits = f"distributed=fsdp train.recompute=true on {ranks} ranks would fit ({mib(other.total)} per rank)"
-                break
-        else:
-            fits = "no strategy fits on up to 1024 ranks; use a smaller model or batch"
-    raise MemoryLimitError(f"{found.line()} exceeds the device's {mib(capacity)}; {fits}")
+            keys = (f"distributed={strategy}" if strategy != "none" else "") + (" train.recompute=true" if recompute else "")
+            return f"{keys.strip()} on {ranks} rank{'s' if ranks > 1 else ''} fits ({mib(other.total)} per rank)"
+    for ranks in (2, 4, 8, 16, 32, 64, 128, 256, 512, 1024):
+        other = estimate(specs, blocks, "fsdp", ranks, tokens_per_rank, compute_dtype, True, vocab, shards)
+        if other.total <= capacity:
+            return f"distributed=fsdp train.recompute=true on {ranks} ranks would fit ({mib(other.total)} per rank)"
+    return "no strategy fits on up to 1024 ranks; use a smaller model or batch"
+
+
+def refuse_if_too_big(found: Estimate, capacity: int | None, **inputs: Any) -> None:
+    """Raise one line when ``found`` exceeds ``capacity`` bytes (None: unknown, nothing to check),
+    naming what would fit (:func:`what_fits`)."""
+    if capacity is None or found.total <= capacity:
+        return
+    raise MemoryLimitError(f"{found.line()} exceeds the device's {mib(capacity)}; {what_fits(found, capacity, **inputs)}")
 
 
 def _inputs(cfg: Any, model: Any, data: Any, backend: Any, world: int) -> dict[str, Any]:
@@ -172,4 +169,12 @@ def check(cfg: Any, model: Any, data: Any, backend: Any, world: int, local: int 
     return found
 
 
-__all__ = ["Estimate", "MemoryLimitError", "check", "estimate", "plan", "refuse_if_too_big", "shard_elements"]
+def hint(cfg: Any, model: Any, data: Any, backend: Any, world: int, local: int = 1) -> str:
+    """What would fit one rank's device (:func:`what_fits`), for a refusal made elsewhere (the host
+    budget); empty when the device's memory is unknown."""
+    found, capacity = plan(cfg, model, data, backend, world, local)
+    return what_fits(found, capacity, **_inputs(cfg, model, data, backend, world)) if capacity is not None else ""
+
+
+__all__ = ["Estimate", "MemoryLimitError", "check", "estimate", "hint", "plan", "refuse_if_too_big", "shard_elements",
+           "what_fits"]

@@ -123,13 +123,22 @@ def model_and_data(cfg: Any, registry: Registry, saved_data: Mapping[str, Any] |
     for part, nbytes in data_need.parts.items():
         need.add(part, nbytes)
     doing = f"training {model.name} with batch {batch}" if training else f"running {model.name}"
-    if training and backend is not None and budget.enabled(setting):  # per rank, on the device, by strategy
+    per_rank = training and backend is not None and budget.enabled(setting)
+    if per_rank:
         from isthmus.train import memory, parallel
 
         launch = parallel.launch_env() if str(cfg.distributed) in ("ddp", "fsdp") else None
         world = launch.world_size if launch is not None else 1
-        memory.check(cfg, model, data, backend, world, int(os.environ.get("LOCAL_WORLD_SIZE", world)))
-    budget.check(need, doing, setting, switch)
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    try:
+        budget.check(need, doing, setting, switch)  # what this host has free now
+    except budget.MemoryBudgetError as err:
+        fits = memory.hint(cfg, model, data, backend, world, local) if per_rank else ""
+        if not fits:
+            raise
+        raise budget.MemoryBudgetError(f"{err}; per rank, {fits}") from None
+    if per_rank:  # per rank, on its device, by strategy (sharding, recompute)
+        memory.check(cfg, model, data, backend, world, local)
     with interpreting("extra.model_data", f"model '{model.name}'", source) if model_data is not None else nullcontext():
         bound = model.bind_data(data, int(cfg.seed), model_data)
     if saved_data is not None:  # from a checkpoint: it must hold what gives ids and codes their meaning
