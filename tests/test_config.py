@@ -120,8 +120,9 @@ def test_defaults_compose_to_a_read_only_structured_run_config():
 def test_group_options_lists_the_shipped_files():
     options = group_options()
     assert options["backend"] == ["ascend", "auto", "cpu", "cuda", "reference"]
-    assert options["model"] == ["glm4", "llama", "qwen2", "tiny-captioner", "tiny-t2i", "torch-module"]
-    assert options["data"] == ["image-folder", "scenes", "text-jsonl"]
+    assert options["model"] == ["glm-image-ar", "glm-image-dit", "glm4", "llama", "qwen2", "tiny-captioner", "tiny-t2i",
+                                "torch-module"]
+    assert options["data"] == ["dit-latents", "image-folder", "scenes", "text-jsonl"]
     assert options["train"] == ["default", "quick", "t2i"]
 
 

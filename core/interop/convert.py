@@ -42,17 +42,19 @@ class Converted:
     nbytes: int
 
 
-def run_config(registry: Any, model: str, section: Mapping[str, Any], tokenizer: str | None = None) -> dict[str, Any]:
-    """A full run config for a converted checkpoint: the model section as given, ``data=text-jsonl``
-    (the built-in sample text; ``tokenizer`` a ``tokenizer.json`` path, else byte-level) and the
-    defaults for the rest, checked against every schema."""
+def run_config(registry: Any, model: str, section: Mapping[str, Any], tokenizer: str | None = None,
+               data: tuple[str, ...] = ("data=text-jsonl",)) -> dict[str, Any]:
+    """A full run config for a converted checkpoint: the model section as given, the data the layout
+    names (``data``: overrides; by default ``data=text-jsonl``, the built-in sample text, with
+    ``tokenizer`` a ``tokenizer.json`` path, else byte-level) and the defaults for the rest, checked
+    against every schema."""
     import yaml
     from omegaconf import OmegaConf
 
     from isthmus.config.composer import ConfigError, from_yaml
     from isthmus.train.run import compose_run, plain
 
-    overrides = [f"model={model}", "data=text-jsonl"] + ([f"data.tokenizer={tokenizer}"] if tokenizer else [])
+    overrides = [f"model={model}", *data] + ([f"data.tokenizer={tokenizer}"] if tokenizer else [])
     base = plain(compose_run(registry, overrides))
     base["model"] = {**base["model"], **{k: (v.value if hasattr(v, "value") else v) for k, v in section.items()}}
     try:
@@ -66,10 +68,11 @@ def run_config(registry: Any, model: str, section: Mapping[str, Any], tokenizer:
 def source_config(registry: Any, source: Any) -> dict[str, Any]:
     """The run config of a source: its own (an isthmus or MindSpore checkpoint), or one made for its
     model section (a Hugging Face directory)."""
-    from isthmus.interop.hf import HfSource
+    from isthmus.interop.hf import HfSource, data_overrides
 
     if isinstance(source, HfSource):
-        return run_config(registry, source.model, source.section, source.tokenizer)
+        return run_config(registry, source.model, source.section, source.tokenizer,
+                          tuple(data_overrides(source.layout, source.section)))
     return dict(source.config)
 
 
@@ -206,12 +209,12 @@ def foreign_model(registry: Any, path: str | Path) -> str | None:
     """The registered model a foreign checkpoint directory holds, None when ``path`` is not one."""
     import json
 
-    from isthmus.interop.hf import is_hf_dir, read_config
+    from isthmus.interop.hf import architecture_of, is_hf_dir, read_config
     from isthmus.interop.mindspore_ckpt import SIDECAR, is_ckpt_dir
 
     path = Path(path)
     if is_hf_dir(path):
-        return layout_for(registry, read_config(path).get("model_type"), path)[0].name
+        return layout_for(registry, architecture_of(read_config(path)), path)[0].name
     if is_ckpt_dir(path):
         try:
             return str(json.loads((path / SIDECAR).read_text(encoding="utf-8"))["model"])

@@ -1,8 +1,10 @@
 """Hugging Face model directories: ``config.json`` plus ``model.safetensors`` or shards listed by
-``model.safetensors.index.json``.
+``model.safetensors.index.json`` (transformers), or ``diffusion_pytorch_model.safetensors`` and its
+index (diffusers: the layout's ``weights_name`` says which).
 
 Opening one reads only the config and the shard headers, and checks everything a conversion
-needs before a byte is written: the architecture maps to a registered model (its ``model_type``),
+needs before a byte is written: the architecture maps to a registered model (its ``model_type``, or
+diffusers' ``_class_name``),
 the config to that model's section, every tensor the config implies is there with the shape it
 implies, nothing else is (save what the layout says the foreign framework ignores), each shard is
 complete and the index names files that exist. Tensors are then read chunk by chunk (memory
@@ -32,6 +34,30 @@ DEFAULT_SHARD_BYTES = 5 << 30
 
 class InteropError(IsthmusError):
     """A foreign checkpoint that cannot be read or written as asked (one line, naming the file or tensor)."""
+
+
+def architecture_of(config: Mapping[str, Any]) -> Any:
+    """The architecture a ``config.json`` names: transformers' ``model_type`` or diffusers' ``_class_name``."""
+    return config.get("model_type") or config.get("_class_name")
+
+
+def weight_files(layout: Layout) -> tuple[str, str]:
+    """``(single file, shard index)`` names of a layout's weights (``model.safetensors`` and
+    ``model.safetensors.index.json`` for transformers, the default of a layout that names none)."""
+    stem = weights_name(layout)
+    return f"{stem}.safetensors", f"{stem}.safetensors.index.json"
+
+
+def weights_name(layout: Layout) -> str:
+    """The stem of a layout's weight files: its ``weights_name``, ``model`` when it declares none."""
+    return str(getattr(layout, "weights_name", "model"))
+
+
+def data_overrides(layout: Layout, section: Mapping[str, Any]) -> list[str]:
+    """The data of a converted checkpoint's run config: the layout's ``data_overrides``, or the
+    built-in sample text (``data=text-jsonl``) for a layout that names none."""
+    method = getattr(layout, "data_overrides", None)
+    return list(method(section)) if method is not None else ["data=text-jsonl"]
 
 
 def is_hf_dir(path: Path) -> bool:
@@ -69,13 +95,14 @@ def layouts(registry: Any, fmt: str) -> list[tuple[Any, Layout]]:
 
 
 def layout_for(registry: Any, architecture: Any, where: Path) -> tuple[Any, Layout]:
-    """The model spec and layout that read ``architecture`` (a ``model_type``)."""
+    """The model spec and layout that read ``architecture`` (a ``model_type`` or ``_class_name``)."""
     known = layouts(registry, "hf")
     for spec, layout in known:
         if layout.architecture == architecture:
             return spec, layout
     names = ", ".join(sorted(layout.architecture for _, layout in known)) or "none"
-    raise InteropError(f"{where / CONFIG}: model_type {architecture!r} is not supported; isthmus reads {names}")
+    raise InteropError(f"{where / CONFIG}: model_type / _class_name {architecture!r} is not supported; isthmus reads "
+                       f"{names}")
 
 
 def expected_shapes(spec: Any, section: Mapping[str, Any], where: str) -> dict[str, tuple[int, ...]]:
@@ -104,7 +131,7 @@ class HfSource:
     def __init__(self, registry: Any, path: Path) -> None:
         self.path = Path(path)
         self.config = read_config(self.path)
-        self.spec, self.layout = layout_for(registry, self.config.get("model_type"), self.path)
+        self.spec, self.layout = layout_for(registry, architecture_of(self.config), self.path)
         self.model = self.spec.name
         try:
             self.section = self.layout.model_config(self.config)
@@ -127,7 +154,8 @@ class HfSource:
         self.tokenizer = str(tokenizer.resolve()) if tokenizer.is_file() else None
 
     def _open_files(self) -> dict[str, SafetensorsFile]:
-        index, single = self.path / INDEX, self.path / SINGLE
+        single_name, index_name = weight_files(self.layout)
+        index, single = self.path / index_name, self.path / single_name
         opened: dict[str, SafetensorsFile] = {}
         try:
             if index.is_file():
@@ -152,7 +180,7 @@ class HfSource:
             else:
                 found = sorted(p.name for p in self.path.iterdir())
                 bins = [n for n in found if n.endswith(".bin")]
-                raise InteropError(f"{self.path}: no {SINGLE} or {INDEX}" + (
+                raise InteropError(f"{self.path}: no {single_name} or {index_name}" + (
                     f"; {bins[0]} is a pickle, which isthmus does not load: save with safe_serialization" if bins
                     else f" (it has {', '.join(found[:8])})"))
         except TensorFileError as err:
@@ -218,22 +246,24 @@ def write_hf(out: Path, layout: Layout, section: Mapping[str, Any], chunks: Any,
         shards[-1].append(entry)
         size += entry.nbytes
     written = []
+    single_name, index_name = weight_files(layout)
     if len(shards) == 1:
-        written.append(write(out / SINGLE, shards[0], {"format": "pt"}).path)
+        written.append(write(out / single_name, shards[0], {"format": "pt"}).path)
     else:
         weight_map, total = {}, 0
         for number, shard in enumerate(shards, start=1):
-            name = f"model-{number:05d}-of-{len(shards):05d}.safetensors"
+            name = f"{weights_name(layout)}-{number:05d}-of-{len(shards):05d}.safetensors"
             result = write(out / name, shard, {"format": "pt"})
             written.append(result.path)
             total += sum(e.nbytes for e in shard)
             weight_map.update({e.name: name for e in shard})
-        (out / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
+        (out / index_name).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
     main = Counter(dtypes.values()).most_common(1)[0][0]
     config = layout.foreign_config(section, original, main)
     (out / CONFIG).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     return written
 
 
-__all__ = ["CONFIG", "DEFAULT_SHARD_BYTES", "HfSource", "INDEX", "InteropError", "SINGLE", "expected_shapes",
-           "is_hf_dir", "layout_for", "layouts", "read_config", "rule_shape", "write_hf"]
+__all__ = ["CONFIG", "DEFAULT_SHARD_BYTES", "HfSource", "INDEX", "InteropError", "SINGLE", "architecture_of",
+           "data_overrides", "expected_shapes", "is_hf_dir", "layout_for", "layouts", "read_config", "rule_shape",
+           "weight_files", "weights_name", "write_hf"]

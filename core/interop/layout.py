@@ -35,7 +35,12 @@ class Layout(Protocol):
     """The registered model name it maps to."""
 
     architecture: str
-    """The foreign name of the architecture (Hugging Face's ``model_type``)."""
+    """The foreign name of the architecture (transformers' ``model_type``, diffusers' ``_class_name``)."""
+
+    weights_name: str
+    """The stem of the weight files: ``model`` (transformers: ``model.safetensors``,
+    ``model-00001-of-00002.safetensors``, ``model.safetensors.index.json``) or
+    ``diffusion_pytorch_model`` (diffusers). Optional: a layout without it is read as ``model``."""
 
     def model_config(self, foreign: Mapping[str, Any]) -> dict[str, Any]:
         """The ``model`` config section for a foreign config; raises :class:`LayoutError` naming the
@@ -49,6 +54,12 @@ class Layout(Protocol):
 
     def rules(self, model: Mapping[str, Any]) -> list[Rule]:
         """Every foreign tensor, in the order they are written."""
+        ...
+
+    def data_overrides(self, model: Mapping[str, Any]) -> list[str]:
+        """The ``data`` config overrides of a converted checkpoint's run config (what ``eval``,
+        ``portability`` and ``export`` read it with): a dataset that fits the model section.
+        Optional: without it, ``data=text-jsonl``."""
         ...
 
     def ignored(self, foreign_name: str, model: Mapping[str, Any]) -> bool:

@@ -23,6 +23,8 @@ class ParamSpec:
     ``init``: ``normal`` (mean 0, ``std``), ``zeros``, ``ones``, or ``uniform_fan_in``
     (``U(-1/sqrt(fan_in), 1/sqrt(fan_in))`` with ``fan_in`` the product of all dims but the first).
     ``decay`` says whether AdamW's weight decay applies (off for norms and biases by convention).
+    ``trainable=False`` marks a frozen parameter: the model's loss does not reach it (its gradient
+    is zero), and as it takes no weight decay either, AdamW's update of it is exactly zero.
     """
 
     shape: tuple[int, ...]
@@ -30,8 +32,11 @@ class ParamSpec:
     std: float = 0.02
     dtype: str = "float32"
     decay: bool = True
+    trainable: bool = True
 
     def __post_init__(self) -> None:
+        if not self.trainable and self.decay:
+            raise ValueError("a frozen ParamSpec (trainable=False) must have decay=False: weight decay would move it")
         if self.init not in INITS:
             raise ValueError(f"ParamSpec.init '{self.init}' is not one of {', '.join(INITS)}")
         if any(int(d) < 0 for d in self.shape):

@@ -131,7 +131,11 @@ class Trainer:
             model_name=self.run.model.name,
         )
         self.params = self.run.model.place_parameters(engine, loaded.params)
-        self.optimizer.load_tensors({n: engine.asarray(a) for n, a in loaded.optimizer_tensors.items()}, list(self.specs))
+        if loaded.optimizer_tensors or int(loaded.state.optimizer.get("step", 0)):
+            self.optimizer.load_tensors({n: engine.asarray(a) for n, a in loaded.optimizer_tensors.items()},
+                                        list(self.specs))
+        else:  # weights only (an `isthmus convert` output): the optimizer has not started
+            self.optimizer.init_state(k, self.params)
         self.optimizer.step = int(loaded.state.optimizer["step"])
         if self.policy.loss_scale is not None and "loss_scale" in loaded.state.optimizer:
             with interpreting("optimizer.loss_scale", "the fp16 loss scale", loaded.path / "state.json"):
@@ -141,8 +145,11 @@ class Trainer:
                 engine.set_rng_state(loaded.state.rng["state"])
         else:
             engine.seed(int(self.cfg.seed) + loaded.state.step)
-        with interpreting("data_position", "the training data", loaded.path / "state.json"):
-            self.data = self.run.data.train.resume(loaded.state.data_position)
+        if loaded.state.data_position:
+            with interpreting("data_position", "the training data", loaded.path / "state.json"):
+                self.data = self.run.data.train.resume(loaded.state.data_position)
+        else:  # weights only (converted): the data starts where a new run starts
+            self.data = self.run.data.train.iter_batches(int(t.batch_size), seed=int(self.cfg.seed))
         self.step = loaded.state.step
         self.skipped = int(loaded.state.extra.get("skipped_steps", 0))
         self.foreign = dict(loaded.state.extra.get("foreign") or {})

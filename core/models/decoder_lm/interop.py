@@ -33,6 +33,7 @@ class HfDecoder:
     eps: float  # rms_norm_eps when the config leaves it out
     max_positions: int  # max_position_embeddings when the config leaves it out
     partial: float = 1.0  # partial_rotary_factor when the config leaves it out
+    weights_name: str = "model"  # model.safetensors, model.safetensors.index.json
 
     # ---- config --------------------------------------------------------------------------
     def model_config(self, hf: Mapping[str, Any]) -> dict[str, Any]:
@@ -226,6 +227,11 @@ class HfDecoder:
         if not model["tie_word_embeddings"]:
             rules.append(Rule("lm_head.weight", ("head.weight",)))
         return rules
+
+    def data_overrides(self, model: Mapping[str, Any]) -> list[str]:
+        """Text: the built-in sample text (``tokenizer.json`` beside the weights, when there is one,
+        is added by the caller)."""
+        return ["data=text-jsonl"]
 
     def ignored(self, foreign_name: str, model: Mapping[str, Any]) -> bool:
         """Rotary ``inv_freq`` buffers (older checkpoints saved them) and, with a tied head, a
