@@ -80,6 +80,7 @@ bench: $(BENCH_STAMP)
 	-$(BENCH_VENV)/bin/python bench/generation.py --backends cpu,cpu:mindspore
 	-$(BENCH_VENV)/bin/python bench/conversion_memory.py
 	-$(BENCH_VENV)/bin/python bench/dump_cost.py
+	-$(BENCH_VENV)/bin/python bench/sharding.py --agreement
 	$(BENCH_VENV)/bin/python bench/summary.py
 
 kill-resume: $(STAMP)

@@ -206,6 +206,36 @@ def describe_module_overhead(data: dict[str, Any]) -> tuple[str, str]:
     return text + load_note(data), met_text(ratios["hand-written"] >= MODULE_OVERHEAD_TARGET)
 
 
+SHARDING_OF_DDP_TARGET = 0.10  # fsdp per rank within 10% of ddp / N
+SHARDING_ESTIMATE_TARGET = 0.15
+SHARDING_LOSS_TARGET = 1e-5  # relative, fsdp on N ranks against one process
+
+
+def describe_sharding(data: dict[str, Any]) -> tuple[str, str]:
+    rows = data["rows"]
+    mib = 2**20
+    cells = []
+    for ranks in sorted({row["ranks"] for row in rows}):
+        pair = {row["strategy"]: row for row in rows if row["ranks"] == ranks}
+        cells.append(f"{ranks} rank{'s' if ranks > 1 else ''}: ddp {pair['ddp']['measured_states'] / mib:.0f} / "
+                     f"fsdp **{pair['fsdp']['measured_states'] / mib:.0f}** MiB")
+    worst_share = max(abs(row["of_ddp_over_n"] - 1) for row in rows if row["strategy"] == "fsdp")
+    worst_estimate = max(abs(row["estimate_error"]) for row in rows)
+    acts = data["activations"]
+    text = (f"decoder of {data['parameter_count'] / 1e6:.1f}M parameters, params+grads+AdamW per rank (measured): "
+            f"{'; '.join(cells)}; fsdp vs ddp/N off by at most {100 * worst_share:.1f}%, printed estimate off by "
+            f"at most {100 * worst_estimate:.1f}%; activations kept {acts['kept'] / mib:.1f} MiB, with "
+            f"train.recompute {acts['recompute'] / mib:.1f} MiB")
+    agreement = data.get("agreement") or {}
+    if agreement:
+        text += "; " + ", ".join(f"{ranks} ranks vs 1 over {a['steps']} steps: loss rel. diff {a['max_loss_rel_diff']:.1e}, "
+                                 f"max |dw| {a['max_weight_abs_diff']:.1e}" for ranks, a in agreement.items())
+    ok = (worst_share <= SHARDING_OF_DDP_TARGET and worst_estimate <= SHARDING_ESTIMATE_TARGET
+          and acts["recompute"] < acts["kept"]
+          and all(a["max_loss_rel_diff"] <= SHARDING_LOSS_TARGET for a in agreement.values()))
+    return text + load_note(data), met_text(ok)
+
+
 BENCHMARKS = [
     Benchmark("overhead", "isthmus Trainer vs the same model as a hand-written torch loop (steps/s, wall)",
               f"isthmus/hand-written >= {OVERHEAD_TARGET:.2f}", describe_overhead),
@@ -228,6 +258,10 @@ BENCHMARKS = [
               f"<= {CONVERSION_TARGET}x the largest shard", describe_conversion),
     Benchmark("dump_cost", "`isthmus dump` (stats mode) vs a plain forward + backward of the same batch; bundle size",
               f"<= {DUMP_COST_TARGET}x; demo bundle < 1 MB", describe_dump_cost),
+    Benchmark("sharding", "`distributed=fsdp` vs `ddp` per-rank memory at 1, 2, 4 ranks (torchrun, gloo); "
+              "`train.recompute` activations", f"fsdp within {SHARDING_OF_DDP_TARGET:.0%} of ddp/N; estimate within "
+              f"{SHARDING_ESTIMATE_TARGET:.0%}; recompute keeps less; losses within {SHARDING_LOSS_TARGET:g}",
+              describe_sharding),
 ]
 
 

@@ -267,3 +267,35 @@ def test_mindspore_in_both_modes_is_judged_per_mode_and_on_the_graph_speedup(tmp
     slow["summary"]["graph"]["over_op_by_op"] = 2.5
     summary.main(["--results", str(write_results(tmp_path / "slow", mindspore_overhead=slow)), "--readme", str(readme)])
     assert "| **no** |" in row(readme.read_text(), "mindspore_overhead")
+
+
+def sharding_row(strategy: str, ranks: int, measured: int, estimated: int, ddp: int | None = None) -> dict:
+    row = {"strategy": strategy, "ranks": ranks, "measured_states": measured, "estimated_states": estimated,
+           "estimate_error": (estimated - measured) / measured}
+    if ddp is not None:
+        row["of_ddp_over_n"] = measured / (ddp / ranks)
+    return row
+
+
+MIB = 2**20
+SHARDING = {
+    "model": ["model=llama"], "settings": [], "parameter_count": 47_000_000,
+    "rows": [sharding_row("ddp", n, 720 * MIB, 720 * MIB) for n in (1, 2, 4)]
+    + [sharding_row("fsdp", n, 720 * MIB // n, 720 * MIB // n, 720 * MIB) for n in (1, 2, 4)],
+    "activations": {"kept": 80 * MIB, "recompute": 5 * MIB, "kept_estimate": 70 * MIB, "recompute_estimate": 8 * MIB},
+    "agreement": {"2": {"max_loss_rel_diff": 2e-7, "max_weight_abs_diff": 1e-6, "weights_within_rounding": 10,
+                        "weights": 10, "steps": 20}},
+    "machine": {**MACHINE, "torch": "2.13.0+cpu"},
+}
+
+
+def test_sharding_row_shows_ddp_beside_fsdp_and_misses_an_estimate_off_by_more_than_15_percent(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text(README)
+    summary.main(["--results", str(write_results(tmp_path / "results", sharding=SHARDING)), "--readme", str(readme)])
+    line = row(readme.read_text(), "sharding")
+    assert "4 ranks: ddp 720 / fsdp **180** MiB" in line and "47.0M parameters" in line, line
+    assert "with train.recompute 5.0 MiB" in line and "2 ranks vs 1 over 20 steps" in line and "| yes |" in line
+    off = {**SHARDING, "rows": [*SHARDING["rows"][:-1], sharding_row("fsdp", 4, 180 * MIB, 215 * MIB, 720 * MIB)]}
+    summary.main(["--results", str(write_results(tmp_path / "results", sharding=off)), "--readme", str(readme)])
+    assert "| **no** |" in row(readme.read_text(), "sharding")

@@ -78,8 +78,9 @@ def test_launch_env_and_device_mapping():
 
 def test_distributed_is_a_checked_choice():
     assert str(compose(["distributed=ddp"]).distributed) == "ddp"
+    assert str(compose(["distributed=fsdp"]).distributed) == "fsdp"
     with pytest.raises(ConfigError, match="distributed"):
-        compose(["distributed=fsdp"])
+        compose(["distributed=zero3"])
 
 
 def test_ddp_without_a_launcher_says_how_to_launch(tmp_path):

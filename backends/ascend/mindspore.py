@@ -105,9 +105,10 @@ def build_mindspore(request: BackendRequest, soc_name: str | None) -> BackendPar
         "comm_backend": COMM_BACKEND,
     })
     from isthmus.backends.mindspore.distributed import DataParallel
+    from isthmus.backends.mindspore.sharded import OptimizerParallel
 
     return BackendParts(engine=engine, kernel_table=kernel_table(inner), capabilities=capabilities(soc, devices),
-                        data_parallel=DataParallel)
+                        data_parallel=DataParallel, sharded=OptimizerParallel)
 
 
 __all__ = ["COMM_BACKEND", "NO_FLOAT64", "apply_precision", "build_mindspore", "capabilities",

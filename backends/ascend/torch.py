@@ -16,6 +16,7 @@ from typing import Any
 from isthmus.registry.backend import Capabilities
 from isthmus.backends.ascend import routes
 from isthmus.backends.torch.distributed import DataParallel
+from isthmus.backends.torch.fsdp import FullyShardedParallel
 from isthmus.backends.ascend.detect import parse_visible, visible_mapping
 from isthmus.backends.ascend.engine import AscendEngine
 from isthmus.backends.ascend.guard import refuse_cuda_torch
@@ -100,7 +101,8 @@ def build_torch(request: BackendRequest) -> BackendParts:
         "comm_backend": COMM_BACKEND,
     }, live=lambda: {"route_calls": dict(routes.taken), "route_fallbacks": dict(routes.fallbacks)})
     return BackendParts(engine=engine, kernel_table=kernel_table(inner),
-                        capabilities=capabilities(soc, bf16, options, count), data_parallel=DataParallel)
+                        capabilities=capabilities(soc, bf16, options, count), data_parallel=DataParallel,
+                        sharded=FullyShardedParallel)
 
 
 def autocast(dtype: str = "bfloat16") -> Any:

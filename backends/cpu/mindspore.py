@@ -38,6 +38,7 @@ def build_cpu(request: BackendRequest) -> BackendParts:
     options = parse_options(request.options)
     from isthmus.backends.mindspore.engine import MindSporeEngine, configure_cpu  # first: it quiets MindSpore's log
     from isthmus.backends.mindspore.distributed import DataParallel
+    from isthmus.backends.mindspore.sharded import OptimizerParallel
     from isthmus.backends.mindspore.kernels import kernel_table
 
     engine = MindSporeEngine("CPU", 0, unsupported_dtypes={"bfloat16": BFLOAT16_GAP}, execution=options.execution)
@@ -45,4 +46,4 @@ def build_cpu(request: BackendRequest) -> BackendParts:
     # over the cores. Default to the cores this process may run on.
     configure_cpu(int(request.threads) if request.threads else _cpu_threads(), request.deterministic)
     return BackendParts(engine=engine, kernel_table=kernel_table(engine),
-                        capabilities=CPU_CAPABILITIES, data_parallel=DataParallel)
+                        capabilities=CPU_CAPABILITIES, data_parallel=DataParallel, sharded=OptimizerParallel)

@@ -10,6 +10,7 @@ def build_cpu(request: BackendRequest) -> BackendParts:
     import torch
 
     from isthmus.backends.torch.distributed import DataParallel
+    from isthmus.backends.torch.fsdp import FullyShardedParallel
     from isthmus.backends.torch.engine import TorchEngine
     from isthmus.backends.torch.kernels import kernel_table
 
@@ -30,4 +31,5 @@ def build_cpu(request: BackendRequest) -> BackendParts:
             max_devices=1,
         ),
         data_parallel=DataParallel,
+        sharded=FullyShardedParallel,
     )

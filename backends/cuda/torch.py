@@ -233,9 +233,10 @@ def build_cuda(request: BackendRequest) -> BackendParts:
         engine.compile_status = f"eager (backend.options.compile: true, but {why})"
         log.warning("backend 'cuda': torch.compile unavailable, running eagerly: %s", why)
     from isthmus.backends.torch.distributed import DataParallel
+    from isthmus.backends.torch.fsdp import FullyShardedParallel
 
     return BackendParts(engine=engine, kernel_table=kernel_table(inner), capabilities=manifest,
-                        data_parallel=DataParallel)
+                        data_parallel=DataParallel, sharded=FullyShardedParallel)
 
 
 def autocast(dtype: str = "bfloat16") -> Any:

@@ -16,6 +16,8 @@ from isthmus.train.parallel import DistributedError
 class DataParallel:
     """:class:`isthmus.train.parallel.Comm` over ``mindspore.communication``; joins the world group."""
 
+    strategy = "ddp"
+
     def __init__(self, comm_backend: str, timeout_s: float, engine: Any, env: Any) -> None:
         from mindspore.communication import get_group_size, get_rank, init
 

@@ -254,6 +254,12 @@ class MindSporeEngine(Engine):
             grads = (grads,)
         return loss, _detached(captured["aux"]), dict(zip(names, grads))
 
+    def recompute(self, model: Any, params: Mapping[str, Any]) -> Mapping[str, Any]:
+        """Blocks under ``mindspore.recompute`` (see :mod:`isthmus.backends.mindspore.recompute`)."""
+        from isthmus.backends.mindspore.recompute import Recompute
+
+        return Recompute(params, self)
+
     def no_grad(self) -> contextlib.AbstractContextManager:
         """A context in which ops record no graph (evaluation, optimizer updates)."""
         # MindSpore's PyNative no-grad switch is private in 2.10: fall back to a null context

@@ -17,6 +17,8 @@ BUCKET_BYTES = 25 * 2**20
 class DataParallel:
     """:class:`isthmus.train.parallel.Comm` over ``torch.distributed``; joins the group on creation."""
 
+    strategy = "ddp"
+
     def __init__(self, comm_backend: str, timeout_s: float, engine: Any, env: Any) -> None:
         device = engine.torch_device
         if device.type == "cuda":

@@ -128,6 +128,40 @@ class TorchEngine(Engine):
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.torch_device.type, dtype=torch_dtype(dtype))
 
+    def recompute(self, model: Any, params: Mapping[str, Any]) -> Mapping[str, Any]:
+        """Blocks under torch's activation checkpointing: an engine-neutral model's through a
+        recomputing view of ``params``; a wrapped module's block submodules checkpointed in place (once)."""
+        from isthmus.backends.torch import blocks
+
+        module = model.engine_module()
+        if module is None:
+            return blocks.Recompute(params, self.generator)
+        if not getattr(module, "_isthmus_recompute", False):
+            from torch.distributed._composable import checkpoint as composable_checkpoint
+
+            for unit in blocks.module_blocks(module, list(model.blocks())):
+                composable_checkpoint(unit)
+            module._isthmus_recompute = True
+        return params
+
+    def memory_capacity(self, processes: int = 1) -> int | None:
+        """The device's total memory (cuda, npu), or this host's physical memory shared by its
+        ``processes`` (cpu)."""
+        import os
+
+        kind = self.torch_device.type
+        if kind == "cpu":
+            try:
+                total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+            except (ValueError, OSError, AttributeError):
+                return None
+            return int(total // max(1, processes))
+        module = getattr(torch, kind, None)
+        try:
+            return int(module.get_device_properties(self.torch_device.index or 0).total_memory)
+        except Exception:  # no such query on this device type
+            return None
+
     def no_grad(self) -> contextlib.AbstractContextManager:
         """A context in which ops record no graph (evaluation, optimizer updates)."""
         return torch.no_grad()

@@ -47,7 +47,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             model_file.unlink(missing_ok=True)
     directory = run_dir(cfg)
     resume_from = Path(args.resume) if args.resume not in (None, "") else (directory if args.resume == "" else None)
-    launch = parallel.launch_env() if str(cfg.distributed) == "ddp" else None
+    launch = parallel.launch_env() if str(cfg.distributed) in ("ddp", "fsdp") else None
     writer = launch is None or launch.rank == 0  # data parallel: rank 0 alone touches the run dir
     if writer:
         output_dir(directory, "output_dir")
@@ -72,6 +72,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 
         check_fit(init, {n: (shape, None) for n, (shape, _) in manifest(run.model.param_specs()).items()},
                   run.model.name)
+    from isthmus.train import memory
+
+    world = launch.world_size if launch is not None else 1
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    estimate, _ = memory.plan(cfg, run.model, run.data, run.backend, world, local)  # refused in prepare when too big
     if writer:
         need, free = checkpoint_bytes(run.model, int(cfg.train.keep_last)), free_bytes(directory)
         if free is not None and free < need:
@@ -80,7 +85,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                               f"another output_dir")
     comm = parallel.start(cfg, run.backend)
     if comm is not None:
-        print(f"data parallel: {comm.world_size} processes, {run.backend.capabilities.comm_backend}, "
+        kind = comm.description if comm.strategy == "fsdp" else "data parallel"
+        print(f"{kind}: {comm.world_size} processes, {run.backend.capabilities.comm_backend}, "
               f"global batch {cfg.train.batch_size} ({int(cfg.train.batch_size) // comm.world_size} per process)")
     mode = "resume" if resuming_here else ("overwrite" if args.overwrite else "new")
     change = RunDirChange(directory, mode) if writer else None
@@ -102,6 +108,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             print(f"  weights from {init.path} (step {init.state.step}); optimizer state fresh")
         for line in run.selection.trace:
             print(f"  backend: {line}")
+        print(f"  {estimate.line()}")
         result = trainer.fit()
     except BaseException:
         if change is not None:

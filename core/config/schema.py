@@ -122,10 +122,13 @@ class NanPolicy(StrEnum):
 
 
 class Distributed(StrEnum):
-    """How a run spreads over processes: ``ddp`` is data parallel under torchrun (or msrun)."""
+    """How a run spreads over processes, one per device under torchrun (or msrun): ``ddp`` is data
+    parallel (every rank holds the whole model); ``fsdp`` shards parameters, gradients and optimizer
+    state over the ranks (torch's FSDP2; MindSpore's optimizer parallel)."""
 
     none = "none"
     ddp = "ddp"
+    fsdp = "fsdp"
 
 
 @dataclass
@@ -181,6 +184,7 @@ class TrainConfig:
     keep_last: int = field(default=3, metadata=bounds(ge=1))
     nan_policy: NanPolicy = NanPolicy.skip
     log_every: int = field(default=20, metadata=bounds(ge=1))
+    recompute: bool = False  # recompute each block's activations in the backward pass instead of keeping them
     # Refuse, before anything is built, a run whose estimated memory exceeds what is free
     # (isthmus.train.budget); false: try anyway (also ISTHMUS_MEMORY_CHECK=0).
     memory_check: bool = True
@@ -204,7 +208,7 @@ class RunConfig:
     seed: int = field(default=0, metadata=bounds(ge=0, le=SEED_MAX))
     name: str = II("model.name")
     output_dir: str = "runs/${name}"
-    distributed: Distributed = Distributed.none  # ddp: one process per device, started by torchrun
+    distributed: Distributed = Distributed.none  # ddp or fsdp: one process per device, started by torchrun or msrun
     distributed_timeout_s: float = field(default=60.0, metadata=bounds(gt=0))  # a collective waiting longer fails the run
 
     def check(self) -> list[tuple[str, str]]:

@@ -158,14 +158,19 @@ def convert(registry: Any, src: str | Path, target: str, output: str | Path, dty
         raise InteropError(f"--output {output} is inside the source {src}; write elsewhere")
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise InteropError(f"--output {output} exists and is not empty; pass --overwrite to replace it")
-    source = open_source(registry, src)
+    from isthmus.interop.sharded import consolidate, is_sharded
+
+    whole = target == "isthmus" and is_sharded(source_path)  # consolidated with its optimizer state and step
+    source = open_source(registry, src) if not whole else None
     tmp = atomic.temp_name(out)
     aside = atomic.temp_name(out, ".old")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         atomic.remove_tree(tmp)
         tmp.mkdir()
-        if target == "isthmus":
+        if whole:
+            count, size = consolidate(registry, source_path, tmp)
+        elif target == "isthmus":
             count, size = write_isthmus(registry, source, tmp, str(src))
         elif target == "hf":
             count, size = write_hf_dir(registry, source, tmp, dtype, max_shard_bytes)
@@ -188,8 +193,16 @@ def convert(registry: Any, src: str | Path, target: str, output: str | Path, dty
             raise InteropError(f"could not write {out}: {atomic.describe_os_error(err)}; nothing was written") from None
         raise
     finally:
-        source.close()
-    return Converted(out, target, source.model, count, size)
+        if source is not None:
+            source.close()
+    model = source.model if source is not None else read_state_model(source_path)
+    return Converted(out, target, model, count, size)
+
+
+def read_state_model(path: Path) -> str:
+    from isthmus.train.checkpoint import read_state
+
+    return read_state(path).model_name
 
 
 def foreign_model(registry: Any, path: str | Path) -> str | None:

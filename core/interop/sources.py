@@ -153,7 +153,9 @@ def open_source(registry: Any, path: str | Path) -> Any:
     if kind == "mindspore":
         return MindSporeSource(registry, path)
     if kind == "isthmus":
-        return IsthmusSource(registry, path)
+        from isthmus.interop.sharded import ShardedSource, is_sharded
+
+        return ShardedSource(registry, path) if is_sharded(path) else IsthmusSource(registry, path)
     raise InteropError(f"{path} is neither a Hugging Face model directory (config.json + safetensors), an isthmus "
                        f"run or checkpoint, nor a MindSpore checkpoint directory written by isthmus")
 

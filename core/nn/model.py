@@ -2,8 +2,8 @@
 
 A model class derives from :class:`Model` (a ``Protocol``, so type checkers check the signatures)
 and gets working defaults for every optional part: it must write ``name``, ``param_specs``,
-``forward`` and ``loss``; ``evaluate``, ``bind_data``, ``data_state``, ``generate``,
-``export_graphs``, ``export_checks`` and ``activation_bytes`` are there to override. The trainer, the export and the portability check call
+``forward`` and ``loss``; ``evaluate``, ``bind_data``, ``data_state``, ``generate``, ``blocks``,
+``engine_module``, ``export_graphs``, ``export_checks`` and ``activation_bytes`` are there to override. The trainer, the export and the portability check call
 only what is declared here, never ``getattr``.
 """
 
@@ -110,6 +110,19 @@ class Model(Protocol):
             raise IsthmusError(f"--option {next(iter(options))}: model {self.name} takes no evaluation options")
         return loss_evaluation(self, backend, params, dataset, batch_size=batch_size, max_samples=max_samples,
                                policy=policy)
+
+    def blocks(self) -> list[str]:
+        """The parameter prefixes of the model's repeated blocks (``["layers.0", "layers.1", ...]``),
+        each run through :meth:`isthmus.nn.params.Scope.run`: the units that sharded training shards
+        and gathers one at a time, and whose activations ``train.recompute`` recomputes. The default
+        has none (the whole model is one unit)."""
+        return []
+
+    def engine_module(self) -> Any:
+        """The engine's own module holding the parameters, for a model that wraps one (a
+        ``torch.nn.Module``); then :meth:`blocks` are its submodules' names. None (the default):
+        the model is written against kernels."""
+        return None
 
     def describe(self) -> dict[str, Any]:
         """Facts about how the model runs that a dump or a report records (swapped submodules, a

@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass
-from typing import Any, Iterator, Mapping, MutableMapping
+from typing import Any, Callable, Iterator, Mapping, MutableMapping
 
 import numpy as np
 
@@ -108,6 +108,25 @@ class Scope(Mapping[str, Any]):
 
     def sub(self, name: str) -> "Scope":
         return Scope(self.params, self.key(name))
+
+    def run(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """``fn(self, *args)``: one block of the model (one of :meth:`isthmus.nn.model.Model.blocks`).
+
+        Parameters held by a :class:`BlockParams` run the block through it, so an engine can treat
+        the block as a unit (shard and gather its parameters, recompute its activations); the
+        tensors a block depends on arrive in ``args``, not in ``fn``'s closure, when they need
+        gradients."""
+        if isinstance(self.params, BlockParams):
+            return self.params.run_block(self.prefix, fn, self, args)
+        return fn(self, *args)
+
+
+class BlockParams(Mapping[str, Any]):
+    """Parameters that run model blocks themselves (see :meth:`Scope.run`): an engine's sharded or
+    recomputing view of a model's parameters."""
+
+    def run_block(self, prefix: str, fn: Callable[..., Any], scope: Scope, args: tuple[Any, ...]) -> Any:
+        return fn(scope, *args)
 
 
 def add_specs(into: MutableMapping[str, ParamSpec], prefix: str, specs: Mapping[str, ParamSpec]) -> None:

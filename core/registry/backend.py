@@ -92,6 +92,18 @@ class Engine(Protocol):
         None when the engine runs op by op, which is the default."""
         return None
 
+    def recompute(self, model: Any, params: Mapping[str, Any]) -> Mapping[str, Any] | None:
+        """``params`` as the model's loss should see them under ``train.recompute``: a
+        :class:`isthmus.nn.params.BlockParams` that recomputes each block's activations in the
+        backward pass instead of keeping them. None (the default): the engine cannot recompute."""
+        return None
+
+    def memory_capacity(self, processes: int = 1) -> int | None:
+        """Bytes one process may use on its device, ``processes`` being the run's ranks on this
+        host (a host's memory is shared by them, a device's is not); None when unknown (the
+        default), and the memory estimate is then printed but not enforced."""
+        return None
+
     def memory_stats(self) -> dict[str, float]:
         """Device memory figures in MiB since the last call (peak, allocated, reserved), for the
         metrics log; the default has none."""
@@ -163,6 +175,8 @@ class Backend:
     capabilities: Capabilities
     extras: dict[str, Any] = field(default_factory=dict)
     data_parallel: Callable[..., Any] | None = None  # see BackendParts.data_parallel
+    sharded: Callable[..., Any] | None = None  # see BackendParts.sharded
+    sharded_note: str = ""
 
     @property
     def device(self) -> str:

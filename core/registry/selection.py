@@ -286,4 +286,6 @@ def build(registry: Registry, selection: Selection, request: Mapping[str, Any] |
         kernels=kernels,
         capabilities=parts.capabilities,
         data_parallel=parts.data_parallel,
+        sharded=parts.sharded,
+        sharded_note=parts.sharded_note,
     )

@@ -40,6 +40,11 @@ class BackendParts:
     data_parallel: Callable[..., Any] | None = None
     """``(comm_backend, timeout_s, engine, launch env) -> isthmus.train.parallel.Comm``: how this
     backend joins a data-parallel group; None when it cannot."""
+    sharded: Callable[..., Any] | None = None
+    """The same for fully sharded data parallel (``distributed=fsdp``), making an
+    :class:`isthmus.train.parallel.Sharded`; None when the backend cannot shard."""
+    sharded_note: str = ""
+    """Why ``sharded`` is None and what runs instead (one line), when there is a reason to give."""
 
 
 @dataclass(frozen=True)

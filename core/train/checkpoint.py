@@ -29,8 +29,8 @@ from isthmus.train import atomic, sidecar
 from isthmus.train.sidecar import CheckpointError
 
 __all__ = ["CheckpointError", "check_fit", "CheckpointState", "Loaded", "save_checkpoint", "load_checkpoint",
-           "latest_checkpoint", "list_checkpoints", "locate", "read_manifest", "read_state", "resolve",
-           "FORMAT_VERSION", "MODEL_FILE"]
+           "latest_checkpoint", "list_checkpoints", "load_sharded_state", "locate", "read_manifest", "read_state",
+           "resolve", "FORMAT_VERSION", "MODEL_FILE"]
 
 FORMAT = "isthmus-checkpoint"
 FORMAT_VERSION = 1
@@ -39,6 +39,7 @@ MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
 STATE_FILE = "state.json"
 LATEST_FILE = "latest"
+SHARDED = "sharded"  # the sidecar's files entry of a checkpoint written by every rank of distributed=fsdp
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 # numpy dtype name -> safetensors tag; ml_dtypes is imported only when such a tensor is loaded.
@@ -80,13 +81,20 @@ class Loaded:
 
 def save_checkpoint(run_dir: str | os.PathLike, params: Mapping[str, np.ndarray],
                     optimizer_tensors: Mapping[str, np.ndarray], state: CheckpointState,
-                    keep_last: int | None = 3, model_writer: Callable[[Path], dict] | None = None) -> Path:
+                    keep_last: int | None = 3, model_writer: Callable[[Path], dict] | None = None,
+                    shard_writer: Callable[[Path], dict] | None = None) -> Path:
     """Write ``<run_dir>/checkpoints/step-<step>/`` atomically, point ``latest`` at it and keep the
     ``keep_last`` newest checkpoints by step (None keeps all). Returns the checkpoint directory.
 
     ``model_writer(path)``, when given, writes ``model.safetensors`` at ``path`` itself (a stream
     too large to hold, from :mod:`isthmus.interop`) instead of ``params``, and returns its manifest
     entry ``{"bytes", "sha256", "tensors": {name: {"shape", "dtype"}}}``.
+
+    ``shard_writer(path)``, when given, has every rank of a sharded run write its shards into the
+    temporary checkpoint directory ``path`` (``params`` and ``optimizer_tensors`` are then empty) and
+    returns the sidecar's ``files`` (``{"sharded": {"format", "dir", "world_size", "tensors"}}``): a
+    sharded checkpoint, which sharded training resumes on any number of ranks and ``isthmus convert``
+    consolidates. A rank killed while writing leaves the temporary directory, never a checkpoint.
 
     The directory is built under a hidden temporary name, every file and directory fsynced, then
     renamed into place; a crash or an ``OSError`` at any point leaves the previous checkpoint as the
@@ -102,8 +110,10 @@ def save_checkpoint(run_dir: str | os.PathLike, params: Mapping[str, np.ndarray]
              OPTIMIZER_FILE: _encode(optimizer_tensors, "optimizer tensor", step)}
     if model_writer is not None:
         del blobs[MODEL_FILE]
+    if shard_writer is not None:
+        blobs = {}
     sidecar = _encode_state(state, step, {name: info for name, (_, info) in blobs.items()}) \
-        if model_writer is None else b""
+        if model_writer is None and shard_writer is None else b""
 
     ckdir = Path(run_dir) / CHECKPOINTS_DIR
     final = ckdir / f"step-{step:08d}"
@@ -125,6 +135,9 @@ def save_checkpoint(run_dir: str | os.PathLike, params: Mapping[str, np.ndarray]
             doing = f"writing {MODEL_FILE}"
             files = {MODEL_FILE: model_writer(tmp / MODEL_FILE), OPTIMIZER_FILE: blobs[OPTIMIZER_FILE][1]}
             sidecar = _encode_state(state, step, files)
+        if shard_writer is not None:
+            doing = "writing the shards"
+            sidecar = _encode_state(state, step, shard_writer(tmp))
         doing = f"writing {STATE_FILE}"
         atomic.write_bytes(tmp / STATE_FILE, sidecar)
         doing = f"flushing {tmp.name}"
@@ -259,6 +272,12 @@ def load_checkpoint(path: str | os.PathLike,
     """
     ckpt = _resolve(Path(path))
     doc = _read_sidecar(ckpt)
+    if SHARDED in doc["files"]:
+        ranks = doc["files"][SHARDED].get("world_size", "?")
+        raise CheckpointError(
+            f"checkpoint {ckpt} is sharded (written by {ranks} rank{'' if ranks == 1 else 's'} of "
+            f"distributed=fsdp): resume it with distributed=fsdp on any number of ranks, or consolidate it with "
+            f"`isthmus convert {ckpt} --to isthmus --output DIR`")
     state = CheckpointState(**{f.name: doc[f.name] for f in fields(CheckpointState) if f.name in doc})
     if model_name is not None and state.model_name != model_name:
         raise CheckpointError(f"checkpoint {ckpt} is for model {state.model_name!r}, not {model_name!r}")
@@ -270,6 +289,25 @@ def load_checkpoint(path: str | os.PathLike,
     return Loaded(params=_read_tensors(ckpt, MODEL_FILE, files[MODEL_FILE]),
                   optimizer_tensors=_read_tensors(ckpt, OPTIMIZER_FILE, files[OPTIMIZER_FILE]),
                   state=state, path=ckpt)
+
+
+def load_sharded_state(path: str | os.PathLike, expect: Mapping[str, tuple[tuple[int, ...], Any]] | None = None,
+                       must_match: Mapping[str, Any] | None = None,
+                       model_name: str | None = None) -> tuple[Path, CheckpointState, dict | None]:
+    """The checks of :func:`load_checkpoint` on a checkpoint's sidecar: ``(checkpoint directory,
+    state, its sharded entry or None for a whole checkpoint)``; reads no tensors."""
+    ckpt = _resolve(Path(path))
+    doc = _read_sidecar(ckpt)
+    state = CheckpointState(**{f.name: doc[f.name] for f in fields(CheckpointState) if f.name in doc})
+    if model_name is not None and state.model_name != model_name:
+        raise CheckpointError(f"checkpoint {ckpt} is for model {state.model_name!r}, not {model_name!r}")
+    if must_match:
+        _check_config(ckpt, state.config, must_match)
+    sharded = doc["files"].get(SHARDED)
+    if expect is not None:
+        tensors = sharded["tensors"] if sharded else doc["files"][MODEL_FILE]["tensors"]
+        _check_fit(f"checkpoint {ckpt} does not fit the model", tensors, expect)
+    return ckpt, state, sharded
 
 
 def read_state(path: str | os.PathLike) -> CheckpointState:
@@ -338,6 +376,9 @@ def _read_sidecar(ckpt: Path) -> dict:
         raise CheckpointError(f"{path} has format version {doc.get('format_version')!r}; this isthmus "
                               f"reads up to {FORMAT_VERSION}: upgrade isthmus")
     sidecar.validate(doc, path)  # every field a resume, evaluation or export reads
+    shards = doc["files"].get(SHARDED)
+    if shards is not None and not (ckpt / shards["dir"]).is_dir():
+        raise CheckpointError(f"{ckpt / shards['dir']} is missing; {atomic.describe_dir(ckpt)}")
     return doc
 
 

@@ -1,4 +1,4 @@
-"""Data parallel, engine-neutral: the launcher's environment (rank, world size, local rank), the
+"""Data parallel and sharded data parallel, engine-neutral: the launcher's environment (rank, world size, local rank), the
 rank's slice of each global batch, token-weighted averaging through an engine's collectives, and
 rank-0 gating of everything a run writes.
 
@@ -64,6 +64,7 @@ class Comm(Protocol):
 
     rank: int
     world_size: int
+    strategy: str  # "ddp"; "fsdp" for a Sharded one
 
     def weighted_mean(self, k: Any, grads: dict[str, Any], loss: float, weight: float) -> tuple[dict[str, Any], float]:
         """Sum ``grads * weight``, ``loss * weight`` and ``weight`` over ranks; return both divided
@@ -75,20 +76,73 @@ class Comm(Protocol):
         ...
 
 
+class Sharded(Comm, Protocol):
+    """An engine's fully sharded data parallel (what ``Backend.sharded`` makes, ``strategy`` "fsdp"):
+    each rank holds 1/N of the parameters, gradients and optimizer state. See
+    :mod:`isthmus.backends.torch.fsdp` for the torch one; the trainer calls only these."""
+
+    description: str
+    shards: tuple[str, ...]
+    """What is divided over the ranks: ``parameters``, ``gradients``, ``optimizer``."""
+    casts_parameters: bool
+    """True: the engine casts parameters to the compute dtype itself (the trainer casts otherwise)."""
+    whole_checkpoints: bool
+    """True: checkpoints hold whole tensors (:meth:`whole_optimizer`), written by rank 0; False:
+    every rank writes its shards (:meth:`write_shards`)."""
+
+    def place(self, model: Any, arrays: Mapping[str, np.ndarray], compute_dtype: str, recompute: bool) -> dict[str, Any]:
+        """Shard the model built from whole float32 ``arrays``; returns the sharded parameters."""
+        ...
+
+    def zeros(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Zero AdamW moments sharded like the parameters."""
+        ...
+
+    def shard(self, name: str, array: np.ndarray) -> Any:
+        """A whole array as a tensor sharded like parameter ``name``."""
+        ...
+
+    def step(self, k: Any, loss_fn: Any, batches: Any, to_device: Any, optimizer: Any, specs: Mapping[str, Any], lr: float,
+             clip_norm: float | None, loss_scale: Any) -> tuple[float, float, str]:
+        """One optimizer step; (loss, grad norm, skip reason or '')."""
+        ...
+
+    def eval_params(self) -> Mapping[str, Any]:
+        """Parameters the model's evaluation can run on."""
+        ...
+
+    def full(self, tensors: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        """Sharded tensors gathered to whole numpy arrays on every rank (a collective)."""
+        ...
+
+    def whole_optimizer(self, optimizer: Any) -> dict[str, np.ndarray]:
+        """Whole optimizer tensors under checkpoint names (``whole_checkpoints``; a collective)."""
+        ...
+
+    def write_shards(self, directory: Any, optimizer: Any) -> dict[str, Any] | None:
+        """Every rank writes its shards into rank 0's ``directory``; the sidecar entry on rank 0."""
+        ...
+
+    def read_shards(self, checkpoint: Any, optimizer: Any) -> None:
+        """Load a sharded checkpoint written on any number of ranks."""
+        ...
+
+
 def start(cfg: Any, backend: Any) -> Comm | None:
-    """Join the process group when ``distributed: ddp``; None for a single-process run."""
-    if str(cfg.distributed) != "ddp":
+    """Join the process group when ``distributed`` is ``ddp`` or ``fsdp``; None for a single-process run."""
+    strategy = str(cfg.distributed)
+    if strategy not in ("ddp", "fsdp"):
         return None
     env = launch_env()
     if env is None:
         raise DistributedError(
-            "distributed=ddp: RANK and WORLD_SIZE are not set; launch with "
-            "`torchrun --nproc-per-node N -m isthmus.cli train distributed=ddp ...`"
+            f"distributed={strategy}: RANK and WORLD_SIZE are not set; launch with "
+            f"`torchrun --nproc-per-node N -m isthmus.cli train distributed={strategy} ...`"
         )
     comm_backend = backend.capabilities.comm_backend
     if not comm_backend:
         raise DistributedError(
-            f"distributed=ddp: backend '{backend.name}' (engine {backend.engine_name}) has no collective "
+            f"distributed={strategy}: backend '{backend.name}' (engine {backend.engine_name}) has no collective "
             f"communication backend; use a torch backend (gloo on cpu, nccl on cuda, hccl on ascend)"
         )
     global_batch = int(cfg.train.batch_size)
@@ -96,10 +150,13 @@ def start(cfg: Any, backend: Any) -> Comm | None:
         raise DistributedError(
             f"train.batch_size={global_batch} is the global batch and must divide by the world size {env.world_size}"
         )
-    if backend.data_parallel is None:
-        raise DistributedError(f"distributed=ddp: backend '{backend.name}' (engine {backend.engine_name}) has no "
-                               f"data-parallel support")
-    comm: Comm = backend.data_parallel(comm_backend, float(cfg.distributed_timeout_s), backend.engine, env)
+    factory = backend.data_parallel if strategy == "ddp" else backend.sharded
+    if factory is None:
+        other = " (distributed=ddp runs here)" if strategy == "fsdp" and backend.data_parallel else ""
+        raise DistributedError(f"distributed={strategy}: backend '{backend.name}' (engine {backend.engine_name}) has "
+                               f"no {'data-parallel' if strategy == 'ddp' else 'sharded'} support{other}"
+                               + (f"; {backend.sharded_note}" if strategy == "fsdp" and backend.sharded_note else ""))
+    comm: Comm = factory(comm_backend, float(cfg.distributed_timeout_s), backend.engine, env)
     return comm
 
 

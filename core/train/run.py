@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from contextlib import nullcontext
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -89,7 +90,7 @@ def saved_data_state(extra: Mapping[str, Any]) -> dict[str, Any] | None:
 
 def model_and_data(cfg: Any, registry: Registry, saved_data: Mapping[str, Any] | None = None,
                    model_data: Mapping[str, Any] | None = None, training: bool = False,
-                   on_host: bool = True, source: Any = "the checkpoint") -> tuple[Model, DataSplits]:
+                   on_host: bool = True, source: Any = "the checkpoint", backend: Any = None) -> tuple[Model, DataSplits]:
     """The dataset's splits, the model built for them, and the data as the model consumes it.
 
     ``saved_data``: a checkpoint's data state (vocabulary, class names), so ids keep their
@@ -122,7 +123,22 @@ def model_and_data(cfg: Any, registry: Registry, saved_data: Mapping[str, Any] |
     for part, nbytes in data_need.parts.items():
         need.add(part, nbytes)
     doing = f"training {model.name} with batch {batch}" if training else f"running {model.name}"
-    budget.check(need, doing, setting, switch)
+    per_rank = training and backend is not None and budget.enabled(setting)
+    if per_rank:
+        from isthmus.train import memory, parallel
+
+        launch = parallel.launch_env() if str(cfg.distributed) in ("ddp", "fsdp") else None
+        world = launch.world_size if launch is not None else 1
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    try:
+        budget.check(need, doing, setting, switch)  # what this host has free now
+    except budget.MemoryBudgetError as err:
+        fits = memory.hint(cfg, model, data, backend, world, local) if per_rank else ""
+        if not fits:
+            raise
+        raise budget.MemoryBudgetError(f"{err}; per rank, {fits}") from None
+    if per_rank:  # per rank, on its device, by strategy (sharding, recompute)
+        memory.check(cfg, model, data, backend, world, local)
     with interpreting("extra.model_data", f"model '{model.name}'", source) if model_data is not None else nullcontext():
         bound = model.bind_data(data, int(cfg.seed), model_data)
     if saved_data is not None:  # from a checkpoint: it must hold what gives ids and codes their meaning
@@ -157,7 +173,7 @@ def prepare(cfg: Any, registry: Registry, for_training: bool = True, saved_data:
     if for_training:
         check_capabilities(cfg, backend)
     model, data = model_and_data(cfg, registry, saved_data, model_data, training=for_training,
-                                 on_host=str(backend.device).split(":")[0] == "cpu", source=source)
+                                 on_host=str(backend.device).split(":")[0] == "cpu", source=source, backend=backend)
     if model.engines is not None and backend.engine_name not in model.engines:
         raise CapabilityError(
             f"model {model.name} runs on the {' or '.join(model.engines)} engine only, and backend "

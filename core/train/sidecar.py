@@ -142,6 +142,12 @@ FIELDS: tuple[tuple[str, Check, bool], ...] = (
     ("files.optimizer.safetensors.bytes", integer(0), True),
     ("files.optimizer.safetensors.sha256", sha256, True),
     ("files.optimizer.safetensors.tensors", tensor_manifest, True),
+    # A sharded checkpoint (distributed=fsdp) has this entry instead of the two files above.
+    ("files.sharded", mapping, False),
+    ("files.sharded.format", text, True),
+    ("files.sharded.dir", name, True),
+    ("files.sharded.world_size", integer(1), True),
+    ("files.sharded.tensors", tensor_manifest, True),
 )
 _FILE_KEYS = ("model.safetensors", "optimizer.safetensors")  # keys with a dot of their own
 
@@ -157,9 +163,12 @@ def problems(doc: Mapping[str, Any]) -> list[str]:
     """Every missing or malformed field of a sidecar, one line each, in :data:`FIELDS` order."""
     found: list[str] = []
     skipped: set[str] = set()
+    files = doc.get("files")
+    if isinstance(files, dict) and "sharded" in files:  # its tensors are in the shards, not in these files
+        skipped.update(f"files.{key}" for key in _FILE_KEYS)
     for field, check, required in FIELDS:
         parts = _split(field)
-        if any(field.startswith(s + ".") for s in skipped):
+        if field in skipped or any(field.startswith(s + ".") for s in skipped):
             continue
         node: Any = doc
         for part in parts[:-1]:

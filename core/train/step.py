@@ -45,8 +45,10 @@ class TrainStep:
     """
 
     def __init__(self, model: Any, k: Any, policy: Any, specs: Mapping[str, Any], *, grad_accum: int,
-                 clip_norm: float | None, betas: Sequence[float], eps: float, weight_decay: float) -> None:
+                 clip_norm: float | None, betas: Sequence[float], eps: float, weight_decay: float,
+                 recompute: Any = None) -> None:
         self.model, self.k, self.policy = model, k, policy
+        self.recompute = recompute  # train.recompute: params -> the engine's recomputing view (Engine.recompute)
         self.name = str(getattr(model, "name", type(model).__name__))
         self.names = list(specs)
         self.decays = {name: bool(specs[name].decay) and bool(weight_decay) for name in self.names}
@@ -60,7 +62,10 @@ class TrainStep:
 
     def objective(self, params: Mapping[str, Any], batch: Mapping[str, Any], scale: Any = None) -> tuple[Any, Any]:
         k, policy = self.k, self.policy
-        loss, _ = self.model.loss(k, policy.cast_params(k, params), policy.cast_batch(k, batch), training=True)
+        used = policy.cast_params(k, params)
+        if self.recompute is not None:
+            used = self.recompute(used)
+        loss, _ = self.model.loss(k, used, policy.cast_batch(k, batch), training=True)
         if scale is None:
             return loss, loss
         # In the loss's dtype, as the trainer multiplies by a Python number: a float16 loss times a
@@ -143,7 +148,9 @@ def whole_step(backend: Any, model: Any, policy: Any, specs: Mapping[str, Any], 
     leaves the step to the trainer."""
     step = TrainStep(model, backend.kernels, policy, specs, grad_accum=int(train.grad_accum),
                      clip_norm=train.clip_norm, betas=optimizer.betas, eps=optimizer.eps,
-                     weight_decay=optimizer.weight_decay)
+                     weight_decay=optimizer.weight_decay,
+                     recompute=(lambda params: backend.engine.recompute(model, params))
+                     if bool(getattr(train, "recompute", False)) else None)
     runner = backend.engine.compile_train_step(step)
     return WholeStep(step, runner) if runner is not None else None
 

@@ -13,7 +13,7 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from isthmus.train.checkpoint import CheckpointState, load_checkpoint, save_checkpoint
+from isthmus.train.checkpoint import CheckpointState, load_checkpoint, load_sharded_state, save_checkpoint
 from isthmus.train.sidecar import interpreting
 from isthmus.errors import IsthmusError
 from isthmus.train.evaluate import to_device
@@ -26,6 +26,10 @@ from isthmus.train.runlog import MetricsLog, Progress, plot_loss
 from isthmus.train.step import whole_step
 
 EVAL_SAMPLES_DURING_TRAINING = 128
+
+
+class RecomputeError(IsthmusError):
+    """``train.recompute=true`` on an engine that cannot recompute activations."""
 
 
 class TrainingStopped(IsthmusError):
@@ -76,6 +80,8 @@ class Trainer:
         # Data parallel (isthmus.train.parallel.Comm or None): only rank 0 writes checkpoints, logs and progress.
         self.comm = comm
         self.writer = comm is None or comm.rank == 0
+        # Fully sharded (distributed=fsdp): the engine's Sharded places, steps and checkpoints the model.
+        self.sharded = comm if comm is not None and getattr(comm, "strategy", "ddp") == "fsdp" else None
         self.after_checkpoint = after_checkpoint
         self.started = False
 
@@ -103,6 +109,13 @@ class Trainer:
         # here; data parallel keeps the step below, which averages gradients across ranks.
         self.whole_step = (whole_step(backend, self.run.model, self.policy, self.specs, self.optimizer, self.train_cfg)
                            if self.comm is None else None)
+        if bool(t.recompute) and self.sharded is None and engine.recompute(self.run.model, {}) is None:
+            raise RecomputeError(f"train.recompute=true: engine {backend.engine_name} cannot recompute activations; "
+                                 f"set train.recompute=false")
+        if self.sharded is not None:
+            self.start_sharded()
+            self.started = True
+            return
         if self.resume is None:
             weights = self.init if self.init is not None else self.run.model.initial_parameters(int(self.cfg.seed))
             self.params = self.run.model.place_parameters(engine, {name: weights[name] for name in self.specs})
@@ -142,17 +155,66 @@ class Trainer:
         self.foreign = dict(loaded.state.extra.get("foreign") or {})
         self.started = True
 
+    def start_sharded(self) -> None:
+        """Shard the model over the ranks: from the seeded or given weights, from a whole checkpoint
+        (sharded here), or from a sharded one written on any number of ranks."""
+        sharded, t, engine, model = self.sharded, self.cfg.train, self.run.backend.engine, self.run.model
+        compute = "float32" if model.autocast else self.policy.compute_dtype
+        if self.resume is None:
+            weights = self.init if self.init is not None else model.initial_parameters(int(self.cfg.seed))
+            self.params = sharded.place(model, {n: weights[n] for n in self.specs}, compute, bool(t.recompute))
+            self.optimizer.exp_avg, self.optimizer.exp_avg_sq = sharded.zeros()
+            engine.seed(int(self.cfg.seed))
+            self.data = self.run.data.train.iter_batches(int(t.batch_size), seed=int(self.cfg.seed))
+            return
+        ckpt, state, shards = load_sharded_state(
+            self.resume, expect=manifest(self.specs),
+            must_match={"model": plain(self.cfg.model), "data": plain(self.cfg.data)}, model_name=model.name)
+        if shards is not None:  # its shards load over the seeded weights, resharded to this world size
+            weights = model.initial_parameters(int(self.cfg.seed))
+            self.params = sharded.place(model, {n: weights[n] for n in self.specs}, compute, bool(t.recompute))
+            self.optimizer.exp_avg, self.optimizer.exp_avg_sq = sharded.zeros()
+            sharded.read_shards(ckpt, self.optimizer)
+        else:
+            loaded = load_checkpoint(ckpt)
+            self.params = sharded.place(model, loaded.params, compute, bool(t.recompute))
+            self.optimizer.exp_avg = {n: sharded.shard(n, loaded.optimizer_tensors[f"{n}.exp_avg"]) for n in self.specs}
+            self.optimizer.exp_avg_sq = {n: sharded.shard(n, loaded.optimizer_tensors[f"{n}.exp_avg_sq"])
+                                         for n in self.specs}
+        self.optimizer.step = int(state.optimizer["step"])
+        if self.policy.loss_scale is not None and "loss_scale" in state.optimizer:
+            self.policy.loss_scale.load(state.optimizer["loss_scale"])
+        engine.seed(int(self.cfg.seed) + state.step)
+        with interpreting("data_position", "the training data", ckpt / "state.json"):
+            self.data = self.run.data.train.resume(state.data_position)
+        self.step = state.step
+        self.skipped = int(state.extra.get("skipped_steps", 0))
+        self.foreign = dict(state.extra.get("foreign") or {})
+
     def save(self) -> Path | None:
+        sharded = self.sharded
+        whole = sharded.whole_optimizer(self.optimizer) if sharded is not None and sharded.whole_checkpoints else None
+        if whole is not None:
+            sharded = None  # a whole checkpoint, written by rank 0 as without sharding
+        elif sharded is not None and not self.writer:
+            sharded.write_shards(None, self.optimizer)  # rank 0 names the directory
+            return None
         if not self.writer:
             return None
         engine = self.run.backend.engine
         optimizer_scalars = self.optimizer.scalars()
         if self.policy.loss_scale is not None:
             optimizer_scalars["loss_scale"] = self.policy.loss_scale.state()
+        if sharded is not None:  # every rank writes its shards
+            params, optimizer = {}, {}
+        else:  # whole: the parameters as the engine holds them (a sharding one keeps them whole then)
+            held = self.sharded.eval_params() if self.sharded is not None else self.params
+            params = {n: engine.to_numpy(p) for n, p in held.items()}
+            optimizer = whole if whole is not None else {n: engine.to_numpy(t) for n, t in self.optimizer.tensors().items()}
         path = save_checkpoint(
             self.run_dir,
-            {n: engine.to_numpy(p) for n, p in self.params.items()},
-            {n: engine.to_numpy(t) for n, t in self.optimizer.tensors().items()},
+            params,
+            optimizer,
             CheckpointState(
                 step=self.step,
                 model_name=self.run.model.name,
@@ -167,6 +229,7 @@ class Trainer:
                        **({"foreign": self.foreign} if self.foreign else {})},
             ),
             keep_last=int(self.cfg.train.keep_last),
+            shard_writer=(lambda tmp: sharded.write_shards(tmp, self.optimizer)) if sharded is not None else None,
         )
         if self.after_checkpoint is not None:
             self.after_checkpoint(path)
@@ -182,11 +245,26 @@ class Trainer:
             self.params, loss, norm, skip = self.whole_step(self.params, self.optimizer, self.policy, batches, lr)
             return loss, norm, skip
         k, engine, policy = backend.kernels, backend.engine, self.policy
+        own = self.run.model.autocast  # the model runs the engine's autocast instead of being cast
+        if self.sharded is not None:
+            casts = self.sharded.casts_parameters  # else the policy casts and the engine recomputes, as here
+
+            def loss_of(params: Any, batch: Any) -> Any:
+                with engine.autocast(policy.compute_dtype) if own else nullcontext():
+                    used = batch if own else policy.cast_batch(k, batch)
+                    if not casts:
+                        params = params if own else policy.cast_params(k, params)
+                        params = engine.recompute(self.run.model, params) if t.recompute else params
+                    return self.loss_fn(k, params, used, training=True)[0]
+
+            return self.sharded.step(k, loss_of, [next(self.data) for _ in range(int(t.grad_accum))],
+                                     lambda raw: to_device(backend, raw), self.optimizer, self.specs, lr,
+                                     t.clip_norm, policy.loss_scale)
+        recompute = bool(t.recompute)
         scale = policy.scale
         total = None
         losses = []
         weight = 0.0
-        own = self.run.model.autocast  # the model runs the engine's autocast instead of being cast
         for _ in range(int(t.grad_accum)):
             raw = next(self.data)
             weight += token_count(raw) if self.comm is not None else 0.0
@@ -195,6 +273,8 @@ class Trainer:
             def objective(params: dict[str, Any]) -> tuple[Any, Any]:
                 with engine.autocast(policy.compute_dtype) if own else nullcontext():
                     used = params if own else policy.cast_params(k, params)
+                    if recompute:  # noqa: B023 (called at once)
+                        used = engine.recompute(self.run.model, used)
                     loss, metrics = self.loss_fn(k, used, batch, training=True)  # noqa: B023 (called at once)
                 return (k.mul(loss, scale) if scale != 1.0 else loss), loss
 
@@ -294,7 +374,8 @@ class Trainer:
     def eval_and_log(self, metrics_log: MetricsLog, progress: Progress, max_samples: int | None) -> dict[str, Any]:
         run = self.run
         final = max_samples is None
-        result = run.model.evaluate(run.backend, self.params, run.data.eval, batch_size=128, max_samples=max_samples,
+        params = self.sharded.eval_params() if self.sharded is not None else self.params
+        result = run.model.evaluate(run.backend, params, run.data.eval, batch_size=128, max_samples=max_samples,
                                     policy=self.policy, final=final, out_dir=self.run_dir if self.writer else None)
         row = {"split": "eval", "step": self.step,
                **{k: v for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}}

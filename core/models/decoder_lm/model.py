@@ -82,6 +82,10 @@ class DecoderLM(Model):
             add_specs(specs, "head", layers.linear_specs(width, c.vocab_size, bias=False, std=std))
         return specs
 
+    def blocks(self) -> list[str]:
+        """``layers.<i>``: each decoder block is one unit of sharding and recomputation."""
+        return [f"layers.{i}" for i in range(self.config.num_hidden_layers)]
+
     # ---- positions -------------------------------------------------------------------------
     def rotary(self, k: Any, positions: Tensor, dtype: str) -> tuple[Tensor, Tensor]:
         """``(cos, sin)`` of shape ``positions.shape + (rotary_dim / 2,)`` for int64 ``positions``.
@@ -162,7 +166,8 @@ class DecoderLM(Model):
         x = self.embed(k, params, tokens)
         cos, sin = self.rotary(k, k.arange(k.shape(tokens)[1]), k.dtype(x))
         for i in range(self.config.num_hidden_layers):
-            x, _ = self.block(k, Scope(params, f"layers.{i}"), x, cos, sin)
+            # A unit an engine may shard or recompute (Scope.run); x is its one differentiated input.
+            x = Scope(params, f"layers.{i}").run(lambda scope, h: self.block(k, scope, h, cos, sin)[0], x)
         return self.logits(k, params, x)
 
     def loss(self, k: Any, params: Mapping[str, Any], batch: Mapping[str, Any],

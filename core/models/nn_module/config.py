@@ -22,7 +22,9 @@ class TorchModuleConfig(ModelBase):
     or ``mse`` compare the output's ``logits`` (or the output itself) with the batch's ``labels``
     key. ``outputs``: the attribute or key of the output that export and portability compare.
     ``fused_modules``: send recognised submodules through the backend's kernel routes
-    (:mod:`isthmus.models.nn_module.fused`)."""
+    (:mod:`isthmus.models.nn_module.fused`). ``blocks``: class names (``LlamaDecoderLayer``) whose
+    submodules are each one unit of ``distributed=fsdp`` and ``train.recompute``; empty: the whole
+    module is one unit."""
 
     name: str = "torch-module"
     factory: str = MISSING
@@ -32,6 +34,7 @@ class TorchModuleConfig(ModelBase):
     labels: str = "labels"
     outputs: str = "logits"
     fused_modules: bool = False  # RMSNorm submodules and SDPA calls through the backend's kernels (fused routes)
+    blocks: list[str] = field(default_factory=list)  # class names of the units of sharding and recompute
 
     def check(self) -> list[tuple[str, str]]:
         """Rules a type cannot state."""

@@ -127,6 +127,22 @@ class TorchModule(Model):
                 sub.flatten_parameters()
         return own
 
+    def blocks(self) -> list[str]:
+        """The names of the outermost submodules whose class is one of ``model.blocks``."""
+        wanted = set(self.config.blocks)
+        found: list[str] = []
+        for name, sub in self.module.named_modules():
+            if name and type(sub).__name__ in wanted and not any(name.startswith(f + ".") for f in found):
+                found.append(name)
+        missing = wanted - {type(self.module.get_submodule(n)).__name__ for n in found}
+        if missing:
+            raise ModuleError(f"model.blocks: the module has no submodule of class {sorted(missing)[0]!r}")
+        return found
+
+    def engine_module(self) -> Any:
+        """The wrapped ``torch.nn.Module``."""
+        return self.module
+
     # ---- running it ----------------------------------------------------------------------------
     def feeds(self, batch: Mapping[str, Any]) -> dict[str, Any]:
         """The module's keyword arguments from the batch; a key it does not take is one line."""
