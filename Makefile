@@ -56,7 +56,7 @@ test-all: $(STAMP)
 # The README's "Add your model" and "Add your backend" sections, each run line by line in a fresh
 # virtual environment and a copy of the repository, as a new user would follow them.
 tutorials:
-	$(PYTHON) examples/follow_readme.py README.md add-your-model add-your-backend
+	$(PYTHON) examples/follow_readme.py README.md add-your-model add-your-backend bring-your-own-model
 
 # The benchmarks' own environment: the project plus the tools it is compared with (Lightning
 # Fabric, Accelerate), which are not dependencies of the package.
