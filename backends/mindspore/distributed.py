@@ -48,5 +48,5 @@ class DataParallel:
             offset += size
         return out, total_loss / total_weight
 
-    def close(self) -> None:
+    def close(self, clean: bool = True) -> None:
         pass

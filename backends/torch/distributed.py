@@ -61,9 +61,18 @@ class DataParallel:
                 f"ended or stalled: the launcher's summary names it"
             ) from None
 
-    def close(self) -> None:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    def close(self, clean: bool = True) -> None:
+        """Leave the group. After a clean run every rank first waits for the others: gloo aborts a
+        process ("terminate called without an active exception") whose peer tears the group down
+        while it still talks to it. After a failure there is nobody to wait for."""
+        if not dist.is_initialized():
+            return
+        if clean:
+            try:
+                dist.barrier()
+            except RuntimeError:
+                pass  # a peer already gone: leaving is all that is left to do
+        dist.destroy_process_group()
 
 
 def buckets(grads: dict[str, torch.Tensor], limit: int = BUCKET_BYTES) -> list[list[str]]:

@@ -113,10 +113,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     except BaseException:
         if change is not None:
             change.rollback()  # nothing, once the first checkpoint is written
-        raise
-    finally:
         if comm is not None:
-            comm.close()
+            comm.close(clean=False)
+        raise
+    if comm is not None:
+        comm.close()
     ev = result.evaluation
     print(
         f"done: {result.steps} steps in {result.wall_s:.1f} s ({result.steps_per_s:.2f} steps/s), "

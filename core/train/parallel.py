@@ -71,8 +71,8 @@ class Comm(Protocol):
         by the summed weight (the mean over all ranks' tokens)."""
         ...
 
-    def close(self) -> None:
-        """Leave the process group."""
+    def close(self, clean: bool = True) -> None:
+        """Leave the process group; ``clean`` is False when the run ended in an error."""
         ...
 
 
