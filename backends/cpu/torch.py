@@ -18,7 +18,9 @@ def build_cpu(request: BackendRequest) -> BackendParts:
         torch.set_num_threads(int(request.threads))
     if request.deterministic:
         # warn_only: ops without a deterministic CPU kernel still run, with a warning naming them.
-        torch.use_deterministic_algorithms(True, warn_only=True)
+        # ATen's flag only: torch.use_deterministic_algorithms also sets torch.compile's (inductor)
+        # flag, and importing inductor costs a second per process; nothing compiles on this backend.
+        torch._C._set_deterministic_algorithms(True, warn_only=True)
     engine = TorchEngine("cpu")
     return BackendParts(
         engine=engine,

@@ -14,21 +14,23 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
-from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import DTensor
 
 from isthmus.backends.torch import blocks
 from isthmus.backends.torch.distributed import DataParallel
 from isthmus.backends.torch.engine import torch_dtype
 from isthmus.backends.torch.optim import adamw_update
 from isthmus.train.parallel import DistributedError, token_count
+
+if TYPE_CHECKING:
+    from torch.distributed.tensor import DTensor
+
+# torch.distributed's checkpoint, fsdp and tensor packages are imported where used: together they
+# take half a second, which every run of a torch backend would pay for a strategy it rarely uses.
 
 SHARDS_DIR = "shards"
 FORMAT = "torch.distributed.checkpoint"
@@ -43,6 +45,8 @@ class FullyShardedParallel(DataParallel):
     whole_checkpoints = False
 
     def __init__(self, comm_backend: str, timeout_s: float, engine: Any, env: Any) -> None:
+        from torch.distributed.device_mesh import init_device_mesh
+
         super().__init__(comm_backend, timeout_s, engine, env)
         self.engine = engine
         self.mesh = init_device_mesh(self.device.type, (self.world_size,))
@@ -53,6 +57,8 @@ class FullyShardedParallel(DataParallel):
     def place(self, model: Any, arrays: Mapping[str, np.ndarray], compute_dtype: str, recompute: bool) -> dict[str, Any]:
         """Build the model's units from full float32 ``arrays`` (the same on every rank), shard them
         and return the sharded parameters by name; the model then runs through :meth:`view`."""
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
         self.model = model
         mp = MixedPrecisionPolicy(
             param_dtype=None if model.autocast or compute_dtype == "float32" else torch_dtype(compute_dtype),
@@ -196,6 +202,8 @@ class FullyShardedParallel(DataParallel):
     # -- whole tensors --------------------------------------------------------------------------
     def full(self, tensors: Mapping[str, Any]) -> dict[str, np.ndarray]:
         """Sharded tensors gathered to float32 numpy on every rank (a collective)."""
+        from torch.distributed.tensor import DTensor
+
         out = {}
         for name, t in tensors.items():
             whole = t.full_tensor() if isinstance(t, DTensor) else t
@@ -205,6 +213,8 @@ class FullyShardedParallel(DataParallel):
     def eval_params(self) -> Mapping[str, Any]:
         """A wrapped module evaluates through its own sharded forward; an engine-neutral model on the
         whole parameters, gathered on every rank (plain device tensors)."""
+        from torch.distributed.tensor import DTensor
+
         if self.view_params is None:
             return self.params
         return {n: (p.full_tensor() if isinstance(p, DTensor) else p).detach() for n, p in self.params.items()}
@@ -218,6 +228,8 @@ class FullyShardedParallel(DataParallel):
     def write_shards(self, directory: Path | None, optimizer: Any) -> dict[str, Any] | None:
         """Every rank writes its shards into ``directory`` (rank 0's temporary checkpoint directory,
         sent to the others; None on every rank but 0). Returns the sidecar's ``files`` entry on rank 0."""
+        import torch.distributed.checkpoint as dcp
+
         where = [str(directory) if directory is not None else None]
         dist.broadcast_object_list(where, src=0)
         if where[0] is None:
@@ -229,6 +241,8 @@ class FullyShardedParallel(DataParallel):
 
     def read_shards(self, checkpoint: Path, optimizer: Any) -> None:
         """Load a sharded checkpoint written on any number of ranks into this run's shards."""
+        import torch.distributed.checkpoint as dcp
+
         state = self.state_dict(optimizer)
         dcp.load(state, checkpoint_id=Path(checkpoint) / SHARDS_DIR)
 
@@ -240,6 +254,8 @@ class FullyShardedParallel(DataParallel):
 def read_full(checkpoint: Path) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """A sharded checkpoint's parameters and optimizer tensors as whole float32 arrays, in one
     process (``isthmus convert``): ``(params, optimizer tensors)``."""
+    import torch.distributed.checkpoint as dcp
+
     reader = dcp.FileSystemReader(Path(checkpoint) / SHARDS_DIR)
     metadata = reader.read_metadata()
     state: dict[str, dict[str, torch.Tensor]] = {"model": {}, "optimizer": {}}
