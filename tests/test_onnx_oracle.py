@@ -10,6 +10,7 @@ import re
 import warnings
 from collections import Counter
 
+import numpy as np
 import pytest
 
 from isthmus.verify import onnx_oracle
@@ -73,6 +74,42 @@ def test_every_single_node_case_of_a_mapped_operator_is_run_or_left_out():
     expected = Counter(tc.model.graph.node[0].op_type for tc in cases
                        if len(tc.model.graph.node) == 1 and tc.model.graph.node[0].op_type in ADAPTERS and tc.data_sets)
     assert Counter(m.case.op_type for m in MAPPED) + Counter(lo.case.op_type for lo in LEFT_OUT) == expected
+
+
+def test_the_cached_cases_are_the_ones_onnx_makes():
+    fresh = onnx_oracle.generate(ADAPTERS)
+    cached = onnx_oracle.collect()
+    assert [c.name for c in cached] == [c.name for c in fresh]
+    for old, new in zip(cached, fresh):
+        assert (old.op_type, old.opset, old.attrs, old.rtol, old.atol) == (new.op_type, new.opset, new.attrs, new.rtol, new.atol)
+        for a, b in zip([*old.inputs, *old.outputs], [*new.inputs, *new.outputs]):
+            assert (a is None) == (b is None), old.name
+            if a is not None:  # bytes, so that NaNs and signed zeros count; strings by value
+                same = a.tolist() == b.tolist() if a.dtype == object else a.tobytes() == b.tobytes()
+                assert a.dtype == b.dtype and a.shape == b.shape and same, old.name
+
+
+def test_the_case_cache_is_written_once_and_a_damaged_one_is_remade(tmp_path, monkeypatch):
+    made: list[int] = []
+    case = onnx_oracle.OracleCase("test_x", "Relu", 14, {}, [np.ones(2, np.float32)], [np.ones(2, np.float32)], 0.0, 0.0)
+
+    def generate(op_types):
+        made.append(1)
+        return (case,)
+
+    monkeypatch.setenv("ISTHMUS_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(onnx_oracle, "generate", generate)
+    onnx_oracle.collect.cache_clear()
+    try:
+        assert [c.name for c in onnx_oracle.collect()] == ["test_x"] and made == [1]
+        onnx_oracle.collect.cache_clear()
+        assert [c.name for c in onnx_oracle.collect()] == ["test_x"] and made == [1]  # read back, not remade
+        onnx_oracle.cache_file(list(ADAPTERS)).write_bytes(b"\x80\x05truncated")
+        onnx_oracle.collect.cache_clear()
+        assert [c.name for c in onnx_oracle.collect()] == ["test_x"] and made == [1, 1]
+        assert [p.name for p in (tmp_path / "cache").iterdir()] == [onnx_oracle.cache_file(list(ADAPTERS)).name]
+    finally:
+        onnx_oracle.collect.cache_clear()
 
 
 def test_coverage_report_counts_each_operators_cases():

@@ -12,11 +12,15 @@ outputs are then compared with ONNX's own ``rtol``/``atol``, loosened only where
 from __future__ import annotations
 
 import functools
+import hashlib
+import os
+import pickle
 import textwrap
 import warnings
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from pathlib import Path
+from typing import Any, Callable, Container, Sequence
 
 import numpy as np
 
@@ -31,6 +35,8 @@ _SUPPORTED_NUMPY = set(DTYPES)
 # roundoff (float16 4.9e-4, bfloat16 2e-3): more than the cases' float32-minded rtol of 1e-3.
 # These are the conformance suite's tolerances for those dtypes (4 and 8 units).
 _HALF_TOLERANCE = {"float16": (2e-3, 2e-3), "bfloat16": (1.6e-2, 1.6e-2)}
+
+CACHE_FORMAT = 1  # raise when OracleCase or what collect keeps changes
 
 
 @dataclass
@@ -96,13 +102,50 @@ def _to_numpy(value: Any) -> np.ndarray:
     return np.asarray(value)
 
 
+def cache_file(op_types: Sequence[str]) -> Path:
+    """Where the collected cases of ``op_types`` are kept for this version of ``onnx``:
+    ``$ISTHMUS_CACHE_DIR``, else ``$XDG_CACHE_HOME/isthmus``, else ``~/.cache/isthmus``."""
+    import onnx
+
+    root = os.environ.get("ISTHMUS_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "isthmus")
+    key = hashlib.sha256(f"{CACHE_FORMAT}|{onnx.__version__}|{','.join(sorted(op_types))}".encode()).hexdigest()
+    return Path(root) / f"onnx-oracle-{onnx.__version__}-{key[:16]}.pickle"
+
+
 @functools.lru_cache(maxsize=1)
 def collect() -> tuple[OracleCase, ...]:
-    """Every single-node case of an operator we map (first data set), in name order."""
+    """Every single-node case of an operator we map (first data set), in name order.
+
+    ONNX makes its cases by running every operator's generator (about 8 s on one core), so the
+    cases are kept in :func:`cache_file` after the first run; a cache that cannot be read or
+    written is ignored."""
+    from isthmus.verify.onnx_adapters import ADAPTERS
+
+    path = cache_file(list(ADAPTERS))
+    try:
+        with open(path, "rb") as f:
+            cached = pickle.load(f)
+        if isinstance(cached, tuple) and all(isinstance(c, OracleCase) for c in cached):
+            return cached
+    except Exception:  # absent, truncated or from another layout: make the cases again
+        pass
+    cases = generate(ADAPTERS)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        with open(partial, "wb") as f:
+            pickle.dump(cases, f, protocol=pickle.HIGHEST_PROTOCOL)
+        os.replace(partial, path)
+    except OSError:
+        pass
+    return cases
+
+
+def generate(op_types: Container[str]) -> tuple[OracleCase, ...]:
+    """The single-node cases of ``op_types``, made by ONNX's own generators."""
     from onnx import helper
     from onnx.backend.test.case.node import collect_testcases
-
-    from isthmus.verify.onnx_adapters import ADAPTERS
 
     with warnings.catch_warnings():  # the generators overflow on purpose when building Cast data
         warnings.simplefilter("ignore")
@@ -113,7 +156,7 @@ def collect() -> tuple[OracleCase, ...]:
         if len(graph.node) != 1 or not tc.data_sets:
             continue
         node = graph.node[0]
-        if node.op_type not in ADAPTERS:
+        if node.op_type not in op_types:
             continue
         feeds, expected = tc.data_sets[0]
         by_name = {inp.name: _to_numpy(v) for inp, v in zip(graph.input, feeds)}
