@@ -63,6 +63,7 @@ def test_oracle_disagrees_with_a_wrong_kernel(usable_kernel_sets):
     assert not result.ok and "entries off" in result.message
 
 
+@pytest.mark.slow  # runs ONNX's case generators (8 s); the fast tier reads their cache
 def test_every_single_node_case_of_a_mapped_operator_is_run_or_left_out():
     # Counted here from ONNX's own case list, not through the oracle: no case of an operator we
     # have an adapter for may go missing between ONNX and the mapped / left-out lists.
@@ -76,6 +77,7 @@ def test_every_single_node_case_of_a_mapped_operator_is_run_or_left_out():
     assert Counter(m.case.op_type for m in MAPPED) + Counter(lo.case.op_type for lo in LEFT_OUT) == expected
 
 
+@pytest.mark.slow  # runs ONNX's case generators (8 s); the fast tier reads their cache
 def test_the_cached_cases_are_the_ones_onnx_makes():
     fresh = onnx_oracle.generate(ADAPTERS)
     cached = onnx_oracle.collect()
