@@ -84,6 +84,13 @@ class TorchEngine(Engine):
             return np.array(tensor.numpy(), copy=True)
         return tensor.to("cpu", copy=True).numpy()
 
+    def host_view(self, tensor: torch.Tensor) -> np.ndarray:
+        """A host tensor's memory as numpy, uncopied (read it before the tensor changes)."""
+        tensor = tensor.detach()
+        if tensor.device.type == "cpu" and tensor.dtype != torch.bfloat16:
+            return tensor.numpy()
+        return self.to_numpy(tensor)
+
     # ------------------------------------------------------------------ training support
     def parameters(self, arrays: Mapping[str, np.ndarray], dtype: str = "float32") -> dict[str, torch.Tensor]:
         """Leaf tensors on the device that collect gradients, one per named numpy array."""

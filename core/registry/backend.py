@@ -121,6 +121,12 @@ class Engine(Protocol):
         ``tensor`` takes no gradient."""
         return False
 
+    def host_view(self, tensor: Any) -> np.ndarray:
+        """``tensor`` as numpy for reading at once, not keeping: a dump's statistics and hashes.
+        An engine whose host tensors share memory with numpy returns a view (no copy); the default
+        is :meth:`to_numpy`."""
+        return self.to_numpy(tensor)
+
     def placement(self, tensor: Any) -> str:
         """Where ``tensor`` lives (``"cpu"``, ``"cuda:0"``), in :attr:`device`'s spelling, so a dump
         can name ops that ran on the host instead of the device; ``""`` when unknown (the default)."""

@@ -2,7 +2,7 @@
 flows back into it, and the dtype changes, fallbacks and host placements seen at the kernel
 boundary.
 
-Statistics are computed in float64 on the host copy (``engine.to_numpy``): ``count, min, max,
+Statistics are computed in float64 on the host (``engine.host_view``, uncopied where the engine can): ``count, min, max,
 mean, std, l2`` over the finite elements, then the ``nan`` and ``inf`` counts, one row per record in
 a float64 matrix, so a stats-mode bundle stays small and keeps every digit of every statistic.
 """
@@ -138,7 +138,8 @@ class Capture:
 
     def _keep(self, direction: str, name: str, tensor: Any) -> dict[str, Any]:
         dtype = self.dtype_of(tensor)
-        host = self.engine.to_numpy(tensor)
+        # Statistics and hashes are taken now: a view will do. Kept tensors need their own copy.
+        host = self.engine.to_numpy(tensor) if self.mode == "tensors" else self.engine.host_view(tensor)
         rows = self.rows[direction]
         rows.append(stats(host))
         data: dict[str, Any] = {"dtype": dtype, "shape": list(host.shape), "row": len(rows) - 1,
