@@ -174,8 +174,26 @@ def train_losses(run_dir: Path) -> list[float]:
     return [row["loss"] for row in rows if row["split"] == "train"]
 
 
+def weight_gap(one: dict, other: dict) -> tuple[float, int, int, np.ndarray]:
+    """(max |dw|, weights within 1e-6 + 1e-5 |w|, weights, every |dw| flattened) of ``other`` against ``one``."""
+    worst, close, total, gaps = 0.0, 0, 0, []
+    for name, weight in one.items():
+        diff = np.abs(other[name] - weight)
+        worst = max(worst, float(diff.max()))
+        close += int(np.count_nonzero(diff <= 1e-6 + 1e-5 * np.abs(weight)))
+        total += diff.size
+        gaps.append(diff.ravel())
+    return worst, close, total, np.concatenate(gaps)
+
+
 def agreement(model: list[str], steps: int) -> dict:
-    """FSDP on 2 and 4 ranks against one process: losses and final weights after ``steps`` steps."""
+    """FSDP on 2 and 4 ranks against one process: losses and final weights after ``steps`` steps.
+
+    Float32 sums taken in another order differ in their last bits, and AdamW, which divides by
+    sqrt(v), turns that into visible weight differences wherever a gradient is near zero. The scale
+    of that rounding is measured, not assumed: data parallel (DDP) on the same ranks computes the
+    same global gradient with the same per-rank partial sums, and its gap to one process is the
+    reference FSDP's gap is judged against (``of_ddp``: FSDP's max |dw| over DDP's)."""
     from isthmus.interop import convert
     from isthmus.registry.manager import load_plugins
     from isthmus.train.checkpoint import load_checkpoint
@@ -190,24 +208,30 @@ def agreement(model: list[str], steps: int) -> dict:
         if single.returncode:
             raise SystemExit(single.stderr[-2000:])
         one = load_checkpoint(root / "one").params
+        first = np.array(train_losses(root / "one"))
         for ranks in (2, 4):
-            run = launch(ranks, ["-m", "isthmus.cli", "train", "distributed=fsdp", *args, f"output_dir={root / str(ranks)}"],
-                         timeout=3600)
-            if run.returncode:
-                raise SystemExit(run.stdout[-2000:] + run.stderr[-2000:])
-            convert(registry, root / str(ranks), "isthmus", root / f"{ranks}-whole")
-            whole = load_checkpoint(root / f"{ranks}-whole").params
-            worst, close, total = 0.0, 0, 0
-            for name, weight in one.items():
-                diff = np.abs(whole[name] - weight)
-                worst = max(worst, float(diff.max()))
-                close += int(np.count_nonzero(diff <= 1e-6 + 1e-5 * np.abs(weight)))
-                total += diff.size
-            a, b = np.array(train_losses(root / "one")), np.array(train_losses(root / str(ranks)))
-            found[str(ranks)] = {"max_loss_rel_diff": float(np.max(np.abs(b - a) / np.abs(a))), "max_weight_abs_diff": worst,
-                                 "weights_within_rounding": close, "weights": total, "steps": steps}
-            print(f"fsdp on {ranks} ranks vs one process, {steps} steps: max relative loss difference "
-                  f"{found[str(ranks)]['max_loss_rel_diff']:.2e}, max |dw| {worst:.2e}, {close}/{total} weights within rounding")
+            gaps = {}
+            for strategy in ("ddp", "fsdp"):
+                name = f"{strategy}-{ranks}"
+                run = launch(ranks, ["-m", "isthmus.cli", "train", f"distributed={strategy}", *args,
+                                     f"output_dir={root / name}"], timeout=3600)
+                if run.returncode:
+                    raise SystemExit(run.stdout[-2000:] + run.stderr[-2000:])
+                if strategy == "fsdp":
+                    convert(registry, root / name, "isthmus", root / f"{name}-whole")
+                whole = load_checkpoint(root / (f"{name}-whole" if strategy == "fsdp" else name)).params
+                worst, close, total, flat = weight_gap(one, whole)
+                losses = np.array(train_losses(root / name))
+                gaps[strategy] = {"max_loss_rel_diff": float(np.max(np.abs(losses - first) / np.abs(first))),
+                                  "max_weight_abs_diff": worst, "p999_weight_abs_diff": float(np.quantile(flat, 0.999)),
+                                  "weights_within_rounding": close, "weights": total}
+            fsdp, ddp = gaps["fsdp"], gaps["ddp"]
+            found[str(ranks)] = {**fsdp, "steps": steps, "ddp": ddp,
+                                 "of_ddp": fsdp["max_weight_abs_diff"] / max(ddp["max_weight_abs_diff"], 1e-30)}
+            print(f"{ranks} ranks vs one process, {steps} steps: fsdp loss rel {fsdp['max_loss_rel_diff']:.2e}, "
+                  f"max |dw| {fsdp['max_weight_abs_diff']:.2e} (99.9th percentile {fsdp['p999_weight_abs_diff']:.1e}); "
+                  f"ddp loss rel {ddp['max_loss_rel_diff']:.2e}, max |dw| {ddp['max_weight_abs_diff']:.2e} "
+                  f"(99.9th percentile {ddp['p999_weight_abs_diff']:.1e}); fsdp/ddp {found[str(ranks)]['of_ddp']:.2f}")
     return found
 
 
@@ -259,7 +283,9 @@ def main() -> int:
     write_result(args.out, result)
     fsdp_ok = all(abs(row["of_ddp_over_n"] - 1) <= 0.10 for row in rows if row["strategy"] == "fsdp")
     estimate_ok = all(abs(row["estimate_error"]) <= 0.15 for row in rows)
-    agree_ok = all(a["max_loss_rel_diff"] <= 1e-5 for a in result.get("agreement", {}).values())
+    # Losses within 1e-5 relative; weights as close to one process as data parallel's rounding
+    # leaves them (within 2x of DDP's max |dw|).
+    agree_ok = all(a["max_loss_rel_diff"] <= 1e-5 and a["of_ddp"] <= 2.0 for a in result.get("agreement", {}).values())
     return 0 if fsdp_ok and estimate_ok and agree_ok and acts["recompute"] < acts["kept"] else 1
 
 

@@ -229,10 +229,14 @@ def describe_sharding(data: dict[str, Any]) -> tuple[str, str]:
     agreement = data.get("agreement") or {}
     if agreement:
         text += "; " + ", ".join(f"{ranks} ranks vs 1 over {a['steps']} steps: loss rel. diff {a['max_loss_rel_diff']:.1e}, "
-                                 f"max |dw| {a['max_weight_abs_diff']:.1e}" for ranks, a in agreement.items())
+                                 f"max |dw| {a['max_weight_abs_diff']:.1e}"
+                                 + (f" (DDP's rounding on the same ranks {a['ddp']['max_weight_abs_diff']:.1e}, "
+                                    f"ratio {a['of_ddp']:.2f})" if "ddp" in a else "")
+                                 for ranks, a in agreement.items())
     ok = (worst_share <= SHARDING_OF_DDP_TARGET and worst_estimate <= SHARDING_ESTIMATE_TARGET
           and acts["recompute"] < acts["kept"]
-          and all(a["max_loss_rel_diff"] <= SHARDING_LOSS_TARGET for a in agreement.values()))
+          and all(a["max_loss_rel_diff"] <= SHARDING_LOSS_TARGET and a.get("of_ddp", 0.0) <= 2.0
+                  for a in agreement.values()))
     return text + load_note(data), met_text(ok)
 
 
