@@ -25,6 +25,7 @@ from typing import Any, Callable, Container, Sequence
 import numpy as np
 
 from isthmus.kernels.interface import DTYPES
+from isthmus.train.atomic import write_bytes_atomic
 
 # Our dtypes as numpy dtype names (bfloat16 arrives as an ml_dtypes dtype of that name).
 _SUPPORTED_NUMPY = set(DTYPES)
@@ -133,10 +134,7 @@ def collect() -> tuple[OracleCase, ...]:
     cases = generate(ADAPTERS)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        with open(partial, "wb") as f:
-            pickle.dump(cases, f, protocol=pickle.HIGHEST_PROTOCOL)
-        os.replace(partial, path)
+        write_bytes_atomic(path, pickle.dumps(cases, protocol=pickle.HIGHEST_PROTOCOL))
     except OSError:
         pass
     return cases
