@@ -7,8 +7,9 @@ with ``tests`` on ``PYTHONPATH``) so the dump subprocesses see them too.
 * Backends on the real torch CPU engine, each with one kernel deliberately wrong through a kernel
   route: ``linear-off`` and ``gelu-off`` (0.1% too large, forward and so backward), ``relu-grad-off`` (a
   correct ReLU forward whose backward lets the gradient through negative inputs), ``linear-fp16``
-  (linear computed in float16 whatever the run's dtype, cast back), ``crashes`` (its factory
-  raises) and ``hangs`` (its factory never returns).
+  (linear computed in float16 whatever the run's dtype, cast back), ``linear-tf32`` (linear's
+  operands rounded to TF32's 10-bit mantissa, as a silent TF32 or HF32 matmul does), ``crashes`` (its
+  factory raises) and ``hangs`` (its factory never returns).
 """
 
 from __future__ import annotations
@@ -185,6 +186,22 @@ def _linear_fp16(x: Any, weight: Any, bias: Any = None) -> Any:
     return out.to(x.dtype)
 
 
+def _tf32(value: Any) -> Any:
+    """``value`` (float32) rounded to 10 mantissa bits, the gradient passed straight through."""
+    import torch
+
+    dropped = 23 - 10
+    bits = value.detach().float().contiguous().view(torch.int32)
+    rounded = ((bits + (1 << (dropped - 1))) & ~((1 << dropped) - 1)).view(torch.float32).to(value.dtype)
+    return value + (rounded - value).detach()
+
+
+def _linear_tf32(x: Any, weight: Any, bias: Any = None) -> Any:
+    import torch.nn.functional as F
+
+    return F.linear(_tf32(x), _tf32(weight), bias)
+
+
 def _relu_grad_off(x: Any) -> Any:
     import torch
 
@@ -213,6 +230,7 @@ def register_backends(register: Any) -> None:
     register(_backend("gelu-off", _torch_cpu, "torch CPU with gelu 0.1% too large"))
     register(_backend("relu-grad-off", _torch_cpu, "torch CPU with a ReLU backward that ignores the kink"))
     register(_backend("linear-fp16", _torch_cpu, "torch CPU computing linear in float16"))
+    register(_backend("linear-tf32", _torch_cpu, "torch CPU rounding linear's operands to TF32"))
     register(_backend("crashes", _crashes, "a backend whose device never opens"))
     register(_backend("hangs", _hangs, "a backend that never starts"))
 
@@ -223,6 +241,7 @@ def register_kernels(register: Any) -> None:
     register(KernelRoute(backend="gelu-off", op="gelu", impl=_gelu_off))
     register(KernelRoute(backend="relu-grad-off", op="relu", impl=_relu_grad_off))
     register(KernelRoute(backend="linear-fp16", op="linear", impl=_linear_fp16))
+    register(KernelRoute(backend="linear-tf32", op="linear", impl=_linear_tf32))
 
 
 @hookimpl

@@ -87,10 +87,10 @@ def relu_run(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def relu_portability(relu_run, tmp_path_factory):
     """``isthmus portability`` on the ReLU classifier: a correct backend, one with linear 0.1% off,
-    one with a wrong ReLU backward."""
+    one with linear's operands rounded to TF32, one with a wrong ReLU backward."""
     out = tmp_path_factory.mktemp("relu-report")
     result = isthmus("portability", "--checkpoint", str(relu_run), "--backends",
-                     "cpu,linear-off,relu-grad-off,reference", "--out", str(out))
+                     "cpu,linear-off,linear-tf32,relu-grad-off,reference", "--out", str(out))
     return result, out, json.loads((out / "report.json").read_text())
 
 
@@ -209,6 +209,17 @@ def test_a_kernel_off_by_a_thousandth_is_named_by_op_layer_and_path(relu_portabi
     assert "first divergent forward record: head.fc1/linear:0" in page and "path head &gt; head.fc1" in page
 
 
+def test_a_silent_tf32_linear_in_a_float32_run_is_caught(relu_portability):
+    # A TF32 matmul (10-bit operands) is not among the approximations float32's floors admit.
+    _, _, report = relu_portability
+    target = next(t for t in report["targets"] if t["label"] == "linear-tf32")
+    assert target["breach"] and target["dtype"] == "float32"
+    first = target["first"]["forward"]
+    assert first["op_record"] == "head.fc1/linear:0" and first["ratio"] > 16
+    assert max(v["ratio"] for v in target["forward"] + target["backward"]) > 100 * 16
+    assert target["first"]["replay_forward"]["op"] == "linear"
+
+
 def test_bfloat16_is_judged_by_its_noise_floor_and_a_float16_kernel_is_caught(registry, relu_run, relu_portability,
                                                                                tmp_path):
     from isthmus.verify.compare import compare
@@ -301,7 +312,7 @@ def test_gradient_check_steps_around_kinks_where_a_fixed_step_fails():
 
 
 def test_metrics_and_the_noise_floor_verdict():
-    from isthmus.verify.metrics import K, floor_of, running_floors, tensor_metrics, ulp
+    from isthmus.verify.metrics import K, approximation_floor, floor_of, running_floors, tensor_metrics, ulp
 
     want = np.array([1.0, -2.0, 0.5, 0.0])
     got = want * (1 + 1e-3)
@@ -312,6 +323,11 @@ def test_metrics_and_the_noise_floor_verdict():
     assert metrics["ulp_max"] == pytest.approx(2e-3 / 2.0**-6)  # at |x| = 2, a bfloat16 step is 2^-6
     assert tensor_metrics(np.array([1.0]), np.array([1.0, 2.0]), "float32")["error"] == float("inf")
     assert floor_of(0.0, "float32") == 2.0**-25 and floor_of(1e-3, "bfloat16") == 2.0**-9
+    # A transcendental op lets float32 be off by the kit's per-op tolerance over K (engines
+    # approximate exp to tens of units of roundoff); float16's half a unit roundoff is already above
+    # the kit's 2e-3 over K, and a linear approximates nothing.
+    assert approximation_floor("exp", "float32") == pytest.approx(1e-5 / K)
+    assert approximation_floor("exp", "float16") == 0.0 and approximation_floor("linear", "float32") == 0.0
     assert running_floors([1e-7, 5e-8, 3e-7, 1e-7]) == [1e-7, 1e-7, 3e-7, 3e-7]
     assert K >= 1
 

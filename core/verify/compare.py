@@ -28,7 +28,7 @@ import numpy as np
 from isthmus.errors import IsthmusError
 from isthmus.verify.bundle import Bundle, BundleError, hash_arrays, read_bundle
 from isthmus.verify.capture import stats
-from isthmus.verify.metrics import K, floor_of, ratio, stats_metrics, tensor_metrics
+from isthmus.verify.metrics import K, approximation_floor, floor_of, ratio, stats_metrics, tensor_metrics
 
 BASELINE_TOLERANCE = {"float64": 1e-9, "float32": 1e-4, "bfloat16": 5e-2, "float16": 1e-2}
 """Relative RMSE allowed against a baseline bundle (``--reference BUNDLE``), where no float64 truth
@@ -450,7 +450,8 @@ def _against_truth(comparison: Comparison, target: Target, bundle: Bundle, run: 
         else:
             floor = None
         metrics, floor_error = pair_measure(got, floor, want, dtype)
-        floor_error = max(floor_error, truth.accumulation_floor(where[0], want, dtype))
+        floor_error = max(floor_error, truth.accumulation_floor(where[0], want, dtype),
+                          approximation_floor(record.get("op", ""), dtype))
         target.forward.append(_verdict(record["name"], record["kind"], "forward", record, metrics, floor_error,
                                        dtype, k))
     deepest = _raise_floors(target.forward)
@@ -468,11 +469,15 @@ def _against_truth(comparison: Comparison, target: Target, bundle: Bundle, run: 
         target.overflow["new"] = new[0]
     if run["role"] == "golden":
         return
-    _gradients(comparison, target, bundle, run, golden, k)
+    # Every gradient passes through the forward's approximated ops (the loss's, at least).
+    approximated = max((approximation_floor(v.op, dtype) for v in target.forward), default=0.0)
+    _gradients(comparison, target, bundle, run, golden, k, approximated)
 
 
 def _gradients(comparison: Comparison, target: Target, bundle: Bundle, run: dict[str, Any], golden: Bundle | None,
-               k: float) -> None:
+               k: float, approximated: float = 0.0) -> None:
+    """Parameter gradients and backward records against the golden float64 run; ``approximated``:
+    the largest :func:`approximation_floor` of the forward's ops, the least floor of a gradient."""
     dtype = run["dtype"]
     if not run["results"]["gradients"]:
         target.notes.append("forward only: no gradients")
@@ -493,7 +498,7 @@ def _gradients(comparison: Comparison, target: Target, bundle: Bundle, run: dict
         else:
             floor_error = FALLBACK_GRADIENT_FLOOR.get(dtype, 0.0)
         target.results.append(_verdict(name, "gradient", "result", {"layer": name.rsplit(".", 1)[0]}, metrics,
-                                       floor_error, dtype, k))
+                                       max(floor_error, approximated), dtype, k))
     if floor_run is None:
         target.notes.append(f"the golden bundle has no {dtype} run: gradients judged by a fixed floor "
                             f"({FALLBACK_GRADIENT_FLOOR.get(dtype, 0.0):g} relative RMSE)")
@@ -512,6 +517,7 @@ def _gradients(comparison: Comparison, target: Target, bundle: Bundle, run: dict
         metrics, floor_error = pair_measure(got, floor, want, dtype)
         if floor is None:
             floor_error = FALLBACK_GRADIENT_FLOOR.get(dtype, 0.0)
+        floor_error = max(floor_error, approximation_floor(record.get("op", ""), dtype))
         target.backward.append(_verdict(record["name"], "op", "backward", record, metrics, floor_error, dtype, k))
     _raise_floors(target.backward, descending=True)
 
