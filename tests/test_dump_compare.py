@@ -332,6 +332,28 @@ def test_metrics_and_the_noise_floor_verdict():
     assert K >= 1
 
 
+def test_statistics_of_large_and_non_finite_records():
+    from isthmus.verify.capture import DOT_CHUNK, STATS, stats
+
+    rng = np.random.default_rng(0)
+    # Sizes around and beyond the chunk of the single-threaded dot product, one with a large mean
+    # (the centred variance) and one with a NaN and an Inf (the slow path).
+    for size, offset in ((DOT_CHUNK - 1, 0.0), (DOT_CHUNK + 1, 0.0), (5 * DOT_CHUNK + 17, 1e4)):
+        values = (rng.standard_normal(size) + offset).astype(np.float32)
+        row = dict(zip(STATS, stats(values)))
+        wide = values.astype(np.float64)
+        assert row["count"] == size and row["min"] == wide.min() and row["max"] == wide.max()
+        assert row["mean"] == pytest.approx(wide.mean(), rel=1e-12)
+        assert row["std"] == pytest.approx(wide.std(), rel=1e-9)
+        assert row["l2"] == pytest.approx(float(np.sqrt(np.sum(wide * wide))), rel=1e-12)
+    values = rng.standard_normal(3 * DOT_CHUNK)
+    values[5], values[DOT_CHUNK + 3] = np.nan, np.inf
+    row = dict(zip(STATS, stats(values)))
+    good = values[np.isfinite(values)]
+    assert row["nan"] == 1 and row["inf"] == 1 and row["count"] == good.size
+    assert row["l2"] == pytest.approx(float(np.sqrt(np.sum(good * good))), rel=1e-12)
+
+
 def test_vjp_probe_masks_exact_kinks_and_finds_a_wrong_derivative():
     from isthmus.verify.conformance import reference_backend
     from isthmus.verify.vjp import central_difference, directions_for, positions, probes, vjp_error

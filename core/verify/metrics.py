@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from isthmus.verify.capture import STATS
+from isthmus.verify.capture import STATS, dot
 from isthmus.verify.conformance import TOLERANCES
 
 K = 16.0
@@ -99,8 +99,9 @@ def tensor_metrics(got: np.ndarray, want: np.ndarray, dtype: str, scale: float |
     finite_want = np.where(np.isfinite(want), want, 0.0)
     rms = float(np.sqrt(np.mean(finite_want * finite_want)))
     rmse = float(np.sqrt(np.mean(diff * diff))) if not nonfinite.any() else math.inf
-    norms = float(np.linalg.norm(got.ravel())) * float(np.linalg.norm(want.ravel()))
-    cosine = float(np.dot(got.ravel(), want.ravel()) / norms) if norms > 0 and np.isfinite(norms) else (
+    flat_got, flat_want = got.ravel(), want.ravel()
+    norms = math.sqrt(dot(flat_got, flat_got)) * math.sqrt(dot(flat_want, flat_want))
+    cosine = dot(flat_got, flat_want) / norms if norms > 0 and np.isfinite(norms) else (
         1.0 if not diff.any() else 0.0)
     metrics = {
         "max_abs": float(diff.max()), "max_rel": float(np.max(rel[nonzero], initial=0.0)), "cosine": cosine,
