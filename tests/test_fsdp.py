@@ -32,9 +32,9 @@ def isthmus(*args: str, timeout: int = 300, env: dict | None = None) -> subproce
                           timeout=timeout, env=env)
 
 
-def torchrun(nproc: int, *args: str) -> list[str]:
+def torchrun(nproc: int, *args: str, strategy: str = "fsdp") -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
-            "-m", "isthmus.cli", "train", "distributed=fsdp", *args]
+            "-m", "isthmus.cli", "train", f"distributed={strategy}", *args]
 
 
 def losses(run_dir: Path) -> list[float]:
@@ -299,10 +299,17 @@ def test_ranks_match_one_process_over_20_steps(tmp_path, ranks):
     assert max(sizes) < 1.5 * sum(sizes) / ranks, sizes
     converted = isthmus("convert", str(tmp_path / "many"), "--to", "isthmus", "--output", str(tmp_path / "whole"))
     assert converted.returncode == 0, converted.stderr
-    worst, close, total = weights_agree(load_checkpoint(tmp_path / "one").params,
-                                        load_checkpoint(tmp_path / "whole").params)
-    print(f"fsdp on {ranks} ranks vs one process after 20 steps: max |dw| {worst:.2e}, {close}/{total} within rounding")
-    assert worst < 1e-4 and close >= 0.999 * total
+    one = load_checkpoint(tmp_path / "one").params
+    worst, close, total = weights_agree(one, load_checkpoint(tmp_path / "whole").params)
+    # The scale of float32 reorder rounding, measured: DDP on the same ranks sums the same partial
+    # gradients with nothing sharded, and AdamW magnifies where a gradient is near zero.
+    ddp = subprocess.run(torchrun(ranks, *DECODER, *steps, f"output_dir={tmp_path / 'ddp'}", "--no-progress",
+                                  strategy="ddp"), capture_output=True, text=True, timeout=600)
+    assert ddp.returncode == 0, ddp.stdout[-3000:] + ddp.stderr[-3000:]
+    rounding, _, _ = weights_agree(one, load_checkpoint(tmp_path / "ddp").params)
+    print(f"fsdp on {ranks} ranks vs one process after 20 steps: max |dw| {worst:.2e} (ddp {rounding:.2e}), "
+          f"{close}/{total} within rounding")
+    assert worst <= 2 * max(rounding, 1e-7) and close >= 0.999 * total
 
 
 BLOCKS_MODULE = """
