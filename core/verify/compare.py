@@ -28,7 +28,8 @@ import numpy as np
 from isthmus.errors import IsthmusError
 from isthmus.verify.bundle import Bundle, BundleError, hash_arrays, read_bundle
 from isthmus.verify.capture import stats
-from isthmus.verify.metrics import K, approximation_floor, floor_of, ratio, stats_metrics, tensor_metrics
+from isthmus.verify.metrics import (APPROXIMATED, K, approximation_allowance, approximation_floor, floor_of, ratio,
+                                    stats_metrics, tensor_metrics)
 
 BASELINE_TOLERANCE = {"float64": 1e-9, "float32": 1e-4, "bfloat16": 5e-2, "float16": 1e-2}
 """Relative RMSE allowed against a baseline bundle (``--reference BUNDLE``), where no float64 truth
@@ -215,6 +216,8 @@ class Reference:
         self.batch64 = {n: self.engine.asarray(a) for n, a in batch.items()}
         self.trace = trace(self.kernels, self.model, self.params64, self.batch64, keep=lambda op: True)
         self.names = lookup(self.trace)
+        approximated = [i for i, info in enumerate(self.trace.calls) if info.op in APPROXIMATED]
+        self.approximated = (approximated[0], approximated[-1]) if approximated else None
         self._emulated: dict[str, Any] = {}
         self._accumulation: dict[tuple[int, str], float] = {}
 
@@ -229,6 +232,19 @@ class Reference:
             self._accumulation[key] = accumulation_floor(getattr(self.kernels, info.op), info.op, args, kwargs, want,
                                                          dtype)
         return self._accumulation[key]
+
+    def approximation(self, record: dict[str, Any], dtype: str, backward: bool = False) -> float:
+        """:func:`isthmus.verify.metrics.approximation_allowance` for a record that an approximated op
+        feeds: forward, one at or before its call; backward, one at or after it (its backward runs
+        first). A layer record counts from its last call, so the ops inside it count too."""
+        where = self.names.get(record.get("name", ""))
+        if where is None:
+            return approximation_floor(record.get("op", ""), dtype)
+        if self.approximated is None:
+            return 0.0
+        first, last = self.approximated
+        fed = where[0] <= last if backward else where[0] >= first
+        return approximation_allowance(dtype) if fed else 0.0
 
     def emulated(self, dtype: str) -> tuple[Any, dict[str, tuple[int, int]]]:
         """The trace of the reference computing in ``dtype`` (cached) and its name lookup."""
@@ -451,7 +467,7 @@ def _against_truth(comparison: Comparison, target: Target, bundle: Bundle, run: 
             floor = None
         metrics, floor_error = pair_measure(got, floor, want, dtype)
         floor_error = max(floor_error, truth.accumulation_floor(where[0], want, dtype),
-                          approximation_floor(record.get("op", ""), dtype))
+                          truth.approximation(record, dtype))
         target.forward.append(_verdict(record["name"], record["kind"], "forward", record, metrics, floor_error,
                                        dtype, k))
     deepest = _raise_floors(target.forward)
@@ -469,16 +485,17 @@ def _against_truth(comparison: Comparison, target: Target, bundle: Bundle, run: 
         target.overflow["new"] = new[0]
     if run["role"] == "golden":
         return
-    # Every gradient passes through the forward's approximated ops (the loss's, at least).
-    approximated = max((approximation_floor(v.op, dtype) for v in target.forward), default=0.0)
-    _gradients(comparison, target, bundle, run, golden, k, approximated)
+    # A gradient passes through the loss and whatever follows its parameter: any approximated op may
+    # be among them.
+    _gradients(comparison, target, bundle, run, golden, k, truth)
 
 
 def _gradients(comparison: Comparison, target: Target, bundle: Bundle, run: dict[str, Any], golden: Bundle | None,
-               k: float, approximated: float = 0.0) -> None:
-    """Parameter gradients and backward records against the golden float64 run; ``approximated``:
-    the largest :func:`approximation_floor` of the forward's ops, the least floor of a gradient."""
+               k: float, truth: Reference | None = None) -> None:
+    """Parameter gradients and backward records against the golden float64 run; ``truth`` (the
+    float64 trace, where there is one) says which records approximated ops feed."""
     dtype = run["dtype"]
+    approximated = approximation_allowance(dtype) if truth is not None and truth.approximated else 0.0
     if not run["results"]["gradients"]:
         target.notes.append("forward only: no gradients")
         return
@@ -517,7 +534,8 @@ def _gradients(comparison: Comparison, target: Target, bundle: Bundle, run: dict
         metrics, floor_error = pair_measure(got, floor, want, dtype)
         if floor is None:
             floor_error = FALLBACK_GRADIENT_FLOOR.get(dtype, 0.0)
-        floor_error = max(floor_error, approximation_floor(record.get("op", ""), dtype))
+        floor_error = max(floor_error, truth.approximation(record, dtype, backward=True) if truth else
+                          approximation_floor(record.get("op", ""), dtype))
         target.backward.append(_verdict(record["name"], "op", "backward", record, metrics, floor_error, dtype, k))
     _raise_floors(target.backward, descending=True)
 

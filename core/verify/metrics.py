@@ -51,16 +51,21 @@ APPROXIMATED = frozenset({"exp", "log", "tanh", "sigmoid", "silu", "gelu", "erf"
 by 178, where torch's are within one."""
 
 
-def approximation_floor(op: str, dtype: str) -> float:
-    """The floor an op of :data:`APPROXIMATED` sets for itself and the records after it: the
-    conformance kit's per-op tolerance over ``K`` (6.25e-7 in float32, about 10 units of roundoff),
-    so that a record is not a breach for an approximation the kit accepts of each op. It exceeds
-    half a unit roundoff only in float32: engines compute float16 and bfloat16 in float32 inside,
-    and their rounding hides the approximation. 0 for other ops."""
-    if op not in APPROXIMATED or dtype not in TOLERANCES:
+def approximation_allowance(dtype: str) -> float:
+    """The floor the ops of :data:`APPROXIMATED` set for the records they feed: the conformance kit's
+    per-op tolerance over ``K`` (6.25e-7 in float32, about 10 units of roundoff), so that a record
+    is not a breach for an approximation the kit accepts of each op. It exceeds half a unit
+    roundoff only in float32: engines compute float16 and bfloat16 in float32 inside, and their
+    rounding hides the approximation; 0 where it does not exceed it."""
+    if dtype not in TOLERANCES:
         return 0.0
     allowance = TOLERANCES[dtype].rtol / K
     return allowance if allowance > MIN_FLOOR.get(dtype, 0.0) else 0.0
+
+
+def approximation_floor(op: str, dtype: str) -> float:
+    """:func:`approximation_allowance` for an op of :data:`APPROXIMATED`, 0 for other ops."""
+    return approximation_allowance(dtype) if op in APPROXIMATED else 0.0
 
 
 MANTISSA_BITS = {"bfloat16": 7, "float16": 10}
@@ -212,7 +217,7 @@ def verdict_line(k: float = K) -> str:
             f"error the same dtype shows on the reference host for that record (its floor), the floor being at "
             f"least half a unit roundoff ({floors}), from the first transcendental op on (exp, softmax, gelu...) at "
             f"least the conformance kit's per-op tolerance over {K:g} where larger (float32 "
-            f"{approximation_floor('exp', 'float32'):.2e}), and at least "
+            f"{approximation_allowance('float32'):.2e}), and at least "
             f"the floors of the records before it")
 
 
@@ -226,6 +231,6 @@ def summarise(metrics: dict[str, Any]) -> str:
     return ", ".join(parts)
 
 
-__all__ = ["APPROXIMATED", "K", "MIN_FLOOR", "accumulation_floor", "approximation_floor", "SUMS_OF_PRODUCTS", "UNIT_ROUNDOFF", "floor_of", "term_scale", "ratio", "running_floors", "stats_metrics", "summarise",
+__all__ = ["APPROXIMATED", "K", "MIN_FLOOR", "accumulation_floor", "approximation_allowance", "approximation_floor", "SUMS_OF_PRODUCTS", "UNIT_ROUNDOFF", "floor_of", "term_scale", "ratio", "running_floors", "stats_metrics", "summarise",
            "tensor_metrics", "ulp",
            "verdict_line"]
