@@ -2,9 +2,10 @@
 flows back into it, and the dtype changes, fallbacks and host placements seen at the kernel
 boundary.
 
-Statistics are computed in float64 on the host (``engine.host_view``, uncopied where the engine can): ``count, min, max,
-mean, std, l2`` over the finite elements, then the ``nan`` and ``inf`` counts, one row per record in
-a float64 matrix, so a stats-mode bundle stays small and keeps every digit of every statistic.
+Statistics are computed in float64 on the host (``engine.host_view``, uncopied where the engine
+can): ``count, min, max, mean, std, l2`` over the finite elements, then the ``nan`` and ``inf``
+counts, one row per record in a float64 matrix, so a stats-mode bundle stays small and keeps every
+digit of every statistic.
 """
 
 from __future__ import annotations

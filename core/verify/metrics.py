@@ -10,9 +10,9 @@ tensors, the worst statistic otherwise.
 **The noise-floor verdict.** A record breaches when its ``error`` exceeds ``K`` times the error the
 same dtype shows on the reference host for the same record (its *floor*). A floor is at least
 ``MIN_FLOOR[dtype]`` (half a unit roundoff: an exactly computed record must not turn one rounding
-into a breach), at least what an approximated transcendental function at or before it may cost
-(:func:`approximation_floor`: the kit accepts tens of units of roundoff per op in float32), at least the rounding bound of the sums a record's op makes
-(:func:`accumulation_floor`: kernels that sum in another order differ by that much where a result
+into a breach), at least what an approximated transcendental function that feeds it may cost
+(:func:`approximation_allowance`: the kit accepts tens of units of roundoff per op in float32), at
+least the rounding bound of the sums a record's op makes (:func:`accumulation_floor`: kernels that sum in another order differ by that much where a result
 cancels), and at least the floors of the records before it (:func:`running_floors`: rounding
 accumulates with depth, and a record whose own floor is low by luck must not fail an honest
 engine). So bfloat16 and float16 are each judged by what their own rounding costs in this model,
@@ -36,8 +36,8 @@ reach 2.7x the floors of the golden host's torch run and 10.6x those of the NumP
 (which rounds once per op, while real kernels also round inside their sums); bfloat16 and float16
 stay below 5x either; MindSpore's float16 gradients of norm weights reach 12.2x torch's. Where
 torch's float32 run is exact to a unit of roundoff, MindSpore's approximate ``exp`` reached 16.7x it
-(the softmax gradients of the example classifier at step 60), which :func:`approximation_floor` covers. A
-wrong op is orders of magnitude above (a kernel 0.1% off: over 100x in float32)."""
+(the softmax gradients of the example classifier at step 60), which :func:`approximation_allowance`
+covers. A wrong op is orders of magnitude above (a kernel 0.1% off: over 100x in float32)."""
 
 UNIT_ROUNDOFF = {"float64": 2.0**-53, "float32": 2.0**-24, "bfloat16": 2.0**-8, "float16": 2.0**-11}
 MIN_FLOOR = {**{dtype: u / 2 for dtype, u in UNIT_ROUNDOFF.items()}, "float64": 1e-13}
@@ -231,6 +231,6 @@ def summarise(metrics: dict[str, Any]) -> str:
     return ", ".join(parts)
 
 
-__all__ = ["APPROXIMATED", "K", "MIN_FLOOR", "accumulation_floor", "approximation_allowance", "approximation_floor", "SUMS_OF_PRODUCTS", "UNIT_ROUNDOFF", "floor_of", "term_scale", "ratio", "running_floors", "stats_metrics", "summarise",
-           "tensor_metrics", "ulp",
-           "verdict_line"]
+__all__ = ["APPROXIMATED", "K", "MIN_FLOOR", "SUMS_OF_PRODUCTS", "UNIT_ROUNDOFF", "accumulation_floor",
+           "approximation_allowance", "approximation_floor", "floor_of", "ratio", "running_floors", "stats_metrics",
+           "summarise", "tensor_metrics", "term_scale", "ulp", "verdict_line"]
