@@ -8,8 +8,6 @@ untied heads, biases, rope scaling), loss and gradients in float32 and float64, 
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pytest
 import torch

@@ -353,7 +353,7 @@ def test_metrics_and_the_noise_floor_verdict():
 
 
 def test_statistics_of_large_and_non_finite_records():
-    from isthmus.verify.capture import DOT_CHUNK, STATS, stats
+    from isthmus.verify.statistics import DOT_CHUNK, STATS, stats
 
     rng = np.random.default_rng(0)
     # Sizes around and beyond the chunk of the single-threaded dot product, one with a large mean
@@ -424,3 +424,4 @@ def test_a_torch_only_model_is_compared_against_its_own_float64_golden_or_a_bund
     comparison = compare([target, golden], reference=str(golden), registry=registry, echo=lambda line: None)
     assert comparison.exit_code == 0 and [t.label for t in comparison.targets] == ["cpu"]
     assert {v.name for v in comparison.targets[0].results} >= {"logits", "loss"}
+

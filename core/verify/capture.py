@@ -2,68 +2,27 @@
 flows back into it, and the dtype changes, fallbacks and host placements seen at the kernel
 boundary.
 
-Statistics are computed in float64 on the host (``engine.host_view``, uncopied where the engine
-can): ``count, min, max, mean, std, l2`` over the finite elements, then the ``nan`` and ``inf``
-counts, one row per record in a float64 matrix, so a stats-mode bundle stays small and keeps every
-digit of every statistic.
+Statistics (:mod:`isthmus.verify.statistics`) are computed in float64 on the host, read through
+``engine.host_view`` (uncopied where the engine can) as the record is taken: one row per record in
+a float64 matrix, so a stats-mode bundle stays small and keeps every digit of every statistic.
 """
 
 from __future__ import annotations
 
 import hashlib
-import math
 from typing import Any
 
 import numpy as np
 
 from isthmus.kernels.interface import FLOAT_DTYPES
 from isthmus.verify.recording import CREATION_OPS, CallInfo, LayerInfo
+from isthmus.verify.statistics import STATS, stats
 
-STATS = ("count", "min", "max", "mean", "std", "l2", "nan", "inf")
 LEVELS = ("model", "layer", "op")
 MODES = ("stats", "tensors", "md5")
 FLOATS = frozenset(FLOAT_DTYPES)
 NO_DTYPE_RULE = frozenset({"cast", "global_norm", "adamw_update", *CREATION_OPS})
 """Ops whose output dtype is set by an argument or by the contract, not by their inputs."""
-
-
-DOT_CHUNK = 8192
-"""Elements per BLAS dot product in :func:`dot`: OpenBLAS runs a dot product of more than 10,000
-elements on all its threads, whose wake-up and spinning cost more than the sum itself (a stats-mode
-dump spent 5x the CPU time of its model in them)."""
-
-
-def dot(a: np.ndarray, b: np.ndarray) -> float:
-    """``a @ b`` of two 1-D float64 arrays, summed in chunks of :data:`DOT_CHUNK` (single-threaded)."""
-    if a.size <= DOT_CHUNK:
-        return float(a @ b)
-    return sum(float(a[i:i + DOT_CHUNK] @ b[i:i + DOT_CHUNK]) for i in range(0, a.size, DOT_CHUNK))
-
-
-def stats(array: np.ndarray) -> np.ndarray:
-    """The :data:`STATS` row of ``array`` (float64)."""
-    source = np.asarray(array).ravel()
-    values = source.astype(np.float64)
-    count = values.size
-    total = float(values.sum())
-    if count and math.isfinite(total):  # no NaN or Inf anywhere: the fast path
-        squares = dot(values, values)
-        mean = total / count
-        variance = squares / count - mean * mean
-        if variance < 1e-6 * mean * mean:  # cancellation would eat the digits: centre first
-            centred = values - mean
-            variance = dot(centred, centred) / count
-        # min and max are exact in the source dtype, and cheaper to read there.
-        return np.array([count, float(source.min()), float(source.max()), mean, math.sqrt(max(variance, 0.0)),
-                         math.sqrt(squares), 0.0, 0.0])
-    finite = np.isfinite(values)
-    nan = float(np.count_nonzero(np.isnan(values)))
-    inf = float(count - np.count_nonzero(finite) - nan)
-    good = values[finite]
-    if not good.size:
-        return np.array([0.0, np.nan, np.nan, np.nan, np.nan, 0.0, nan, inf])
-    return np.array([float(good.size), good.min(), good.max(), good.mean(), good.std(),
-                     math.sqrt(dot(good, good)), nan, inf])
 
 
 def widens(source: str, target: str) -> bool:
@@ -91,7 +50,7 @@ class Capture:
     """A :class:`~isthmus.verify.recording.Sink` that keeps one run's records.
 
     ``level``: ``model`` (no records), ``layer`` (each layer's output) or ``op`` (every call's
-    output, and the layer records pointing at them). ``mode``: ``stats`` (the :data:`STATS` row),
+    output, and the layer records pointing at them). ``mode``: ``stats`` (the :data:`~isthmus.verify.statistics.STATS` row),
     ``tensors`` (also the tensor) or ``md5`` (also the MD5 of its bytes). Backward records come from
     ``engine.tap`` where the engine offers it; ``key`` prefixes the stored tensors' keys.
     """
@@ -225,4 +184,4 @@ class Capture:
         return {d: np.array(rows, dtype=np.float64).reshape(len(rows), len(STATS)) for d, rows in self.rows.items()}
 
 
-__all__ = ["Capture", "DOT_CHUNK", "LEVELS", "MODES", "STATS", "dot", "stats", "widens"]
+__all__ = ["Capture", "LEVELS", "MODES", "widens"]

@@ -27,7 +27,7 @@ import numpy as np
 
 from isthmus.errors import IsthmusError
 from isthmus.verify.bundle import Bundle, BundleError, hash_arrays, read_bundle
-from isthmus.verify.capture import stats
+from isthmus.verify.statistics import stats
 from isthmus.verify.metrics import (APPROXIMATED, K, approximation_allowance, approximation_floor, floor_of, ratio,
                                     stats_metrics, tensor_metrics)
 

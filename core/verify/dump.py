@@ -229,7 +229,7 @@ def _backward_order(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def overflow(run: Mapping[str, Any], tensors: Mapping[str, np.ndarray]) -> dict[str, Any]:
     """The first record (forward, then backward in backward order) holding a NaN or an Inf."""
-    from isthmus.verify.capture import STATS
+    from isthmus.verify.statistics import STATS
 
     found: dict[str, Any] = {}
     nan_col, inf_col = STATS.index("nan"), STATS.index("inf")

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from isthmus.verify.capture import STATS, dot
+from isthmus.verify.statistics import STATS, dot
 from isthmus.verify.conformance import TOLERANCES
 
 K = 16.0

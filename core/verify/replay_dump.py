@@ -17,7 +17,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from isthmus.kernels.rounding import round_to_dtype
-from isthmus.verify.capture import STATS, stats
+from isthmus.verify.statistics import STATS, stats
 from isthmus.verify.vjp import NO_VJP, directions_for, pieces, positions, probes, substitute
 
 REPLAY_SEED = 1234
