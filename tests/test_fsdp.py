@@ -238,6 +238,7 @@ def test_fsdp_group_of_one_matches_the_plain_trainer_and_writes_a_sharded_checkp
         load_checkpoint(tmp_path / "fsdp")
 
 
+@pytest.mark.slow  # four runs, three conversions; the group-of-one test keeps a sharded checkpoint fast
 def test_a_sharded_checkpoint_resumes_and_consolidates(tmp_path, group_of_one):
     constant = "train.schedule=constant"  # the lr of a step does not depend on train.steps
     train_here(tmp_path / "through", "train.steps=4", "train.checkpoint_every=2", constant)

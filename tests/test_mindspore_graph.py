@@ -103,6 +103,7 @@ def test_the_mode_reaches_the_engine(tmp_path):
 
 
 # ---- semantics kept ---------------------------------------------------------------------------------
+@pytest.mark.slow  # 40 MindSpore steps; the torch -> graph -> torch resume keeps graph training in the fast tier
 def test_graph_and_pynative_give_the_same_losses_over_20_steps_with_dropout(tmp_path):
     steps = ["train.steps=20", "train.checkpoint_every=0", "model.dropout=0.1"]
     graph = train(tmp_path / "graph", "mindspore", *steps)

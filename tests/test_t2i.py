@@ -296,6 +296,7 @@ def test_closed_loop_rates_are_what_the_judge_reads_in_the_samples(trained, judg
     assert final["judge_on_real"] == pytest.approx(np.mean([caption_matches(r, p)["exact"] for r, p in zip(real, prompts)]))
 
 
+@pytest.mark.slow  # three generate subprocesses; closed-loop, guidance and refusal tests keep sampling fast
 def test_generate_writes_a_png_and_is_reproducible(trained, tmp_path):
     run_dir, _ = trained
     prompt = "a red circle left of a blue square"
