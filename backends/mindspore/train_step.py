@@ -4,8 +4,10 @@ Graph mode: the objective (the model's loss) is traced into a graph and differen
 ``mindspore.value_and_grad``, which runs the graph's backward as a graph too; the update (gradient
 sum, unscaling, clipping, AdamW, the loss-scale rule) is a second graph. PyNative mode: the
 objective runs op by op and only the update is compiled, as MindSpore's own optimizers compile
-theirs. MindSpore 2.10 cannot differentiate through a traced graph from inside another compiled
-graph (``GradOperation`` refuses a ``TraceGraph``), hence two graphs per step rather than one.
+theirs. Two graphs per step rather than one: MindSpore 2.10 compiles the gradient of a traced
+graph and the traced update into one AST graph only under NumPy 1.x (under NumPy 2 its compiler's
+NumPy C-API import fails, "Numpy init failed"), and that one graph measured no faster on the CPU
+(bench/README.md, mindspore_overhead).
 
 Every call reads one small vector back (the losses, the gradient norm and the loss scale): the
 trainer needs the loss and norm on the host every step anyway, and skipping a step is then a
