@@ -57,12 +57,12 @@ sys.path.insert(0, str(HERE))
 from common import base_parser, isthmus_first_step, lr_schedule, machine, make_run, write_result  # noqa: E402
 
 LOSS_TOL = 1e-4
+NORM_TOL = 1e-3
+SIDES = ("isthmus", "hand")
 WARM_IN = 10
 """Steps after the first that every side's steady state leaves out: a fresh isthmus graph-mode run
 has steps of 200-360 ms among its ~110 ms ones until about step 15 (seen with Python's garbage
 collector on and off), after which its steps are steady."""
-NORM_TOL = 1e-3
-SIDES = ("isthmus", "hand")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -154,9 +154,14 @@ class OpByOpLoop:
         self.times.append((time.perf_counter() - wall, time.process_time() - cpu))
 
 
+def steady_part(steps: list, warm_in: int) -> list:
+    """The steps of the steady state: after the first and the ``warm_in`` steps that follow it."""
+    return steps[1 + warm_in:]
+
+
 def timings(times: list[tuple[float, float]], warm_in: int) -> dict:
     """The first step, then the next ``warm_in`` steps, apart from the rest (the steady state)."""
-    steady = times[1 + warm_in:]
+    steady = steady_part(times, warm_in)
     return {"first_step_s": times[0][0], "warm_in_s": sum(w for w, _ in times[1:1 + warm_in]),
             "steady_wall_s": sum(w for w, _ in steady),
             "steady_cpu_s": sum(c for _, c in steady), "steady_steps": len(steady),
@@ -298,12 +303,13 @@ def main(argv: list[str] | None = None) -> int:
         for mode, (run, manager) in runs.items():
             loop = HandLoop(run, arrays, work / f"hand-{mode}-{r}.jsonl", args.optimizer, mode)
             old = OpByOpLoop(op_run, work / f"op-by-op-{r}") if mode == op_by_op_with else None
-            mine = isthmus_run(run, manager, work / f"isthmus-{mode}-{r}", [loop] + ([old] if old else []), args.warm_in)
+            mine = isthmus_run(run, manager, work / f"isthmus-{mode}-{r}", [loop] + ([old] if old else []),
+                               args.warm_in)
             hand = {**timings(loop.times, args.warm_in), "last_loss": loop.last, "steps": loop.n}
             row = {"round": r, "mode": mode, "isthmus": mine, "hand": hand,
                    "ratio_of_paired_steps": statistics.median(
-                       h / i for i, h in zip(mine["step_wall_s"][1 + args.warm_in:],
-                                             hand["step_wall_s"][1 + args.warm_in:]))}
+                       h / i for i, h in zip(steady_part(mine["step_wall_s"], args.warm_in),
+                                             steady_part(hand["step_wall_s"], args.warm_in)))}
             if old:
                 row["op_by_op"] = {**timings(old.times, args.warm_in), "last_loss": old.last, "steps": len(old.times)}
             round_rows.append(row)
@@ -336,8 +342,7 @@ def main(argv: list[str] | None = None) -> int:
               f"CPU time {s['cpu_ratio_of_medians']:.3f}); first step {s['median_first_step_s_isthmus']:.2f} s vs "
               f"{s['median_first_step_s_hand']:.2f} s, the {args.warm_in} steps after it "
               f"{s['median_warm_in_s_isthmus']:.2f} s vs {s['median_warm_in_s_hand']:.2f} s"
-              + (f"; {s['over_op_by_op']:.2f}x the op-by-op step"
-                                                          if "over_op_by_op" in s else ""))
+              + (f"; {s['over_op_by_op']:.2f}x the op-by-op step" if "over_op_by_op" in s else ""))
     drift = max(abs(r["isthmus"]["last_loss"] - r["hand"]["last_loss"]) for r in rows)
     if args.optimizer == "adamw" and drift > 1e-3:
         print(f"WARNING: the last losses of isthmus and hand-written drifted apart by {drift:.2e} (expect ~1e-6)")

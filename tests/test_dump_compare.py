@@ -424,4 +424,3 @@ def test_a_torch_only_model_is_compared_against_its_own_float64_golden_or_a_bund
     comparison = compare([target, golden], reference=str(golden), registry=registry, echo=lambda line: None)
     assert comparison.exit_code == 0 and [t.label for t in comparison.targets] == ["cpu"]
     assert {v.name for v in comparison.targets[0].results} >= {"logits", "loss"}
-

@@ -228,8 +228,8 @@ def test_softmax_gradients_are_within_the_float32_noise_floor_of_torchs(mindspor
     # roundoff: with no allowance for the approximation, 3 of these 30 draws breached at up to 24x.
     import torch
 
-    from isthmus.verify.statistics import stats
     from isthmus.verify.metrics import K, approximation_floor, floor_of, stats_metrics
+    from isthmus.verify.statistics import stats
 
     engine, k = mindspore_cpu.engine, mindspore_cpu.kernels
     rng = np.random.default_rng(1)

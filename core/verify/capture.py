@@ -50,8 +50,9 @@ class Capture:
     """A :class:`~isthmus.verify.recording.Sink` that keeps one run's records.
 
     ``level``: ``model`` (no records), ``layer`` (each layer's output) or ``op`` (every call's
-    output, and the layer records pointing at them). ``mode``: ``stats`` (the :data:`~isthmus.verify.statistics.STATS` row),
-    ``tensors`` (also the tensor) or ``md5`` (also the MD5 of its bytes). Backward records come from
+    output, and the layer records pointing at them). ``mode``: ``stats`` (the
+    :data:`~isthmus.verify.statistics.STATS` row), ``tensors`` (also the tensor) or ``md5`` (also the
+    MD5 of its bytes). Backward records come from
     ``engine.tap`` where the engine offers it; ``key`` prefixes the stored tensors' keys.
     """
 

@@ -27,9 +27,9 @@ import numpy as np
 
 from isthmus.errors import IsthmusError
 from isthmus.verify.bundle import Bundle, BundleError, hash_arrays, read_bundle
-from isthmus.verify.statistics import stats
 from isthmus.verify.metrics import (APPROXIMATED, K, approximation_allowance, approximation_floor, floor_of, ratio,
                                     stats_metrics, tensor_metrics)
+from isthmus.verify.statistics import stats
 
 BASELINE_TOLERANCE = {"float64": 1e-9, "float32": 1e-4, "bfloat16": 5e-2, "float16": 1e-2}
 """Relative RMSE allowed against a baseline bundle (``--reference BUNDLE``), where no float64 truth

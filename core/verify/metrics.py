@@ -12,10 +12,10 @@ same dtype shows on the reference host for the same record (its *floor*). A floo
 ``MIN_FLOOR[dtype]`` (half a unit roundoff: an exactly computed record must not turn one rounding
 into a breach), at least what an approximated transcendental function that feeds it may cost
 (:func:`approximation_allowance`: the kit accepts tens of units of roundoff per op in float32), at
-least the rounding bound of the sums a record's op makes (:func:`accumulation_floor`: kernels that sum in another order differ by that much where a result
-cancels), and at least the floors of the records before it (:func:`running_floors`: rounding
-accumulates with depth, and a record whose own floor is low by luck must not fail an honest
-engine). So bfloat16 and float16 are each judged by what their own rounding costs in this model,
+least the rounding bound of the sums a record's op makes (:func:`accumulation_floor`: kernels that
+sum in another order differ by that much where a result cancels), and at least the floors of the
+records before it (:func:`running_floors`: rounding accumulates with depth, and a record whose own
+floor is low by luck must not fail an honest engine). So bfloat16 and float16 are each judged by what their own rounding costs in this model,
 not by one tolerance per dtype.
 """
 
@@ -26,8 +26,8 @@ from typing import Any
 
 import numpy as np
 
-from isthmus.verify.statistics import STATS, dot
 from isthmus.verify.conformance import TOLERANCES
+from isthmus.verify.statistics import STATS, dot
 
 K = 16.0
 """A record breaches above ``K`` x its floor. Measured on the demo model (op level, 600 records each
@@ -217,8 +217,7 @@ def verdict_line(k: float = K) -> str:
             f"error the same dtype shows on the reference host for that record (its floor), the floor being at "
             f"least half a unit roundoff ({floors}), from the first transcendental op on (exp, softmax, gelu...) at "
             f"least the conformance kit's per-op tolerance over {K:g} where larger (float32 "
-            f"{approximation_allowance('float32'):.2e}), and at least "
-            f"the floors of the records before it")
+            f"{approximation_allowance('float32'):.2e}), and at least the floors of the records before it")
 
 
 def summarise(metrics: dict[str, Any]) -> str:
