@@ -116,6 +116,17 @@ def test_suite_reports_a_raising_kernel(usable_kernel_sets):
     assert results and all(not r.ok and "no kernel for this device" in r.message for r in results)
 
 
+def test_suite_fails_a_kernel_that_writes_into_its_input(usable_kernel_sets):
+    """A dump reads recorded outputs after later calls have run: kernels must return new tensors.
+    An in-place relu gives the right numbers and still fails, naming the input it wrote."""
+    _, kernels, engine = usable_kernel_sets[0]
+    results = run_suite(_with(kernels, relu=lambda x: x.clamp_(min=0)), engine, dtypes=("float32",), ops=("relu",))
+    failed = [r for r in results if not r.ok]  # the cases with a negative input
+    assert failed
+    assert all("wrote into its input tensor 0" in r.message for r in failed)
+    assert all(r.ok for r in run_suite(kernels, engine, dtypes=("float32",), ops=("relu",)))
+
+
 # ------------------------------------------------------------------- property tests
 shapes = st.lists(st.integers(0, 4), min_size=0, max_size=4).map(tuple)
 magnitudes = st.sampled_from([1.0, 30.0, 1e4])

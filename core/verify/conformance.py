@@ -297,9 +297,34 @@ def run_case(kernels: Any, engine: Any, reference_kernels: Any, reference_engine
     return result
 
 
+def _tensors(value: Any) -> list[Any]:
+    """The engine tensors in converted case inputs (lists, tuples and dicts looked into)."""
+    if isinstance(value, (list, tuple)):
+        return [t for v in value for t in _tensors(v)]
+    if isinstance(value, dict):
+        return [t for v in value.values() for t in _tensors(v)]
+    return [] if isinstance(value, (str, bool, int, float, complex, type(None), np.generic)) else [value]
+
+
+def _written_input(engine: Any, inputs: list[Any], before: list[bytes]) -> int | None:
+    """The position of the first input whose bytes differ from ``before``, or None."""
+    for i, (tensor, old) in enumerate(zip(inputs, before)):
+        if np.asarray(engine.to_numpy(tensor)).tobytes() != old:
+            return i
+    return None
+
+
 def _generic(kernels, engine, reference_kernels, reference_engine, case, dtype, rng):
     args, kwargs = case.build(rng)
-    out = getattr(kernels, case.op)(*convert(args, engine, dtype), **convert(kwargs, engine, dtype))
+    engine_args, engine_kwargs = convert(args, engine, dtype), convert(kwargs, engine, dtype)
+    # Kernels return new tensors: a dump reads a recorded output after later calls have run, and a
+    # model reuses a tensor after passing it on, so a kernel that writes into an input fails here.
+    inputs = _tensors([engine_args, engine_kwargs])
+    before = [np.asarray(engine.to_numpy(t)).tobytes() for t in inputs]
+    out = getattr(kernels, case.op)(*engine_args, **engine_kwargs)
+    written = _written_input(engine, inputs, before)
+    if written is not None:
+        return False, math.inf, math.inf, f"wrote into its input tensor {written}: a kernel must return new tensors"
     ref = to_numpy(getattr(reference_kernels, case.op)(
         *convert(args, reference_engine, dtype), **convert(kwargs, reference_engine, dtype)),
         reference_engine)
