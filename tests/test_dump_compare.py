@@ -353,25 +353,54 @@ def test_metrics_and_the_noise_floor_verdict():
 
 
 def test_statistics_of_large_and_non_finite_records():
-    from isthmus.verify.statistics import DOT_CHUNK, STATS, stats
+    from isthmus.verify.statistics import CHUNK, DOT_CHUNK, STATS, stats
 
     rng = np.random.default_rng(0)
-    # Sizes around and beyond the chunk of the single-threaded dot product, one with a large mean
-    # (the centred variance) and one with a NaN and an Inf (the slow path).
-    for size, offset in ((DOT_CHUNK - 1, 0.0), (DOT_CHUNK + 1, 0.0), (5 * DOT_CHUNK + 17, 1e4)):
-        values = (rng.standard_normal(size) + offset).astype(np.float32)
+    # Sizes around and beyond the chunk of the single-threaded dot product and the piece read at a
+    # time, one with a large mean (the centred variance) and one with a NaN and an Inf (the slow path).
+    for size, offset, dtype in ((DOT_CHUNK - 1, 0.0, np.float32), (DOT_CHUNK + 1, 0.0, np.float32),
+                                (5 * DOT_CHUNK + 17, 1e4, np.float32), (3 * CHUNK + 5, 0.5, np.float32),
+                                (CHUNK + 1, -2.0, np.float16)):
+        values = (rng.standard_normal(size) + offset).astype(dtype)
         row = dict(zip(STATS, stats(values)))
         wide = values.astype(np.float64)
         assert row["count"] == size and row["min"] == wide.min() and row["max"] == wide.max()
         assert row["mean"] == pytest.approx(wide.mean(), rel=1e-12)
         assert row["std"] == pytest.approx(wide.std(), rel=1e-9)
         assert row["l2"] == pytest.approx(float(np.sqrt(np.sum(wide * wide))), rel=1e-12)
-    values = rng.standard_normal(3 * DOT_CHUNK)
-    values[5], values[DOT_CHUNK + 3] = np.nan, np.inf
-    row = dict(zip(STATS, stats(values)))
-    good = values[np.isfinite(values)]
-    assert row["nan"] == 1 and row["inf"] == 1 and row["count"] == good.size
-    assert row["l2"] == pytest.approx(float(np.sqrt(np.sum(good * good))), rel=1e-12)
+    for size, dtype in ((3 * DOT_CHUNK, np.float64), (CHUNK + 3 * DOT_CHUNK, np.float32)):
+        values = rng.standard_normal(size).astype(dtype)
+        values[5], values[size - 3] = np.nan, np.inf
+        row = dict(zip(STATS, stats(values)))
+        good = values[np.isfinite(values)].astype(np.float64)
+        assert row["nan"] == 1 and row["inf"] == 1 and row["count"] == good.size
+        assert row["l2"] == pytest.approx(float(np.sqrt(np.sum(good * good))), rel=1e-12)
+
+
+def test_statistics_read_after_the_pass_equal_the_ones_read_at_once(registry, captioner, monkeypatch):
+    """A stats-mode pass reads its statistics in batches, after later kernel calls have run; they
+    equal, bit for bit, the ones a tensors-mode pass reads as each record is taken, also when the
+    batch fills mid-pass."""
+    import isthmus.verify.capture as capture
+    from isthmus.train.restore import restore
+    from isthmus.train.run import build_backend
+    from isthmus.verify.dump import batch_recipe, checkpoint_config, run_pass
+
+    restored = restore(registry, captioner)
+    _, backend = build_backend(checkpoint_config(registry, restored, ["backend=cpu"]), registry)
+    _, batch = batch_recipe(restored.data.eval, 4, 0)
+
+    def rows(mode: str) -> dict[str, np.ndarray]:
+        _, tensors = run_pass(backend, restored.model, restored.params, batch, "float32", "layer", mode, "r")
+        return {d: tensors[f"r/stats/{d}"] for d in ("forward", "backward")}
+
+    at_once = rows("tensors")
+    assert at_once["forward"].shape[0] > 10 and at_once["backward"].shape[0] > 10
+    for waiting in (capture.DEFER_ELEMENTS, 1000):
+        monkeypatch.setattr(capture, "DEFER_ELEMENTS", waiting)
+        deferred = rows("stats")
+        for direction, matrix in at_once.items():
+            assert np.array_equal(deferred[direction], matrix, equal_nan=True), (waiting, direction)
 
 
 def test_vjp_probe_masks_exact_kinks_and_finds_a_wrong_derivative():

@@ -3,13 +3,18 @@ flows back into it, and the dtype changes, fallbacks and host placements seen at
 boundary.
 
 Statistics (:mod:`isthmus.verify.statistics`) are computed in float64 on the host, read through
-``engine.host_view`` (uncopied where the engine can) as the record is taken: one row per record in
-a float64 matrix, so a stats-mode bundle stays small and keeps every digit of every statistic.
+``engine.host_view`` (uncopied where the engine can): one row per record in a float64 matrix, so a
+stats-mode bundle stays small and keeps every digit of every statistic. A capture taken with
+``deferred=True`` reads them in one batch when the pass ends (or when :data:`DEFER_ELEMENTS` are
+waiting), not between the model's kernel calls: the same numbers, for less time. That is only
+right where nothing writes into a tensor after it is recorded, which the kernel contract
+guarantees (kernels return new tensors) and a module's in-place ops (``ReLU(inplace=True)``) do not.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 from typing import Any
 
 import numpy as np
@@ -23,6 +28,10 @@ MODES = ("stats", "tensors", "md5")
 FLOATS = frozenset(FLOAT_DTYPES)
 NO_DTYPE_RULE = frozenset({"cast", "global_norm", "adamw_update", *CREATION_OPS})
 """Ops whose output dtype is set by an argument or by the contract, not by their inputs."""
+
+DEFER_ELEMENTS = 1 << 22
+"""Elements whose statistics a deferred capture lets wait (4M: 16 MB of float32 kept alive) before
+it reads them."""
 
 
 def widens(source: str, target: str) -> bool:
@@ -54,11 +63,12 @@ class Capture:
     :data:`~isthmus.verify.statistics.STATS` row), ``tensors`` (also the tensor) or ``md5`` (also the
     MD5 of its bytes). Backward records come from
     ``engine.tap`` where the engine offers it; ``key`` prefixes the stored tensors' keys.
+    ``deferred``: stats-mode statistics are read in batches (see the module's note).
     """
 
     def __init__(self, engine: Any, kernels: Any, level: str, mode: str, key: str,
-                 events: Any = None, backward: bool = True, dtype: str = "") -> None:
-        self.engine, self.dtype_of = engine, kernels.dtype
+                 events: Any = None, backward: bool = True, dtype: str = "", deferred: bool = False) -> None:
+        self.engine, self.dtype_of, self.shape_of = engine, kernels.dtype, kernels.shape
         self.level, self.mode, self.key = level, mode, key
         self.device = getattr(engine, "device", "")
         self.kernel_events = events
@@ -73,6 +83,9 @@ class Capture:
         self.taps = 0
         self._done: dict[tuple[int, int], dict[str, Any]] = {}
         self._tapped: set[int] = set()
+        self.deferred = deferred and mode == "stats"
+        self._waiting: list[tuple[list[Any], int, Any]] = []
+        self._waiting_elements = 0
 
     # ---------------------------------------------------------------------------- the sink
     def call(self, info: CallInfo, args: tuple, kwargs: dict, out: Any) -> None:
@@ -112,9 +125,17 @@ class Capture:
 
     def _keep(self, direction: str, name: str, tensor: Any) -> dict[str, Any]:
         dtype = self.dtype_of(tensor)
+        rows = self.rows[direction]
+        if self.deferred:
+            shape = list(self.shape_of(tensor))
+            rows.append(None)
+            self._waiting.append((rows, len(rows) - 1, tensor))
+            self._waiting_elements += math.prod(shape)
+            if self._waiting_elements >= DEFER_ELEMENTS:
+                self._read_waiting()
+            return {"dtype": dtype, "shape": shape, "row": len(rows) - 1, "float": dtype in FLOATS}
         # Statistics and hashes are taken now: a view will do. Kept tensors need their own copy.
         host = self.engine.to_numpy(tensor) if self.mode == "tensors" else self.engine.host_view(tensor)
-        rows = self.rows[direction]
         rows.append(stats(host))
         data: dict[str, Any] = {"dtype": dtype, "shape": list(host.shape), "row": len(rows) - 1,
                                 "float": dtype in FLOATS}
@@ -136,6 +157,12 @@ class Capture:
 
         if self.engine.tap(tensor, receive):
             self.taps += 1
+
+    def _read_waiting(self) -> None:
+        view = self.engine.host_view
+        for rows, row, tensor in self._waiting:
+            rows[row] = stats(view(tensor))
+        self._waiting, self._waiting_elements = [], 0
 
     def _notes(self, info: CallInfo) -> None:
         for kind, detail in self.kernel_events.drain():
@@ -181,7 +208,8 @@ class Capture:
 
     # ---------------------------------------------------------------------------- results
     def matrices(self) -> dict[str, np.ndarray]:
-        """The stats rows as ``{direction: (n, len(STATS)) float64}``."""
+        """The stats rows as ``{direction: (n, len(STATS)) float64}`` (the waiting ones read first)."""
+        self._read_waiting()
         return {d: np.array(rows, dtype=np.float64).reshape(len(rows), len(STATS)) for d, rows in self.rows.items()}
 
 

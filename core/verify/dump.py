@@ -157,7 +157,8 @@ def run_pass(backend: Any, model: Any, params: Mapping[str, np.ndarray], batch: 
     box: dict[str, Any] = {}
     tensors: dict[str, np.ndarray] = {}
     with kernel_events.Listener() as listener:
-        capture = Capture(engine, k, level, mode, key, events=listener, backward=autodiff, dtype=dtype)
+        capture = Capture(engine, k, level, mode, key, events=listener, backward=autodiff, dtype=dtype,
+                          deferred=True)  # kernels never write into a tensor they returned
         # At --level model nothing is recorded per call, so the model runs on the plain kernels.
         recording = Recording(k, capture) if level != "model" else None
         used: dict[str, Any] = {}
