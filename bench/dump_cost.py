@@ -16,9 +16,11 @@ process on ``backend=cpu`` (torch), alternating, after warm-up rounds:
 
 Ratios are dump / plain of the median wall and CPU times over ``--rounds`` rounds, at the dump's
 default batch (``--batch``, 4: the headline) and at the demo's training batch (``--training-batch``,
-64), where the model's own work weighs more against the per-call costs. Then one real
-``isthmus dump`` (stats mode, default level) of the checkpoint gives the bundle's size. Writes
-``bench/results/dump_cost.json``. Run: ``.venv/bin/python bench/dump_cost.py``.
+64). Then one real ``isthmus dump`` (stats mode, default level) of the checkpoint gives the bundle's
+size. For scale, the same two ratios of the same architecture ``--wide`` times as wide
+(``model.d_model``, twice the heads; 4: d_model 256, 3.2M parameters, 2 training steps): the demo
+model is 64 wide, so its kernels do little work per element against the statistics' fixed
+per-element cost. Writes ``bench/results/dump_cost.json``. Run: ``.venv/bin/python bench/dump_cost.py``.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -50,6 +53,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=4, help="the dump's default batch (the headline figure)")
     p.add_argument("--training-batch", type=int, default=64,
                    help="also measured: the batch the demo trains with (configs/train/default.yaml)")
+    p.add_argument("--wide", type=int, default=4, help="also measure the demo architecture this many times as wide "
+                                                       "(0: skip)")
+    p.add_argument("--wide-rounds", type=int, default=10, help="rounds of the wide model at each batch")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (default 1: a pass takes milliseconds, and two threads on a shared 2-core "
                         "machine mostly measure the neighbours)")
@@ -57,11 +63,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def demo_checkpoint(scratch: Path, steps: int) -> Path:
-    run_dir = scratch / "demo"
+def demo_checkpoint(scratch: Path, steps: int, name: str = "demo", overrides: tuple[str, ...] = ()) -> Path:
+    run_dir = scratch / name
     command = [sys.executable, "-m", "isthmus.cli", "train", "backend=cpu", f"train.steps={steps}",
-               "train.warmup_steps=2", "train.eval_every=0", "train.checkpoint_every=0", "data.num_train=512",
-               f"output_dir={run_dir}", "--no-progress"]
+               f"train.warmup_steps={min(2, steps - 1)}", "train.eval_every=0", "train.checkpoint_every=0",
+               "data.num_train=512",
+               *overrides, f"output_dir={run_dir}", "--no-progress"]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(f"training the demo model failed: {done.stderr[-2000:]}")
@@ -85,16 +92,16 @@ def main(argv: list[str] | None = None) -> int:
     from isthmus.verify.dump import DumpOptions, batch_recipe, checkpoint_config, dump, run_pass
 
     _, registry = load_plugins(autoload=False)
-    with tempfile.TemporaryDirectory() as scratch_name:
-        scratch = Path(scratch_name)
-        checkpoint = args.checkpoint or demo_checkpoint(scratch, args.train_steps)
+
+    def passes(checkpoint: Path, kept: dict) -> Any:
+        """``measure(size, rounds, op_rounds)``: median (wall, CPU) seconds of each side at a batch size."""
         restored = restore(registry, checkpoint)
         cfg = checkpoint_config(registry, restored, ["backend=cpu", f"backend.threads={args.threads}"])
         _, backend = build_backend(cfg, registry)
         engine, kernels, model = backend.engine, backend.kernels, restored.model
-        kept: dict = {}
+        kept["model"], kept["params"] = model, restored.params
 
-        def measure(size: int, op_rounds: int) -> dict[str, tuple[float, float]]:
+        def measure(size: int, rounds: int, op_rounds: int) -> dict[str, tuple[float, float]]:
             _, batch = batch_recipe(restored.data.eval, size, 0)
 
             def plain() -> None:
@@ -114,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
             for _ in range(args.warmup):
                 plain(), layer_pass(), op_pass() if op_rounds else None
             times: dict[str, list[tuple[float, float]]] = {"plain": [], "layer": [], "op": []}
-            for i in range(args.rounds):
+            for i in range(rounds):
                 times["plain"].append(timed(plain))
                 times["layer"].append(timed(layer_pass))
                 if i < op_rounds:
@@ -122,8 +129,18 @@ def main(argv: list[str] | None = None) -> int:
             return {side: (statistics.median(t[0] for t in rows), statistics.median(t[1] for t in rows))
                     for side, rows in times.items() if rows}
 
-        training = measure(args.training_batch, 0) if args.training_batch != args.batch else None
-        median = measure(args.batch, args.op_rounds)
+        return measure
+
+    def ratios(median: dict[str, tuple[float, float]]) -> dict[str, float]:
+        return {"wall": median["layer"][0] / median["plain"][0], "cpu": median["layer"][1] / median["plain"][1]}
+
+    with tempfile.TemporaryDirectory() as scratch_name:
+        scratch = Path(scratch_name)
+        checkpoint = args.checkpoint or demo_checkpoint(scratch, args.train_steps)
+        kept: dict = {}
+        measure = passes(checkpoint, kept)
+        training = measure(args.training_batch, args.rounds, 0) if args.training_batch != args.batch else None
+        median = measure(args.batch, args.rounds, args.op_rounds)
         write_s = timed(lambda: write_bundle(scratch / "timing-bundle", {"identity": {}, "run": {}, "runs": []},
                                              kept["tensors"]))[0]
         ratio = median["layer"][0] / median["plain"][0]
@@ -134,7 +151,18 @@ def main(argv: list[str] | None = None) -> int:
                         DumpOptions(level=level, mode="stats", replay=False), echo=lambda line: None).path
             sizes[level] = bundle_size(path)
         records = len(kept["run"]["records"]["forward"]), len(kept["run"]["records"]["backward"])
-        params = sum(int(a.size) for a in restored.params.values())
+        model = kept["model"]
+        params = sum(int(a.size) for a in kept["params"].values())
+        wide = None
+        if args.wide > 1:
+            d_model, heads = int(model.config.d_model) * args.wide, int(model.config.n_heads) * 2
+            wide_kept: dict = {}
+            wide_measure = passes(demo_checkpoint(scratch, 2, "wide", (f"model.d_model={d_model}",
+                                                                       f"model.n_heads={heads}")), wide_kept)
+            wide = {"d_model": d_model, "n_heads": heads, "rounds": args.wide_rounds,
+                    "parameters": sum(int(a.size) for a in wide_kept["params"].values()),
+                    "ratio": {str(size): ratios(wide_measure(size, args.wide_rounds, 0))
+                              for size in dict.fromkeys((args.batch, args.training_batch))}}
     import torch
 
     result = {
@@ -148,6 +176,7 @@ def main(argv: list[str] | None = None) -> int:
             "batch": args.training_batch, "median_s": {side: {"wall": w, "cpu": c} for side, (w, c) in training.items()},
             "ratio_wall": training["layer"][0] / training["plain"][0],
             "ratio_cpu": training["layer"][1] / training["plain"][1]},
+        "wide": wide,
         "write_s": write_s, "records": {"forward": records[0], "backward": records[1]},
         "bundle_bytes": sizes["layer"], "bundle_bytes_op_level": sizes["op"],
         "targets": {"ratio": COST_TARGET, "bundle_bytes": SIZE_TARGET_BYTES},
@@ -160,6 +189,10 @@ def main(argv: list[str] | None = None) -> int:
     if training is not None:
         print(f"at batch {args.training_batch}: ratio {result['training_batch']['ratio_wall']:.3f} "
               f"(CPU time {result['training_batch']['ratio_cpu']:.3f})")
+    if wide is not None:
+        print(f"{args.wide}x as wide (d_model {wide['d_model']}, {wide['parameters']:,} parameters): "
+              + ", ".join(f"ratio {r['wall']:.3f} at batch {size} (CPU time {r['cpu']:.3f})"
+                          for size, r in wide["ratio"].items()))
     print(f"stats-mode bundle of the demo checkpoint: {sizes['layer']:,} bytes (op level {sizes['op']:,})")
     write_result(args.out, result)
     return 0 if all(result["met"].values()) else 1

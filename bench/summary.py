@@ -194,6 +194,10 @@ def describe_dump_cost(data: dict[str, Any]) -> tuple[str, str]:
     training = data.get("training_batch")
     if training:
         text += f"; at the training batch {training['batch']}: {ratio_text(training['ratio_wall'])}"
+    wide = data.get("wide")
+    if wide:
+        text += (f"; the same model {wide['d_model']} wide ({wide['parameters']:,} parameters): "
+                 + ", ".join(f"{ratio_text(r['wall'])} at batch {b}" for b, r in wide["ratio"].items()))
     text += f"); stats-mode bundle of the demo checkpoint **{size:,} bytes**"
     missed = [what for what, ok in (("cost", ratio <= DUMP_COST_TARGET), ("size", size < DUMP_BUNDLE_TARGET_BYTES))
               if not ok]

@@ -105,6 +105,8 @@ DUMP_COST = {
                  "op": {"wall": 0.020, "cpu": 0.020}},
     "ratio_wall": 1.5, "ratio_cpu": 1.49, "ratio_op_level_wall": 2.2, "write_s": 0.02,
     "records": {"forward": 45, "backward": 33}, "bundle_bytes": 965325, "bundle_bytes_op_level": 1035448,
+    "wide": {"d_model": 256, "n_heads": 8, "rounds": 10, "parameters": 3223808,
+             "ratio": {"4": {"wall": 1.297, "cpu": 1.28}, "64": {"wall": 1.214, "cpu": 1.21}}},
     "machine": {**MACHINE, "torch": "2.13.0+cpu"},
 }
 
@@ -233,6 +235,7 @@ def test_dump_cost_row_shows_both_figures_and_each_miss(tmp_path):
     summary.main(["--results", str(all_results(tmp_path)), "--readme", str(readme)])
     line = row(readme.read_text(), "dump_cost")
     assert "ratio **1.500**" in line and "**965,325 bytes**" in line and "| **no** (cost) |" in line
+    assert "256 wide (3,223,808 parameters): 1.297 at batch 4, 1.214 at batch 64" in line
     cheap = {**DUMP_COST, "ratio_wall": 1.2, "bundle_bytes": 1_200_000}
     summary.main(["--results", str(write_results(tmp_path / "results", dump_cost=cheap)), "--readme", str(readme)])
     assert "| **no** (size) |" in row(readme.read_text(), "dump_cost")
