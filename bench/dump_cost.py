@@ -67,8 +67,7 @@ def demo_checkpoint(scratch: Path, steps: int, name: str = "demo", overrides: tu
     run_dir = scratch / name
     command = [sys.executable, "-m", "isthmus.cli", "train", "backend=cpu", f"train.steps={steps}",
                f"train.warmup_steps={min(2, steps - 1)}", "train.eval_every=0", "train.checkpoint_every=0",
-               "data.num_train=512",
-               *overrides, f"output_dir={run_dir}", "--no-progress"]
+               "data.num_train=512", *overrides, f"output_dir={run_dir}", "--no-progress"]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(f"training the demo model failed: {done.stderr[-2000:]}")
@@ -143,8 +142,8 @@ def main(argv: list[str] | None = None) -> int:
         median = measure(args.batch, args.rounds, args.op_rounds)
         write_s = timed(lambda: write_bundle(scratch / "timing-bundle", {"identity": {}, "run": {}, "runs": []},
                                              kept["tensors"]))[0]
-        ratio = median["layer"][0] / median["plain"][0]
-        cpu_ratio = median["layer"][1] / median["plain"][1]
+        headline = ratios(median)
+        ratio, cpu_ratio = headline["wall"], headline["cpu"]
         sizes = {}
         for level in ("layer", "op"):
             path = dump(registry, checkpoint, ["backend=cpu"], scratch / f"bundle-{level}",
@@ -174,8 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         "ratio_op_level_wall": median["op"][0] / median["plain"][0],
         "training_batch": None if training is None else {
             "batch": args.training_batch, "median_s": {side: {"wall": w, "cpu": c} for side, (w, c) in training.items()},
-            "ratio_wall": training["layer"][0] / training["plain"][0],
-            "ratio_cpu": training["layer"][1] / training["plain"][1]},
+            **{f"ratio_{clock}": value for clock, value in ratios(training).items()}},
         "wide": wide,
         "write_s": write_s, "records": {"forward": records[0], "backward": records[1]},
         "bundle_bytes": sizes["layer"], "bundle_bytes_op_level": sizes["op"],

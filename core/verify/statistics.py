@@ -35,49 +35,42 @@ def dot(a: np.ndarray, b: np.ndarray) -> float:
     return sum(float(a[i:i + DOT_CHUNK] @ b[i:i + DOT_CHUNK]) for i in range(0, a.size, DOT_CHUNK))
 
 
-def _in_pieces(source: np.ndarray) -> np.ndarray | None:
-    """The row of a 1-D record of over :data:`CHUNK` elements read :data:`CHUNK` at a time, or None
-    when it needs the whole record at once (a NaN or an Inf, or a variance to centre)."""
+def _sums_in_pieces(source: np.ndarray) -> tuple[float, float]:
+    """``(sum, sum of squares)`` in float64 of a 1-D record, read :data:`CHUNK` elements at a time."""
     scratch = getattr(_local, "scratch", None)
     if scratch is None:
         scratch = _local.scratch = np.empty(CHUNK)
-    count = source.size
     total = squares = 0.0
-    for start in range(0, count, CHUNK):
-        piece = scratch[:min(CHUNK, count - start)]
+    for start in range(0, source.size, CHUNK):
+        piece = scratch[:min(CHUNK, source.size - start)]
         np.copyto(piece, source[start:start + CHUNK], casting="unsafe")
         total += float(piece.sum())
         squares += dot(piece, piece)
-    if not (math.isfinite(total) and math.isfinite(squares)):
-        return None
-    mean = total / count
-    variance = squares / count - mean * mean
-    if variance < _CENTRE_BELOW * mean * mean:
-        return None
-    return np.array([count, float(source.min()), float(source.max()), mean, math.sqrt(max(variance, 0.0)),
-                     math.sqrt(squares), 0.0, 0.0])
+    return total, squares
 
 
 def stats(array: np.ndarray) -> np.ndarray:
     """The :data:`STATS` row of ``array`` (float64)."""
     source = np.asarray(array).ravel()
-    if source.size > CHUNK and source.dtype != np.float64:
-        row = _in_pieces(source)
-        if row is not None:
-            return row
-    values = source.astype(np.float64)
-    count = values.size
-    total = float(values.sum())
+    count = source.size
+    values = None  # the whole record in float64, made only where a path needs it
+    if count > CHUNK and source.dtype != np.float64:
+        total, squares = _sums_in_pieces(source)
+    else:
+        values = source.astype(np.float64)
+        total = float(values.sum())
+        squares = dot(values, values) if math.isfinite(total) else math.nan
     if count and math.isfinite(total):  # no NaN or Inf anywhere: the fast path
-        squares = dot(values, values)
         mean = total / count
         variance = squares / count - mean * mean
         if variance < _CENTRE_BELOW * mean * mean:  # cancellation would eat the digits: centre first
-            centred = values - mean
+            centred = (source.astype(np.float64) if values is None else values) - mean
             variance = dot(centred, centred) / count
         # min and max are exact in the source dtype, and cheaper to read there.
         return np.array([count, float(source.min()), float(source.max()), mean, math.sqrt(max(variance, 0.0)),
                          math.sqrt(squares), 0.0, 0.0])
+    if values is None:
+        values = source.astype(np.float64)
     finite = np.isfinite(values)
     nan = float(np.count_nonzero(np.isnan(values)))
     inf = float(count - np.count_nonzero(finite) - nan)
