@@ -37,9 +37,14 @@ demo-t2i: $(STAMP)
 	$(BIN)/isthmus export --checkpoint $(T2I_RUN) --output $(T2I_RUN)/model.onnx
 	$(BIN)/isthmus portability --checkpoint $(T2I_RUN) --backends cpu,cpu:mindspore,onnxruntime,reference --out $(T2I_RUN)/portability
 
+# The suites run in WORKERS pytest-xdist processes, a test file to each at a time, so a file's
+# module fixtures are built once.
+WORKERS ?= 2
+PARALLEL := -n $(WORKERS) --dist loadfile
+
 test: $(STAMP) lint
-	$(BIN)/python -m pytest -q -m "not slow" --durations=15
-	cd examples/isthmus-backend-example && ../../$(BIN)/python -m pytest -q --isthmus-backend=example --isthmus-quick
+	$(BIN)/python -m pytest -q -m "not slow" --durations=15 $(PARALLEL)
+	cd examples/isthmus-backend-example && ../../$(BIN)/python -m pytest -q --isthmus-backend=example --isthmus-quick -n $(WORKERS)
 	cd examples/isthmus-model-example && ../../$(BIN)/python -m pytest -q
 
 # ruff over the code, mypy over the contracts and the plugin API (pyproject's [tool.mypy] files).
@@ -48,10 +53,10 @@ lint: $(STAMP)
 	$(BIN)/mypy
 
 test-slow: $(STAMP)
-	$(BIN)/python -m pytest -q -m slow
+	$(BIN)/python -m pytest -q -m slow --durations=15 $(PARALLEL) --no-loadscope-reorder
 
 test-all: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q $(PARALLEL)
 
 # The README's "Add your model" and "Add your backend" sections, each run line by line in a fresh
 # virtual environment and a copy of the repository, as a new user would follow them.

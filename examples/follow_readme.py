@@ -2,10 +2,11 @@
 virtual environment, run the shell block that follows ``<!-- follow: NAME -->``, line by line, and
 stop at the first failing line.
 
-    python examples/follow_readme.py README.md add-your-model [add-your-backend ...]
+    python examples/follow_readme.py [--jobs N] README.md add-your-model [add-your-backend ...]
 
-Each section gets its own copy and its own environment, so nothing one leaves helps another.
-Exit code 0 when every section ran to its end.
+Each section gets its own copy and its own environment, so nothing one leaves helps another. The
+sections run side by side, N at a time (default: one per CPU core); each one's transcript is printed
+whole when it ends. Exit code 0 when every section ran to its end.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 MARKER = re.compile(r"<!-- follow: ([\w-]+) -->\s*```(?:sh|bash)\n(.*?)```", re.S)
@@ -37,7 +39,8 @@ def copy_repository(source: Path, target: Path) -> None:
             shutil.copy2(source / name, target / name)
 
 
-def follow(root: Path, name: str, script: str) -> int:
+def follow(root: Path, name: str, script: str) -> tuple[int, str]:
+    """Run one section; its exit code and its transcript (the block, then what the shell printed)."""
     with tempfile.TemporaryDirectory(prefix=f"follow-{name}-") as scratch:
         repo, venv = Path(scratch) / "repo", Path(scratch) / "venv"
         copy_repository(root, repo)
@@ -46,18 +49,22 @@ def follow(root: Path, name: str, script: str) -> int:
                "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
         env.pop("PYTHONPATH", None)
         started = time.perf_counter()
-        for number, line in enumerate(script.splitlines(), start=1):
-            print(f"[{name}] $ {line}", flush=True)
+        transcript = [f"[{name}] $ {line}" for line in script.splitlines()]
         # One shell for the whole block, so `cd` carries over; -x echoes each command, -e stops at a failure.
-        done = subprocess.run(["bash", "-e", "-x", "-c", script], cwd=repo, env=env)
+        done = subprocess.run(["bash", "-e", "-x", "-c", script], cwd=repo, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, errors="replace")
         took = time.perf_counter() - started
         verdict = "ran to its end" if done.returncode == 0 else f"FAILED (exit {done.returncode})"
-        print(f"[{name}] {verdict} in {took:.0f} s, in a fresh venv and a copy of the repository", flush=True)
-        return done.returncode
+        transcript += [done.stdout.rstrip("\n"),
+                       f"[{name}] {verdict} in {took:.0f} s, in a fresh venv and a copy of the repository"]
+        return done.returncode, "\n".join(transcript)
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) < 2:
+    jobs = os.cpu_count() or 1
+    if argv[:1] == ["--jobs"] and len(argv) > 1 and argv[1].isdigit() and int(argv[1]) > 0:
+        jobs, argv = int(argv[1]), argv[2:]
+    if len(argv) < 2 or argv[0].startswith("-"):
         print(__doc__, file=sys.stderr)
         return 2
     readme = Path(argv[0]).resolve()
@@ -68,7 +75,16 @@ def main(argv: list[str]) -> int:
         return 2
     root = Path(subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=readme.parent, capture_output=True,
                                text=True, check=True).stdout.strip())
-    failed = [name for name in argv[1:] if follow(root, name, found[name])]
+    names = list(dict.fromkeys(argv[1:]))
+    failed = []
+    with ThreadPoolExecutor(max_workers=min(jobs, len(names))) as pool:
+        runs = {name: pool.submit(follow, root, name, found[name]) for name in names}
+        for name, run in runs.items():
+            code, transcript = run.result()
+            print(transcript, flush=True)
+            failed += [name] if code else []
+    if failed:
+        print(f"FAILED: {', '.join(failed)}", file=sys.stderr)
     return 1 if failed else 0
 
 

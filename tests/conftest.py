@@ -108,15 +108,44 @@ def pytest_runtest_setup(item):
         pytest.skip(f"asserts what a machine without Ascend reports; this one has {ascend_here()}")
 
 
-def pytest_terminal_summary(terminalreporter, exitstatus, config):
-    """Print the ONNX oracle's coverage (mapped / left out per operator) when its tests ran, and
-    every case a backend skipped inside a test that ran on other backends, with the reason."""
+ORACLE_REPORTS = pytest.StashKey[list]()
+
+
+def oracle_report() -> str | None:
+    """The ONNX oracle's coverage, when this process ran its tests."""
     import sys
 
     oracle = sys.modules.get("isthmus.verify.onnx_oracle")
     if oracle is not None and oracle.plan_all.cache_info().currsize:
+        return oracle.report()
+    return None
+
+
+def pytest_sessionfinish(session):
+    """Under pytest-xdist (`make test` runs two workers) the summaries are gathered in the workers:
+    each hands its backend skips and oracle coverage to the controller, which prints them."""
+    output = getattr(session.config, "workeroutput", None)
+    if output is not None:
+        output["backend_skips"] = [list(s) for s in session.config.stash.get(BACKEND_SKIPS, [])]
+        output["oracle_report"] = oracle_report()
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error):
+    output = getattr(node, "workeroutput", None) or {}
+    node.config.stash.setdefault(BACKEND_SKIPS, []).extend(tuple(s) for s in output.get("backend_skips", []))
+    if output.get("oracle_report"):
+        node.config.stash.setdefault(ORACLE_REPORTS, []).append(output["oracle_report"])
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """Print the ONNX oracle's coverage (mapped / left out per operator) when its tests ran, and
+    every case a backend skipped inside a test that ran on other backends, with the reason."""
+    reports = [*config.stash.get(ORACLE_REPORTS, []), oracle_report()]
+    # Every process that ran the oracle plans the same cases, so one copy of each distinct report.
+    for report in dict.fromkeys(r for r in reports if r):
         terminalreporter.write_sep("-", "ONNX oracle coverage")
-        terminalreporter.write_line(oracle.report())
+        terminalreporter.write_line(report)
     skips = config.stash.get(BACKEND_SKIPS, [])
     if skips:
         terminalreporter.write_sep("-", "cases skipped on one backend while others ran them")

@@ -121,14 +121,16 @@ def test_full_kit_passes_on_the_example_backend():
     assert got.get("failed", 0) == 0 and got["passed"] > 1000
 
 
-def test_a_wrong_kernel_fails_and_an_exclusion_excuses_it(broken_dir):
+@pytest.mark.parametrize("workers", [[], ["-p", "xdist.plugin", "-n", "2"]], ids=["one-process", "two-workers"])
+def test_a_wrong_kernel_fails_and_an_exclusion_excuses_it(broken_dir, workers):
+    """Also under pytest-xdist, where the tests run in workers and the summary is the controller's."""
     (broken_dir / "excl.yaml").write_text(textwrap.dedent("""\
         exclude:
           - op: gelu
             reason: tanh approximation only, exact erf form planned
     """))
     proc = kit(broken_dir, "--isthmus-backend=broken-cpu", "--isthmus-quick",
-               "--isthmus-exclusions=excl.yaml", "-k", "softmax or gelu or Softmax or Gelu")
+               "--isthmus-exclusions=excl.yaml", "-k", "softmax or gelu or Softmax or Gelu", *workers)
     out = proc.stdout
     assert proc.returncode == 1, out + proc.stderr
     failed = set(re.findall(r"^FAILED (\S+)", out, re.M))

@@ -168,6 +168,32 @@ def pytest_report_header(config: pytest.Config) -> str | None:
             f"exclusions {source}{', quick' if kit.quick else ''}")
 
 
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """Under pytest-xdist a worker hands what its tests recorded to the controller, which prints
+    the summary; entries travel as their index in the exclusions file."""
+    kit, output = get_kit(session.config), getattr(session.config, "workeroutput", None)
+    if kit is None or output is None:
+        return
+    index = {id(entry): i for i, entry in enumerate(kit.exclusions.entries)}
+    output["isthmus_kit"] = {
+        "excused": [(test_id, index[id(entry)], reason) for test_id, entry, reason in kit.excused],
+        "unneeded": [(index[id(entry)], test_id) for entry, test_id in kit.unneeded],
+        "skipped_dtypes": list(kit.skipped_dtypes),
+    }
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node: Any, error: Any) -> None:
+    kit = get_kit(node.config)
+    shared = (getattr(node, "workeroutput", None) or {}).get("isthmus_kit")
+    if kit is None or not shared:
+        return
+    entries = kit.exclusions.entries
+    kit.excused.extend((test_id, entries[i], reason) for test_id, i, reason in shared["excused"])
+    kit.unneeded.update((entries[i], test_id) for i, test_id in shared["unneeded"])
+    kit.skipped_dtypes += [d for d in shared["skipped_dtypes"] if d not in kit.skipped_dtypes]
+
+
 def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
     """The exclusions: each entry, the failures it excused, and entries that were not needed."""
     kit = get_kit(config)
