@@ -16,7 +16,8 @@ band. The tests live in :mod:`isthmus.testing.suite`. Without ``--isthmus-backen
 nothing.
 
 An exclusions file (:mod:`isthmus.testing.exclusions`) turns known gaps into xfails with their
-reason; the terminal summary lists them. A ``conftest.py`` may add in-process isthmus plugins
+reason; the terminal summary lists them, also under pytest-xdist (``-n N``), whose workers hand
+what they recorded to the controller. A ``conftest.py`` may add in-process isthmus plugins
 (a backend under development, before it has an entry point) with the hook
 ``pytest_isthmus_plugins(config)``, returning ``[(name, plugin), ...]``.
 
