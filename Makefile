@@ -38,7 +38,8 @@ demo-t2i: $(STAMP)
 	$(BIN)/isthmus portability --checkpoint $(T2I_RUN) --backends cpu,cpu:mindspore,onnxruntime,reference --out $(T2I_RUN)/portability
 
 # The suites run in WORKERS pytest-xdist processes, a test file to each at a time, so a file's
-# module fixtures are built once.
+# module fixtures are built once. Where the slow tests run, files go in collection order: xdist's
+# default sends the files with most tests first, which left the one-test slow fuzz file for last.
 WORKERS ?= 2
 PARALLEL := -n $(WORKERS) --dist loadfile
 
@@ -56,7 +57,7 @@ test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow --durations=15 $(PARALLEL) --no-loadscope-reorder
 
 test-all: $(STAMP)
-	$(BIN)/python -m pytest -q $(PARALLEL)
+	$(BIN)/python -m pytest -q $(PARALLEL) --no-loadscope-reorder
 
 # The README's "Add your model" and "Add your backend" sections, each run line by line in a fresh
 # virtual environment and a copy of the repository, as a new user would follow them.

@@ -82,7 +82,8 @@ def main(argv: list[str]) -> int:
         for name, run in runs.items():
             code, transcript = run.result()
             print(transcript, flush=True)
-            failed += [name] if code else []
+            if code:
+                failed.append(name)
     if failed:
         print(f"FAILED: {', '.join(failed)}", file=sys.stderr)
     return 1 if failed else 0
