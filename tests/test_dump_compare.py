@@ -352,7 +352,21 @@ def test_metrics_and_the_noise_floor_verdict():
     assert K >= 1
 
 
-def test_statistics_of_large_and_non_finite_records():
+@pytest.fixture(params=["native", "numpy"])
+def statistics_kernel(request, monkeypatch, tmp_path):
+    """Each statistics test runs on the one-pass C kernel (built into a fresh cache) and on numpy alone."""
+    from isthmus.verify import native
+
+    monkeypatch.setenv("ISTHMUS_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("ISTHMUS_NATIVE_STATS", "1" if request.param == "native" else "0")
+    native.reset()
+    how = native.how()
+    assert how.startswith("native" if request.param == "native" else "numpy"), how
+    yield request.param
+    native.reset()
+
+
+def test_statistics_of_large_and_non_finite_records(statistics_kernel):
     from isthmus.verify.statistics import CHUNK, DOT_CHUNK, STATS, stats
 
     rng = np.random.default_rng(0)
@@ -375,6 +389,58 @@ def test_statistics_of_large_and_non_finite_records():
         good = values[np.isfinite(values)].astype(np.float64)
         assert row["nan"] == 1 and row["inf"] == 1 and row["count"] == good.size
         assert row["l2"] == pytest.approx(float(np.sqrt(np.sum(good * good))), rel=1e-12)
+
+
+def test_statistics_of_many_records_at_once_equal_each_read_alone(statistics_kernel):
+    """``stats_many`` (what a dump's deferred read calls) gives every record the row ``stats`` gives
+    it, across dtypes, layouts and the records that leave the fast path; the C kernel agrees with
+    numpy to float64 rounding."""
+    from isthmus.verify.statistics import STATS, _numpy_stats, stats, stats_many
+
+    rng = np.random.default_rng(3)
+    records = [rng.standard_normal((4, 31, 64)).astype(np.float32),
+               rng.standard_normal((8, 9)).astype(np.float32).T,  # not contiguous
+               rng.standard_normal(5000) * 1e-3 + 7.0,  # float64, a large mean: the centred variance
+               np.full(37, 2.5, np.float32),  # constant: no variance at all
+               np.array([1.0, np.nan, -np.inf, 4.0], np.float32),
+               np.zeros(0, np.float32), np.arange(12, dtype=np.int64).reshape(3, 4),
+               rng.standard_normal(1000).astype(np.float16), np.array(3.0, np.float32),
+               np.array([3e38, 3e38], np.float32)]  # finite, with a float32 sum that would overflow
+    together = stats_many(records)
+    assert len(together) == len(records)
+    for values, row in zip(records, together):
+        alone = stats(values)
+        assert np.array_equal(row, alone, equal_nan=True), (values.dtype, values.shape)
+        plain = _numpy_stats(np.asarray(values).ravel())
+        assert np.allclose(row, plain, rtol=1e-13, atol=0, equal_nan=True), (dict(zip(STATS, row)), dict(zip(STATS, plain)))
+    assert together[4][STATS.index("nan")] == 1 and together[4][STATS.index("inf")] == 1
+    assert together[3][STATS.index("std")] == 0.0
+
+
+def test_the_statistics_kernel_falls_back_to_numpy_with_the_reason(monkeypatch, tmp_path):
+    """No compiler, a compiler that fails, or the switch turned off: numpy computes the rows, and
+    :func:`native.how` (recorded in every bundle) says why; nothing is left in the cache."""
+    from isthmus.verify import native
+    from isthmus.verify.statistics import stats
+
+    values = np.linspace(-1.0, 2.0, 301, dtype=np.float32)
+    expected = stats(values)
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("ISTHMUS_CACHE_DIR", str(cache))
+    for setting, said in ((("CC", "false"), "could not build moments.c"), (("ISTHMUS_NATIVE_STATS", "0"), "=0")):
+        monkeypatch.setenv(*setting)
+        native.reset()
+        try:
+            assert native.how().startswith("numpy") and said in native.how(), native.how()
+            assert native.moments([values]) is None
+            assert np.allclose(stats(values), expected, rtol=1e-13, atol=0)
+        finally:
+            monkeypatch.delenv(setting[0])
+    assert not cache.exists() or not list(cache.glob("moments-*"))
+    monkeypatch.setattr(native, "compiler", lambda: None)
+    native.reset()
+    assert "no C compiler" in native.how()
+    native.reset()
 
 
 def test_statistics_read_after_the_pass_equal_the_ones_read_at_once(registry, captioner, monkeypatch):

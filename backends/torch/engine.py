@@ -33,7 +33,8 @@ def torch_dtype(name: str) -> torch.dtype:
 
 def dtype_name(dtype: torch.dtype) -> str:
     """The :data:`isthmus.kernels.interface.DTYPES` name of a torch dtype (torch's own name otherwise)."""
-    return _NAMES.get(dtype, str(dtype).removeprefix("torch."))
+    name = _NAMES.get(dtype)
+    return name if name is not None else str(dtype).removeprefix("torch.")
 
 
 class TorchEngine(Engine):

@@ -21,7 +21,7 @@ import numpy as np
 
 from isthmus.kernels.interface import FLOAT_DTYPES
 from isthmus.verify.recording import CREATION_OPS, CallInfo, LayerInfo
-from isthmus.verify.statistics import STATS, stats
+from isthmus.verify.statistics import STATS, stats, stats_many
 
 LEVELS = ("model", "layer", "op")
 MODES = ("stats", "tensors", "md5")
@@ -86,26 +86,33 @@ class Capture:
         self.deferred = deferred and mode == "stats"
         self._waiting: list[tuple[list[Any], int, Any]] = []
         self._waiting_elements = 0
+        self._every_call = level == "op"
 
     # ---------------------------------------------------------------------------- the sink
+    def wants_call(self) -> bool:
+        """Whether the call that just returned needs :meth:`call`: every one at op level; at layer
+        level only one that left kernel notes (the layer records come through :meth:`layer`)."""
+        return self._every_call or bool(self.kernel_events is not None and self.kernel_events.items)
+
     def call(self, info: CallInfo, args: tuple, kwargs: dict, out: Any) -> None:
-        """Every call: its kernels' notes; at op level, the boundary checks and its record (at layer
+        """A call: its kernels' notes; at op level, the boundary checks and its record (at layer
         level the checks run on the recorded outputs only, which keeps the pass cheap)."""
         self.calls += 1
         if self.kernel_events is not None and self.kernel_events.items:
             self._notes(info)
-        if self.level == "op":
+        if self._every_call:
             self._boundary(info, args, kwargs, out)
             self._record(info, info.name, "op", out)
 
     def layer(self, info: LayerInfo, out: Any) -> None:
         """A layer's run ended: its record (pointing at its last call's data)."""
-        if self.level in ("layer", "op"):
+        if self.level != "model":
             self._record(info.last, info.name, "layer", out, layer=info.layer)
 
     # -------------------------------------------------------------------------- internals
     def _record(self, call: CallInfo, name: str, kind: str, out: Any, layer: str | None = None) -> None:
         pieces = _flat(out)
+        where = call.where
         for i, tensor in enumerate(pieces):
             suffix = f".{i}" if len(pieces) > 1 else ""
             slot = (call.index, i)
@@ -113,32 +120,31 @@ class Capture:
             if data is None:
                 data = self._keep("forward", f"{call.name}{suffix}", tensor)
                 self._done[slot] = data
+                floating = data["dtype"] in FLOATS
                 if self.level != "op":
                     self._layer_checks(call, tensor, data["dtype"])
-                if self.backward_wanted and data["float"]:
+                if self.backward_wanted and floating:
                     self._tap(call, f"{call.name}{suffix}", tensor)
-            record = {"name": name + suffix, "kind": kind, "op": call.op,
-                      "layer": call.layer if layer is None else layer, "call": call.index, "where": call.where}
-            record.update(data)
-            del record["float"]
-            self.forward.append(record)
+            self.forward.append({"name": name + suffix, "kind": kind, "op": call.op,
+                                 "layer": call.layer if layer is None else layer, "call": call.index,
+                                 "where": where, **data})
 
     def _keep(self, direction: str, name: str, tensor: Any) -> dict[str, Any]:
         dtype = self.dtype_of(tensor)
         rows = self.rows[direction]
         if self.deferred:
             shape = list(self.shape_of(tensor))
+            row = len(rows)
             rows.append(None)
-            self._waiting.append((rows, len(rows) - 1, tensor))
+            self._waiting.append((rows, row, tensor))
             self._waiting_elements += math.prod(shape)
             if self._waiting_elements >= DEFER_ELEMENTS:
                 self._read_waiting()
-            return {"dtype": dtype, "shape": shape, "row": len(rows) - 1, "float": dtype in FLOATS}
+            return {"dtype": dtype, "shape": shape, "row": row}
         # Statistics and hashes are taken now: a view will do. Kept tensors need their own copy.
         host = self.engine.to_numpy(tensor) if self.mode == "tensors" else self.engine.host_view(tensor)
         rows.append(stats(host))
-        data: dict[str, Any] = {"dtype": dtype, "shape": list(host.shape), "row": len(rows) - 1,
-                                "float": dtype in FLOATS}
+        data: dict[str, Any] = {"dtype": dtype, "shape": list(host.shape), "row": len(rows) - 1}
         if self.mode == "tensors":
             key = f"{self.key}/{direction}/{name}"
             self.tensors[key] = host
@@ -151,17 +157,17 @@ class Capture:
         def receive(grad: Any) -> None:
             if grad is None:  # an engine may report "no gradient" as None
                 return
-            data = self._keep("backward", name, grad)
             self.backward.append({"name": name, "op": call.op, "layer": call.layer, "call": call.index,
-                                  **{k: v for k, v in data.items() if k != "float"}})
+                                  **self._keep("backward", name, grad)})
 
         if self.engine.tap(tensor, receive):
             self.taps += 1
 
     def _read_waiting(self) -> None:
         view = self.engine.host_view
-        for rows, row, tensor in self._waiting:
-            rows[row] = stats(view(tensor))
+        found = stats_many([view(tensor) for _, _, tensor in self._waiting])
+        for (rows, row, _), values in zip(self._waiting, found):
+            rows[row] = values
         self._waiting, self._waiting_elements = [], 0
 
     def _notes(self, info: CallInfo) -> None:

@@ -26,6 +26,7 @@ import numpy as np
 
 from isthmus.errors import IsthmusError
 from isthmus.kernels import events as kernel_events
+from isthmus.verify import native
 from isthmus.verify.bundle import hash_arrays, write_bundle
 from isthmus.verify.capture import LEVELS, MODES, Capture
 from isthmus.verify.recording import Recording
@@ -212,7 +213,7 @@ def run_pass(backend: Any, model: Any, params: Mapping[str, np.ndarray], batch: 
                     "metrics": {m: float(np.asarray(engine.to_numpy(v))) for m, v in (metrics or {}).items()}},
         "records": {"forward": capture.forward, "backward": _backward_order(capture.backward)},
         "stats": {d: f"{key}/stats/{d}" for d in ("forward", "backward")},
-        "calls": capture.calls, "backward_taps": capture.taps,
+        "calls": recording.index if recording is not None else 0, "backward_taps": capture.taps,
         "backward_records": "none: forward-only backend" if not autodiff else (
             "none: the engine offers no gradient taps" if level != "model" and not capture.taps else "recorded"),
         "events": capture.events + [{"kind": kind, "call": -1, "name": "", "op": detail.split(":")[0], "layer": "",
@@ -291,7 +292,7 @@ def environment(backend: Any, cfg: Any, registry: Any) -> dict[str, Any]:
         "isthmus": __version__, "python": platform.python_version(), "platform": platform.platform(),
         "machine": platform.machine(), "processor": platform.processor(),
         "engine": backend.engine_name, "device": backend.device, "versions": engine.versions(),
-        "runtime": runtime, "numerics": engine.numerics(),
+        "runtime": runtime, "numerics": engine.numerics(), "statistics": native.how(),
         "deterministic": bool(cfg.backend.deterministic), "threads": cfg.backend.threads,
         "backend_options": plain(cfg.backend.options) if cfg.backend.options is not None else {},
         "capabilities": backend.capabilities.as_dict(),

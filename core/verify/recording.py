@@ -46,7 +46,15 @@ class CallInfo(NamedTuple):
     @property
     def where(self) -> str:
         """``function (file.py:line)`` of the model code that made the call."""
-        return f"{self.code.co_name} ({os.path.basename(self.code.co_filename)}:{self.line})"
+        key = (self.code, self.line)
+        found = _WHERE.get(key)
+        if found is None:
+            found = _WHERE[key] = f"{self.code.co_name} ({os.path.basename(self.code.co_filename)}:{self.line})"
+        return found
+
+
+_WHERE: dict[tuple[Any, int], str] = {}
+"""``where`` by (code, line): a dump asks it of every record, and model code has few call sites."""
 
 
 class LayerInfo(NamedTuple):
@@ -67,6 +75,10 @@ class Sink(Protocol):
     def layer(self, info: LayerInfo, out: Any) -> None:
         """A layer's run has ended; ``out`` is the output of its last call."""
 
+    # Optional: ``wants_call() -> bool``, asked after each call. A sink that has it gets
+    # :meth:`call` only when it answers True, and the :class:`CallInfo` of the other calls is
+    # never built (a layer-level dump needs the last call of each layer only).
+
 
 def op_name(layer: str, op: str, n: int) -> str:
     """The canonical name of the ``n``-th call of ``op`` in ``layer``."""
@@ -78,13 +90,15 @@ class Recording:
 
     Call :meth:`begin` in the function that calls the model (frames above it are not searched for
     scopes) and :meth:`end` when the model has returned, which closes the layers still open.
+    :attr:`index` counts the calls of the run.
     """
 
     def __init__(self, kernels: KernelSet, sink: Sink) -> None:
         self.base = kernels
         self.sink = sink
-        table = {op: self._wrap(op, getattr(kernels, op)) for op in OPS}
-        self.kernels = KernelSet(kernels.backend, kernels.engine, table)
+        self._wants: Callable[[], bool] | None = getattr(sink, "wants_call", None)
+        self.kernels = kernels.replaced({op: self._wrap(op, getattr(kernels, op)) for op in OPS
+                                         if op not in METADATA_OPS})
         self._ancestors: dict[str, tuple[str, ...]] = {}
         self.begin()
 
@@ -96,7 +110,10 @@ class Recording:
         self._layer_runs: dict[str, int] = {}
         self._open: dict[str, tuple[str, int]] = {}  # layer -> (record name, first call)
         self._layers: tuple[str, ...] = ()
-        self._previous: tuple[CallInfo, Any] | None = None
+        # The previous call, as (index, op, n, layers, code, line), its output, and its CallInfo once built.
+        self._previous: tuple[int, str, int, tuple[str, ...], Any, int] | None = None
+        self._previous_out: Any = None
+        self._previous_info: CallInfo | None = None
 
     def end(self) -> None:
         """Close every open layer (innermost first)."""
@@ -104,62 +121,74 @@ class Recording:
 
     # ------------------------------------------------------------------------------ internals
     def _wrap(self, op: str, fn: Callable[..., Any]) -> Callable[..., Any]:
-        if op in METADATA_OPS:
-            return fn
-        sink = self.sink
+        sink, wants, getframe = self.sink, self._wants, sys._getframe
 
         def call(*args: Any, **kwargs: Any) -> Any:
-            frame = sys._getframe(1)
+            frame = getframe(1)
             layers = self._scopes(frame)
             out = fn(*args, **kwargs)
-            layer = layers[-1] if layers else ""
-            key = (layer, op)
+            index = self.index
+            self.index = index + 1
+            key = (layers[-1] if layers else "", op)
             n = self._counts.get(key, 0)
             self._counts[key] = n + 1
-            info = CallInfo(self.index, op, f"{layer}/{op}:{n}" if layer else f"{op}:{n}", layer, layers,
-                            frame.f_code, frame.f_lineno)
-            self.index += 1
-            if layers != self._layers:
-                self._enter(layers, info.index)
-            self._previous = (info, out)
-            sink.call(info, args, kwargs, out)
+            if layers is not self._layers:  # scopes' tuples are shared: identity is equality here
+                self._enter(layers, index)
+            self._previous = (index, op, n, layers, frame.f_code, frame.f_lineno)
+            self._previous_out = out
+            self._previous_info = None
+            if wants is None or wants():
+                info = self._previous_info = self._info(self._previous)
+                sink.call(info, args, kwargs, out)
             return out
 
         call.__name__ = op
         return call
+
+    @staticmethod
+    def _info(raw: tuple[int, str, int, tuple[str, ...], Any, int]) -> CallInfo:
+        index, op, n, layers, code, line = raw
+        layer = layers[-1] if layers else ""
+        return CallInfo(index, op, f"{layer}/{op}:{n}" if layer else f"{op}:{n}", layer, layers, code, line)
 
     def _scopes(self, frame: FrameType | None) -> tuple[str, ...]:
         """The innermost scope on the stack and its dotted ancestors, outermost first."""
         while frame is not None and frame is not self._stop:
             # The frame's latest-bound Scope (locals come in the order the code first binds them):
             # in straight-line model code, the one the current part of the code reads.
-            prefix = ""
-            for value in frame.f_locals.values():
+            for value in reversed(frame.f_locals.values()):
                 if type(value) is Scope and value.prefix:
                     prefix = value.prefix
-            if prefix:
-                cached = self._ancestors.get(prefix)
-                if cached is None:
-                    parts = prefix.split(".")
-                    cached = self._ancestors[prefix] = tuple(".".join(parts[:i]) for i in range(1, len(parts) + 1))
-                return cached
+                    cached = self._ancestors.get(prefix)
+                    if cached is None:
+                        parts = prefix.split(".")
+                        cached = self._ancestors[prefix] = tuple(".".join(parts[:i]) for i in range(1, len(parts) + 1))
+                    return cached
             frame = frame.f_back
         return ()
 
     def _enter(self, layers: tuple[str, ...], first: int = -1) -> None:
         """The calls now run in ``layers``: close the open layers not among them (their last call
-        is the previous one, which was still inside them), innermost first, and open the new ones."""
-        ended = [path for path in self._open if path not in layers]
-        if ended and self._previous is not None:
-            last, out = self._previous
-            for path in sorted(ended, key=lambda p: -p.count(".")):
+        is the previous one, which was still inside them), innermost first, and open the new ones.
+        Both are chains of one layer's ancestors, so they differ past their common start only."""
+        old = self._layers
+        same = 0
+        for a, b in zip(old, layers):
+            if a != b:
+                break
+            same += 1
+        if len(old) > same:
+            if self._previous_info is None and self._previous is not None:
+                self._previous_info = self._info(self._previous)
+            last, out = self._previous_info, self._previous_out
+            for path in reversed(old[same:]):
                 name, start = self._open.pop(path)
-                self.sink.layer(LayerInfo(name, path, start, last), out)
-        for path in layers:
-            if path not in self._open:
-                runs = self._layer_runs.get(path, 0)
-                self._layer_runs[path] = runs + 1
-                self._open[path] = (path if not runs else f"{path}@{runs}", first)
+                if last is not None:
+                    self.sink.layer(LayerInfo(name, path, start, last), out)
+        for path in layers[same:]:
+            runs = self._layer_runs.get(path, 0)
+            self._layer_runs[path] = runs + 1
+            self._open[path] = (path if not runs else f"{path}@{runs}", first)
         self._layers = layers
 
 

@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import math
 import threading
+from typing import Sequence
 
 import numpy as np
+
+from isthmus.verify import native
 
 STATS = ("count", "min", "max", "mean", "std", "l2", "nan", "inf")
 
@@ -49,9 +52,48 @@ def _sums_in_pieces(source: np.ndarray) -> tuple[float, float]:
     return total, squares
 
 
+def _row(source: np.ndarray, total: float, squares: float, low: float, high: float,
+         values: np.ndarray | None = None) -> np.ndarray:
+    """The row of a record with no NaN or Inf, from its sums, min and max (``values``: the record in
+    float64, if made already)."""
+    count = source.size
+    mean = total / count
+    variance = squares / count - mean * mean
+    if variance < _CENTRE_BELOW * mean * mean:  # cancellation would eat the digits: centre first
+        centred = (source.astype(np.float64) if values is None else values) - mean
+        variance = dot(centred, centred) / count
+    return np.array([count, low, high, mean, math.sqrt(max(variance, 0.0)), math.sqrt(squares), 0.0, 0.0])
+
+
 def stats(array: np.ndarray) -> np.ndarray:
     """The :data:`STATS` row of ``array`` (float64)."""
-    source = np.asarray(array).ravel()
+    return stats_many([array])[0]
+
+
+def stats_many(arrays: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """The :data:`STATS` rows of ``arrays``: float32 and float64 records in one call of the
+    one-pass kernel (:mod:`isthmus.verify.native`) where it is built, the rest with numpy."""
+    sources = [np.asarray(a).ravel() for a in arrays]
+    rows: list[np.ndarray | None] = [None] * len(sources)
+    eligible = [i for i, s in enumerate(sources) if s.size and s.dtype in native.KINDS]
+    found = native.moments([sources[i] for i in eligible]) if eligible else None
+    if found is not None:
+        total, squares, low, high = found.T
+        count = np.array([sources[i].size for i in eligible], dtype=np.float64)
+        with np.errstate(invalid="ignore", over="ignore"):
+            mean = total / count
+            variance = squares / count - mean * mean
+            table = np.stack([count, low, high, mean, np.sqrt(np.maximum(variance, 0.0)), np.sqrt(squares),
+                              np.zeros_like(count), np.zeros_like(count)], axis=1)
+        # A NaN or Inf (the sum is not finite) takes the numpy path, which counts them; so does a
+        # record whose variance cancelled (see _CENTRE_BELOW).
+        good = np.isfinite(total) & ~(variance < _CENTRE_BELOW * mean * mean)
+        for j in np.flatnonzero(good).tolist():
+            rows[eligible[j]] = table[j]
+    return [row if row is not None else _numpy_stats(source) for row, source in zip(rows, sources)]
+
+
+def _numpy_stats(source: np.ndarray) -> np.ndarray:
     count = source.size
     values = None  # the whole record in float64, made only where a path needs it
     if count > CHUNK and source.dtype != np.float64:
@@ -61,14 +103,8 @@ def stats(array: np.ndarray) -> np.ndarray:
         total = float(values.sum())
         squares = dot(values, values) if math.isfinite(total) else math.nan
     if count and math.isfinite(total):  # no NaN or Inf anywhere: the fast path
-        mean = total / count
-        variance = squares / count - mean * mean
-        if variance < _CENTRE_BELOW * mean * mean:  # cancellation would eat the digits: centre first
-            centred = (source.astype(np.float64) if values is None else values) - mean
-            variance = dot(centred, centred) / count
         # min and max are exact in the source dtype, and cheaper to read there.
-        return np.array([count, float(source.min()), float(source.max()), mean, math.sqrt(max(variance, 0.0)),
-                         math.sqrt(squares), 0.0, 0.0])
+        return _row(source, total, squares, float(source.min()), float(source.max()), values)
     if values is None:
         values = source.astype(np.float64)
     finite = np.isfinite(values)
@@ -81,4 +117,4 @@ def stats(array: np.ndarray) -> np.ndarray:
                      math.sqrt(dot(good, good)), nan, inf])
 
 
-__all__ = ["CHUNK", "DOT_CHUNK", "STATS", "dot", "stats"]
+__all__ = ["CHUNK", "DOT_CHUNK", "STATS", "dot", "stats", "stats_many"]

@@ -1,0 +1,125 @@
+"""The one-pass statistics kernel (``moments.c``): compiled with the host's C compiler on first use,
+cached, and called through ctypes; where it cannot be built, :func:`moments` is None and the
+statistics are computed with numpy alone.
+
+The build goes to ``$ISTHMUS_CACHE_DIR`` (default ``$XDG_CACHE_HOME/isthmus``, else
+``~/.cache/isthmus``), named by a hash of the source, the compiler and the machine, and is written
+under a temporary name then renamed, so processes building at once never load a half-written
+library. ``ISTHMUS_NATIVE_STATS=0`` turns it off. No ``-march=native``: a cache directory on a
+shared home may serve hosts with different CPUs.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import threading
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+SOURCE = Path(__file__).with_name("moments.c")
+KINDS = {np.dtype(np.float32): 0, np.dtype(np.float64): 1}
+"""The dtypes the kernel reads, by its kind code."""
+VERSION = 1
+FLAGS = ("-O3", "-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math", "-ffinite-math-only", "-shared",
+         "-fPIC")
+"""Free to reorder and vectorize the sums (``moments.c`` says why that is safe); no ``-march=native``."""
+
+_lock = threading.Lock()
+_state: dict[str, Any] = {}
+
+
+def cache_dir() -> Path:
+    """Where built kernels are kept."""
+    chosen = os.environ.get("ISTHMUS_CACHE_DIR")
+    if chosen:
+        return Path(chosen)
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "isthmus"
+
+
+def compiler() -> str | None:
+    """The C compiler to build with: ``$CC``, the one Python was built with, or ``cc`` / ``gcc``
+    (the first word of each, flags dropped); None when none is on the PATH."""
+    for spelled in (os.environ.get("CC", ""), sysconfig.get_config_var("CC") or "", "cc", "gcc"):
+        name = spelled.split()[0] if spelled.strip() else ""
+        if name and shutil.which(name):
+            return name
+    return None
+
+
+def _build() -> tuple[Callable[..., int] | None, str]:
+    if os.environ.get("ISTHMUS_NATIVE_STATS", "1") == "0":
+        return None, "numpy (ISTHMUS_NATIVE_STATS=0)"
+    cc = compiler()
+    if cc is None:
+        return None, "numpy (no C compiler found: set CC for the one-pass kernel)"
+    source = SOURCE.read_bytes()
+    tag = hashlib.sha256(source + f"{cc}|{' '.join(FLAGS)}|{platform.machine()}|{sys.platform}|{VERSION}".encode()).hexdigest()[:16]
+    suffix = ".dll" if sys.platform == "win32" else ".dylib" if sys.platform == "darwin" else ".so"
+    target = cache_dir() / f"moments-{tag}{suffix}"
+    try:
+        if not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
+                built = Path(scratch) / target.name
+                done = subprocess.run([cc, *FLAGS, "-o", str(built), str(SOURCE)],
+                                      capture_output=True, text=True, timeout=120)
+                if done.returncode != 0:
+                    last = (done.stderr.strip().splitlines() or ["no message"])[-1]
+                    return None, f"numpy ({cc} could not build {SOURCE.name}: {last})"
+                os.replace(built, target)
+        library = ctypes.CDLL(str(target))
+        kernel = library.isthmus_moments
+    except (OSError, subprocess.SubprocessError, AttributeError) as error:
+        return None, f"numpy (the one-pass kernel is unavailable: {error})"
+    kernel.restype = ctypes.c_int
+    kernel.argtypes = [ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+    if kernel(0, None, None, None, None) != VERSION:
+        return None, f"numpy ({target} is another version of the kernel)"
+    return kernel, f"native one-pass kernel ({target.name}, built with {cc})"
+
+
+def _kernel() -> tuple[Callable[..., int] | None, str]:
+    with _lock:
+        if "kernel" not in _state:
+            _state["kernel"], _state["how"] = _build()
+        return _state["kernel"], _state["how"]
+
+
+def how() -> str:
+    """Which implementation computes the statistics in this process, in words (for the bundle)."""
+    return _kernel()[1]
+
+
+def moments(arrays: Sequence[np.ndarray]) -> np.ndarray | None:
+    """``(len(arrays), 4)`` float64 rows ``sum, sum of squares, min, max`` of non-empty, contiguous
+    float32 or float64 arrays, in one call; None when the kernel is unavailable."""
+    kernel = _kernel()[0]
+    if kernel is None:
+        return None
+    count = len(arrays)
+    out = np.empty((count, 4))
+    data = np.fromiter((a.ctypes.data for a in arrays), dtype=np.uintp, count=count)
+    sizes = np.fromiter((a.size for a in arrays), dtype=np.int64, count=count)
+    kinds = np.fromiter((KINDS[a.dtype] for a in arrays), dtype=np.int32, count=count)
+    kernel(count, data.ctypes.data, sizes.ctypes.data, kinds.ctypes.data, out.ctypes.data)
+    return out
+
+
+def reset() -> None:
+    """Forget the loaded kernel (tests: rebuild under other settings)."""
+    with _lock:
+        _state.clear()
+
+
+__all__ = ["KINDS", "SOURCE", "cache_dir", "compiler", "how", "moments", "reset"]
