@@ -37,6 +37,9 @@ def dtype_name(dtype: torch.dtype) -> str:
     return name if name is not None else str(dtype).removeprefix("torch.")
 
 
+_HOST_READ = {torch.float32: "float32", torch.float64: "float64"}
+
+
 class TorchEngine(Engine):
     """:class:`isthmus.registry.backend.Engine` over torch on ``device`` (``"cpu"``, ``"cuda:0"``, ``"npu"``).
 
@@ -91,6 +94,12 @@ class TorchEngine(Engine):
         if tensor.device.type == "cpu" and tensor.dtype != torch.bfloat16:
             return tensor.numpy()
         return self.to_numpy(tensor)
+
+    def host_memory(self, tensor: torch.Tensor) -> tuple[int, int, str] | None:
+        """A contiguous host float32 or float64 tensor's address, size and dtype (see the base class)."""
+        if tensor.dtype not in _HOST_READ or tensor.device.type != "cpu" or not tensor.is_contiguous():
+            return None
+        return tensor.data_ptr(), tensor.numel(), _HOST_READ[tensor.dtype]
 
     # ------------------------------------------------------------------ training support
     def parameters(self, arrays: Mapping[str, np.ndarray], dtype: str = "float32") -> dict[str, torch.Tensor]:

@@ -85,18 +85,6 @@ class KernelSet:
         for op, fn in ops.items():
             setattr(self, op, fn)
 
-    def replaced(self, table: Mapping[str, Callable[..., Any]]) -> "KernelSet":
-        """A copy serving ``table``'s ops with its functions (a recording's wrappers) and the rest
-        as before; ``sources`` and ``routed`` still describe the functions underneath."""
-        unknown = sorted(set(table) - set(self._ops))
-        if unknown:
-            raise ValueError(f"kernel table of backend '{self.backend}' has no ops {', '.join(unknown)}")
-        copy = object.__new__(KernelSet)
-        copy.__dict__.update(self.__dict__)
-        copy._ops = {**self._ops, **table}
-        copy.__dict__.update(table)
-        return copy
-
     def __contains__(self, op: str) -> bool:
         return op in self._ops
 

@@ -127,6 +127,12 @@ class Engine(Protocol):
         is :meth:`to_numpy`."""
         return self.to_numpy(tensor)
 
+    def host_memory(self, tensor: Any) -> tuple[int, int, str] | None:
+        """``(address, elements, dtype)`` of a tensor whose values lie contiguous in host memory,
+        for a dump's statistics to read at once while the tensor is alive, with no array made
+        around them; None (the default) where the engine cannot say, and :meth:`host_view` is read."""
+        return None
+
     def placement(self, tensor: Any) -> str:
         """Where ``tensor`` lives (``"cpu"``, ``"cuda:0"``), in :attr:`device`'s spelling, so a dump
         can name ops that ran on the host instead of the device; ``""`` when unknown (the default)."""

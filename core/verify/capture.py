@@ -21,7 +21,7 @@ import numpy as np
 
 from isthmus.kernels.interface import FLOAT_DTYPES
 from isthmus.verify.recording import CREATION_OPS, CallInfo, LayerInfo
-from isthmus.verify.statistics import STATS, stats, stats_many
+from isthmus.verify.statistics import STATS, stats, stats_of
 
 LEVELS = ("model", "layer", "op")
 MODES = ("stats", "tensors", "md5")
@@ -164,8 +164,7 @@ class Capture:
             self.taps += 1
 
     def _read_waiting(self) -> None:
-        view = self.engine.host_view
-        found = stats_many([view(tensor) for _, _, tensor in self._waiting])
+        found = stats_of([tensor for _, _, tensor in self._waiting], self.engine.host_memory, self.engine.host_view)
         for (rows, row, _), values in zip(self._waiting, found):
             rows[row] = values
         self._waiting, self._waiting_elements = [], 0

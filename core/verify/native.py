@@ -29,6 +29,7 @@ import numpy as np
 SOURCE = Path(__file__).with_name("moments.c")
 KINDS = {np.dtype(np.float32): 0, np.dtype(np.float64): 1}
 """The dtypes the kernel reads, by its kind code."""
+KIND_CODES = {dtype.name: code for dtype, code in KINDS.items()}
 VERSION = 1
 FLAGS = ("-O3", "-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math", "-ffinite-math-only", "-shared",
          "-fPIC")
@@ -104,14 +105,20 @@ def how() -> str:
 def moments(arrays: Sequence[np.ndarray]) -> np.ndarray | None:
     """``(len(arrays), 4)`` float64 rows ``sum, sum of squares, min, max`` of non-empty, contiguous
     float32 or float64 arrays, in one call; None when the kernel is unavailable."""
+    return moments_at([(a.ctypes.data, a.size, a.dtype.name) for a in arrays])
+
+
+def moments_at(records: Sequence[tuple[int, int, str]]) -> np.ndarray | None:
+    """The same rows for ``(address, elements, dtype name)`` of memory the caller keeps alive and
+    unchanged during the call (``elements > 0``; dtype ``float32`` or ``float64``)."""
     kernel = _kernel()[0]
     if kernel is None:
         return None
-    count = len(arrays)
+    count = len(records)
     out = np.empty((count, 4))
-    data = np.fromiter((a.ctypes.data for a in arrays), dtype=np.uintp, count=count)
-    sizes = np.fromiter((a.size for a in arrays), dtype=np.int64, count=count)
-    kinds = np.fromiter((KINDS[a.dtype] for a in arrays), dtype=np.int32, count=count)
+    data = np.fromiter((r[0] for r in records), dtype=np.uintp, count=count)
+    sizes = np.fromiter((r[1] for r in records), dtype=np.int64, count=count)
+    kinds = np.fromiter((KIND_CODES[r[2]] for r in records), dtype=np.int32, count=count)
     kernel(count, data.ctypes.data, sizes.ctypes.data, kinds.ctypes.data, out.ctypes.data)
     return out
 
@@ -122,4 +129,4 @@ def reset() -> None:
         _state.clear()
 
 
-__all__ = ["KINDS", "SOURCE", "cache_dir", "compiler", "how", "moments", "reset"]
+__all__ = ["KINDS", "KIND_CODES", "SOURCE", "cache_dir", "compiler", "how", "moments", "moments_at", "reset"]

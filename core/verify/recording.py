@@ -53,6 +53,10 @@ class CallInfo(NamedTuple):
         return found
 
 
+_ANCESTORS: dict[str, tuple[str, ...]] = {}
+"""A scope prefix's chain of layers (``a``, ``a.b``, ``a.b.c``), built once per process: one tuple
+per layer path, so a call's layers equal the previous call's exactly when they are the same object."""
+
 _WHERE: dict[tuple[Any, int], str] = {}
 """``where`` by (code, line): a dump asks it of every record, and model code has few call sites."""
 
@@ -85,6 +89,32 @@ def op_name(layer: str, op: str, n: int) -> str:
     return f"{layer}/{op}:{n}" if layer else f"{op}:{n}"
 
 
+class _Wrapped(KernelSet):
+    """A copy of a kernel set whose ops (all but :data:`METADATA_OPS`) are wrapped on first use:
+    a model calls a few of the ops, and a dump builds one recording per pass."""
+
+    _wrap_op: Callable[[str, Callable[..., Any]], Callable[..., Any]]
+
+    @classmethod
+    def of(cls, kernels: KernelSet, wrap: Callable[[str, Callable[..., Any]], Callable[..., Any]]) -> "_Wrapped":
+        copy = object.__new__(cls)
+        copy.__dict__.update(kernels.__dict__)
+        copy._originals = {op: getattr(kernels, op) for op in OPS if op not in METADATA_OPS}
+        for op in copy._originals:
+            copy.__dict__.pop(op, None)
+        copy._wrap_op = wrap
+        return copy
+
+    def __getattr__(self, op: str) -> Callable[..., Any]:
+        # Only reached for an attribute not set yet: an op's first use.
+        originals = self.__dict__.get("_originals", {})
+        if op not in originals:
+            raise AttributeError(f"{type(self).__name__} has no attribute '{op}'")
+        wrapped = self._wrap_op(op, originals[op])
+        setattr(self, op, wrapped)
+        return wrapped
+
+
 class Recording:
     """A kernel set (:attr:`kernels`) that names every call and reports it to ``sink``.
 
@@ -97,9 +127,7 @@ class Recording:
         self.base = kernels
         self.sink = sink
         self._wants: Callable[[], bool] | None = getattr(sink, "wants_call", None)
-        self.kernels = kernels.replaced({op: self._wrap(op, getattr(kernels, op)) for op in OPS
-                                         if op not in METADATA_OPS})
-        self._ancestors: dict[str, tuple[str, ...]] = {}
+        self.kernels = _Wrapped.of(kernels, self._wrap)
         self.begin()
 
     def begin(self) -> None:
@@ -159,10 +187,10 @@ class Recording:
             for value in reversed(frame.f_locals.values()):
                 if type(value) is Scope and value.prefix:
                     prefix = value.prefix
-                    cached = self._ancestors.get(prefix)
+                    cached = _ANCESTORS.get(prefix)
                     if cached is None:
                         parts = prefix.split(".")
-                        cached = self._ancestors[prefix] = tuple(".".join(parts[:i]) for i in range(1, len(parts) + 1))
+                        cached = _ANCESTORS[prefix] = tuple(".".join(parts[:i]) for i in range(1, len(parts) + 1))
                     return cached
             frame = frame.f_back
         return ()

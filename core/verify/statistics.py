@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 import threading
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -52,6 +52,56 @@ def _sums_in_pieces(source: np.ndarray) -> tuple[float, float]:
     return total, squares
 
 
+def stats(array: np.ndarray) -> np.ndarray:
+    """The :data:`STATS` row of ``array`` (float64)."""
+    return stats_of([array])[0]
+
+
+def stats_many(arrays: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """The :data:`STATS` rows of ``arrays``."""
+    return stats_of(arrays)
+
+
+def stats_of(items: Sequence[Any], memory: Callable[[Any], tuple[int, int, str] | None] | None = None,
+             view: Callable[[Any], np.ndarray] = np.asarray) -> list[np.ndarray]:
+    """The :data:`STATS` rows of ``items``: the float32 and float64 ones in one call of the one-pass
+    kernel (:mod:`isthmus.verify.native`) where it is built, the rest with numpy.
+
+    ``memory(item)``: ``(address, elements, dtype)`` of an item's contiguous host memory, or None
+    (an engine's :meth:`~isthmus.registry.backend.Engine.host_memory`); the others are read
+    through ``view(item)`` (an engine's ``host_view``; default: the item is an array)."""
+    rows: list[np.ndarray | None] = [None] * len(items)
+    sources: dict[int, np.ndarray] = {}  # arrays read here, alive until the kernel has run
+    wanted: list[tuple[int, tuple[int, int, str]]] = []
+    for i, item in enumerate(items):
+        found = memory(item) if memory is not None else None
+        if found is None:
+            source = sources[i] = np.asarray(view(item)).ravel()
+            if source.size and source.dtype in native.KINDS:
+                found = (source.ctypes.data, source.size, source.dtype.name)
+        if found is not None and found[1] > 0:
+            wanted.append((i, found))
+    table = native.moments_at([where for _, where in wanted]) if wanted else None
+    if table is not None:
+        total, squares, low, high = table.T
+        count = np.array([where[1] for _, where in wanted], dtype=np.float64)
+        with np.errstate(invalid="ignore", over="ignore"):
+            mean = total / count
+            variance = squares / count - mean * mean
+            made = np.stack([count, low, high, mean, np.sqrt(np.maximum(variance, 0.0)), np.sqrt(squares),
+                             np.zeros_like(count), np.zeros_like(count)], axis=1)
+        # A NaN or Inf (the sum is not finite) takes the numpy path, which counts them; so does a
+        # record whose variance cancelled (see _CENTRE_BELOW).
+        good = np.isfinite(total) & ~(variance < _CENTRE_BELOW * mean * mean)
+        for j in np.flatnonzero(good).tolist():
+            rows[wanted[j][0]] = made[j]
+    for i, row in enumerate(rows):
+        if row is None:
+            source = sources.get(i)
+            rows[i] = _numpy_stats(source if source is not None else np.asarray(view(items[i])).ravel())
+    return rows  # type: ignore[return-value]
+
+
 def _row(source: np.ndarray, total: float, squares: float, low: float, high: float,
          values: np.ndarray | None = None) -> np.ndarray:
     """The row of a record with no NaN or Inf, from its sums, min and max (``values``: the record in
@@ -63,34 +113,6 @@ def _row(source: np.ndarray, total: float, squares: float, low: float, high: flo
         centred = (source.astype(np.float64) if values is None else values) - mean
         variance = dot(centred, centred) / count
     return np.array([count, low, high, mean, math.sqrt(max(variance, 0.0)), math.sqrt(squares), 0.0, 0.0])
-
-
-def stats(array: np.ndarray) -> np.ndarray:
-    """The :data:`STATS` row of ``array`` (float64)."""
-    return stats_many([array])[0]
-
-
-def stats_many(arrays: Sequence[np.ndarray]) -> list[np.ndarray]:
-    """The :data:`STATS` rows of ``arrays``: float32 and float64 records in one call of the
-    one-pass kernel (:mod:`isthmus.verify.native`) where it is built, the rest with numpy."""
-    sources = [np.asarray(a).ravel() for a in arrays]
-    rows: list[np.ndarray | None] = [None] * len(sources)
-    eligible = [i for i, s in enumerate(sources) if s.size and s.dtype in native.KINDS]
-    found = native.moments([sources[i] for i in eligible]) if eligible else None
-    if found is not None:
-        total, squares, low, high = found.T
-        count = np.array([sources[i].size for i in eligible], dtype=np.float64)
-        with np.errstate(invalid="ignore", over="ignore"):
-            mean = total / count
-            variance = squares / count - mean * mean
-            table = np.stack([count, low, high, mean, np.sqrt(np.maximum(variance, 0.0)), np.sqrt(squares),
-                              np.zeros_like(count), np.zeros_like(count)], axis=1)
-        # A NaN or Inf (the sum is not finite) takes the numpy path, which counts them; so does a
-        # record whose variance cancelled (see _CENTRE_BELOW).
-        good = np.isfinite(total) & ~(variance < _CENTRE_BELOW * mean * mean)
-        for j in np.flatnonzero(good).tolist():
-            rows[eligible[j]] = table[j]
-    return [row if row is not None else _numpy_stats(source) for row, source in zip(rows, sources)]
 
 
 def _numpy_stats(source: np.ndarray) -> np.ndarray:
@@ -117,4 +139,4 @@ def _numpy_stats(source: np.ndarray) -> np.ndarray:
                      math.sqrt(dot(good, good)), nan, inf])
 
 
-__all__ = ["CHUNK", "DOT_CHUNK", "STATS", "dot", "stats", "stats_many"]
+__all__ = ["CHUNK", "DOT_CHUNK", "STATS", "dot", "stats", "stats_many", "stats_of"]
