@@ -59,7 +59,7 @@ class TorchKernels:
         return torch.arange(start, stop, step, dtype=torch_dtype(dtype), device=self.device)
 
     def shape(self, x):
-        return tuple(int(n) for n in x.shape)
+        return tuple(map(int, x.shape))
 
     def dtype(self, x):
         return dtype_name(x.dtype)

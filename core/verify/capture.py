@@ -112,28 +112,31 @@ class Capture:
     # -------------------------------------------------------------------------- internals
     def _record(self, call: CallInfo, name: str, kind: str, out: Any, layer: str | None = None) -> None:
         pieces = _flat(out)
-        where = call.where
+        several = len(pieces) > 1
+        where, layer = call.where, call.layer if layer is None else layer
         for i, tensor in enumerate(pieces):
-            suffix = f".{i}" if len(pieces) > 1 else ""
+            suffix = f".{i}" if several else ""
             slot = (call.index, i)
             data = self._done.get(slot)
             if data is None:
-                data = self._keep("forward", f"{call.name}{suffix}", tensor)
-                self._done[slot] = data
-                floating = data["dtype"] in FLOATS
+                key = call.name + suffix
+                data = self._done[slot] = self._keep("forward", key, tensor)
+                dtype = data["dtype"]
                 if self.level != "op":
-                    self._layer_checks(call, tensor, data["dtype"])
-                if self.backward_wanted and floating:
-                    self._tap(call, f"{call.name}{suffix}", tensor)
-            self.forward.append({"name": name + suffix, "kind": kind, "op": call.op,
-                                 "layer": call.layer if layer is None else layer, "call": call.index,
-                                 "where": where, **data})
+                    self._layer_checks(call, tensor, dtype)
+                if self.backward_wanted and dtype in FLOATS:
+                    self._tap(call, key, tensor, data["shape"])
+            record = {"name": name + suffix, "kind": kind, "op": call.op, "layer": layer, "call": call.index,
+                      "where": where}
+            record.update(data)
+            self.forward.append(record)
 
-    def _keep(self, direction: str, name: str, tensor: Any) -> dict[str, Any]:
+    def _keep(self, direction: str, name: str, tensor: Any, shape: list[int] | None = None) -> dict[str, Any]:
+        """The record's data (``shape``: the tensor's, where known already)."""
         dtype = self.dtype_of(tensor)
         rows = self.rows[direction]
         if self.deferred:
-            shape = list(self.shape_of(tensor))
+            shape = list(self.shape_of(tensor) if shape is None else shape)
             row = len(rows)
             rows.append(None)
             self._waiting.append((rows, row, tensor))
@@ -153,12 +156,13 @@ class Capture:
             data["md5"] = hashlib.md5(np.ascontiguousarray(host).tobytes()).hexdigest()
         return data
 
-    def _tap(self, call: CallInfo, name: str, tensor: Any) -> None:
+    def _tap(self, call: CallInfo, name: str, tensor: Any, shape: list[int]) -> None:
         def receive(grad: Any) -> None:
             if grad is None:  # an engine may report "no gradient" as None
                 return
+            # A gradient has its tensor's shape.
             self.backward.append({"name": name, "op": call.op, "layer": call.layer, "call": call.index,
-                                  **self._keep("backward", name, grad)})
+                                  **self._keep("backward", name, grad, shape)})
 
         if self.engine.tap(tensor, receive):
             self.taps += 1
