@@ -144,8 +144,12 @@ class Recording:
         self._previous_info: CallInfo | None = None
 
     def end(self) -> None:
-        """Close every open layer (innermost first)."""
+        """Close every open layer (innermost first), and let go of the caller's frame and the last
+        output: held past the run, they would tie the model's tensors into a reference cycle that
+        only the garbage collector frees (memory torch could not reuse in the next pass)."""
         self._enter(())
+        self._stop = None
+        self._previous, self._previous_out, self._previous_info = None, None, None
 
     # ------------------------------------------------------------------------------ internals
     def _wrap(self, op: str, fn: Callable[..., Any]) -> Callable[..., Any]:
