@@ -35,6 +35,17 @@ def test_configs_ship_as_package_data():
         assert any(p.name.endswith(".yaml") for p in root.joinpath(group).iterdir()), group
 
 
+def test_the_statistics_kernel_source_ships_as_package_data():
+    """``isthmus.verify.native`` compiles ``moments.c`` on the user's machine: a wheel without it
+    would fall back to numpy everywhere, silently."""
+    import fnmatch
+    import tomllib
+
+    declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    assert any(fnmatch.fnmatch("moments.c", pattern) for pattern in declared.get("isthmus.verify", []))
+    assert resources.files("isthmus.verify").joinpath("moments.c").is_file()
+
+
 def test_each_built_in_model_ships_its_option_file_in_its_package():
     from isthmus.registry.manager import load_plugins
 

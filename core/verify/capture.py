@@ -2,13 +2,14 @@
 flows back into it, and the dtype changes, fallbacks and host placements seen at the kernel
 boundary.
 
-Statistics (:mod:`isthmus.verify.statistics`) are computed in float64 on the host, read through
-``engine.host_view`` (uncopied where the engine can): one row per record in a float64 matrix, so a
-stats-mode bundle stays small and keeps every digit of every statistic. A capture taken with
-``deferred=True`` reads them in one batch when the pass ends (or when :data:`DEFER_ELEMENTS` are
-waiting), not between the model's kernel calls: the same numbers, for less time. That is only
-right where nothing writes into a tensor after it is recorded, which the kernel contract
-guarantees (kernels return new tensors) and a module's in-place ops (``ReLU(inplace=True)``) do not.
+Statistics (:mod:`isthmus.verify.statistics`) are computed in float64 on the host: one row per
+record in a float64 matrix, so a stats-mode bundle stays small and keeps every digit of every
+statistic. A capture taken with ``deferred=True`` reads them in one batch when the pass ends (or
+when :data:`DEFER_ELEMENTS` are waiting), not between the model's kernel calls, straight from the
+engine's host memory where it offers it (``Engine.host_memory``) and through ``host_view``
+otherwise: the same numbers, for less time. That is only right where nothing writes into a tensor
+after it is recorded, which the kernel contract guarantees (kernels return new tensors) and a
+module's in-place ops (``ReLU(inplace=True)``) do not.
 """
 
 from __future__ import annotations

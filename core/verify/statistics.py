@@ -1,5 +1,10 @@
 """The statistics row a stats-mode dump keeps of a tensor: ``count, min, max, mean, std, l2`` over
-the finite elements, then the ``nan`` and ``inf`` counts, all float64."""
+the finite elements, then the ``nan`` and ``inf`` counts, all float64.
+
+float32 and float64 records are read by the one-pass C kernel (:mod:`isthmus.verify.native`) where
+it could be built, many records per call; the others, records holding a NaN or an Inf, and every
+record where no C compiler is found, by the numpy code below. Both sum in float64 and agree to its
+rounding."""
 
 from __future__ import annotations
 
