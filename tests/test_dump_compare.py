@@ -418,8 +418,9 @@ def test_statistics_of_many_records_at_once_equal_each_read_alone(statistics_ker
 
 
 def test_the_statistics_kernel_falls_back_to_numpy_with_the_reason(monkeypatch, tmp_path):
-    """No compiler, a compiler that fails, or the switch turned off: numpy computes the rows, and
-    :func:`native.how` (recorded in every bundle) says why; nothing is left in the cache."""
+    """No compiler, a compiler that fails, a cache that cannot be written, or the switch turned off:
+    numpy computes the rows, and :func:`native.how` (recorded in every bundle) says why; nothing is
+    left in the cache."""
     from isthmus.verify import native
     from isthmus.verify.statistics import stats
 
@@ -437,6 +438,12 @@ def test_the_statistics_kernel_falls_back_to_numpy_with_the_reason(monkeypatch, 
         finally:
             monkeypatch.delenv(setting[0])
     assert not cache.exists() or not list(cache.glob("moments-*"))
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a directory")
+    monkeypatch.setenv("ISTHMUS_CACHE_DIR", str(blocked / "cache"))  # the cache cannot be made
+    native.reset()
+    assert native.how().startswith("numpy (the one-pass kernel is unavailable"), native.how()
+    assert np.allclose(stats(values), expected, rtol=1e-13, atol=0)
     monkeypatch.setattr(native, "compiler", lambda: None)
     native.reset()
     assert "no C compiler" in native.how()

@@ -64,11 +64,11 @@ def _build() -> tuple[Callable[..., int] | None, str]:
     cc = compiler()
     if cc is None:
         return None, "numpy (no C compiler found: set CC for the one-pass kernel)"
-    source = SOURCE.read_bytes()
-    tag = hashlib.sha256(source + f"{cc}|{' '.join(FLAGS)}|{platform.machine()}|{sys.platform}|{VERSION}".encode()).hexdigest()[:16]
-    suffix = ".dll" if sys.platform == "win32" else ".dylib" if sys.platform == "darwin" else ".so"
-    target = cache_dir() / f"moments-{tag}{suffix}"
     try:
+        source = SOURCE.read_bytes()
+        tag = hashlib.sha256(source + f"{cc}|{' '.join(FLAGS)}|{platform.machine()}|{sys.platform}|{VERSION}".encode())
+        suffix = ".dll" if sys.platform == "win32" else ".dylib" if sys.platform == "darwin" else ".so"
+        target = cache_dir() / f"moments-{tag.hexdigest()[:16]}{suffix}"
         if not target.exists():
             target.parent.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
@@ -84,7 +84,7 @@ def _build() -> tuple[Callable[..., int] | None, str]:
                 os.replace(built, target)
         library = ctypes.CDLL(str(target))
         kernel = library.isthmus_moments
-    except (OSError, subprocess.SubprocessError, AttributeError) as error:
+    except (OSError, subprocess.SubprocessError, AttributeError, RuntimeError) as error:  # RuntimeError: no home
         return None, f"numpy (the one-pass kernel is unavailable: {error})"
     kernel.restype = ctypes.c_int
     kernel.argtypes = [ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
