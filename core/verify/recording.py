@@ -49,6 +49,8 @@ class CallInfo(NamedTuple):
         key = (self.code, self.line)
         found = _WHERE.get(key)
         if found is None:
+            if len(_WHERE) >= _CACHE_LIMIT:  # code made at run time (exec) must not grow it forever
+                _WHERE.clear()
             found = _WHERE[key] = f"{self.code.co_name} ({os.path.basename(self.code.co_filename)}:{self.line})"
         return found
 
@@ -59,6 +61,8 @@ per layer path, so a call's layers equal the previous call's exactly when they a
 
 _WHERE: dict[tuple[Any, int], str] = {}
 """``where`` by (code, line): a dump asks it of every record, and model code has few call sites."""
+
+_CACHE_LIMIT = 1 << 16
 
 
 class LayerInfo(NamedTuple):
@@ -181,7 +185,7 @@ class Recording:
     def _info(raw: tuple[int, str, int, tuple[str, ...], Any, int]) -> CallInfo:
         index, op, n, layers, code, line = raw
         layer = layers[-1] if layers else ""
-        return CallInfo(index, op, f"{layer}/{op}:{n}" if layer else f"{op}:{n}", layer, layers, code, line)
+        return CallInfo(index, op, op_name(layer, op, n), layer, layers, code, line)
 
     def _scopes(self, frame: FrameType | None) -> tuple[str, ...]:
         """The innermost scope on the stack and its dotted ancestors, outermost first."""
@@ -193,6 +197,8 @@ class Recording:
                     prefix = value.prefix
                     cached = _ANCESTORS.get(prefix)
                     if cached is None:
+                        if len(_ANCESTORS) >= _CACHE_LIMIT:
+                            _ANCESTORS.clear()
                         parts = prefix.split(".")
                         cached = _ANCESTORS[prefix] = tuple(".".join(parts[:i]) for i in range(1, len(parts) + 1))
                     return cached
