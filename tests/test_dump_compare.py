@@ -392,10 +392,10 @@ def test_statistics_of_large_and_non_finite_records(statistics_kernel):
 
 
 def test_statistics_of_many_records_at_once_equal_each_read_alone(statistics_kernel):
-    """``stats_many`` (what a dump's deferred read calls) gives every record the row ``stats`` gives
+    """``stats_of`` (what a dump's deferred read calls) gives every record the row ``stats`` gives
     it, across dtypes, layouts and the records that leave the fast path; the C kernel agrees with
     numpy to float64 rounding."""
-    from isthmus.verify.statistics import STATS, _numpy_stats, stats, stats_many
+    from isthmus.verify.statistics import STATS, _numpy_stats, stats, stats_of
 
     rng = np.random.default_rng(3)
     records = [rng.standard_normal((4, 31, 64)).astype(np.float32),
@@ -406,7 +406,7 @@ def test_statistics_of_many_records_at_once_equal_each_read_alone(statistics_ker
                np.zeros(0, np.float32), np.arange(12, dtype=np.int64).reshape(3, 4),
                rng.standard_normal(1000).astype(np.float16), np.array(3.0, np.float32),
                np.array([3e38, 3e38], np.float32)]  # finite, with a float32 sum that would overflow
-    together = stats_many(records)
+    together = stats_of(records)
     assert len(together) == len(records)
     for values, row in zip(records, together):
         alone = stats(values)
@@ -433,7 +433,7 @@ def test_the_statistics_kernel_falls_back_to_numpy_with_the_reason(monkeypatch, 
         native.reset()
         try:
             assert native.how().startswith("numpy") and said in native.how(), native.how()
-            assert native.moments([values]) is None
+            assert native.moments([(values.ctypes.data, values.size, "float32")]) is None
             assert np.allclose(stats(values), expected, rtol=1e-13, atol=0)
         finally:
             monkeypatch.delenv(setting[0])

@@ -27,9 +27,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 SOURCE = Path(__file__).with_name("moments.c")
-KINDS = {np.dtype(np.float32): 0, np.dtype(np.float64): 1}
-"""The dtypes the kernel reads, by its kind code."""
-KIND_CODES = {dtype.name: code for dtype, code in KINDS.items()}
+KINDS = {"float32": 0, "float64": 1}
+"""The dtypes the kernel reads, by name, with the kind code it takes for each."""
 VERSION = 1
 FLAGS = ("-O3", "-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math", "-ffinite-math-only", "-shared",
          "-fPIC")
@@ -58,6 +57,21 @@ def compiler() -> str | None:
     return None
 
 
+def _compile(cc: str, target: Path) -> str | None:
+    """Build the kernel into ``target`` (with the AVX2 clone, else without); the compiler's last
+    line of complaint when neither builds."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
+        built = Path(scratch) / target.name
+        for extra in (["-DISTHMUS_CLONES"], []):
+            done = subprocess.run([cc, *FLAGS, *extra, "-o", str(built), str(SOURCE)],
+                                  capture_output=True, text=True, timeout=120)
+            if done.returncode == 0:
+                os.replace(built, target)
+                return None
+    return (done.stderr.strip().splitlines() or ["no message"])[-1]
+
+
 def _build() -> tuple[Callable[..., int] | None, str]:
     if os.environ.get("ISTHMUS_NATIVE_STATS", "1") == "0":
         return None, "numpy (ISTHMUS_NATIVE_STATS=0)"
@@ -70,18 +84,9 @@ def _build() -> tuple[Callable[..., int] | None, str]:
         suffix = ".dll" if sys.platform == "win32" else ".dylib" if sys.platform == "darwin" else ".so"
         target = cache_dir() / f"moments-{tag.hexdigest()[:16]}{suffix}"
         if not target.exists():
-            target.parent.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
-                built = Path(scratch) / target.name
-                for extra in (["-DISTHMUS_CLONES"], []):
-                    done = subprocess.run([cc, *FLAGS, *extra, "-o", str(built), str(SOURCE)],
-                                          capture_output=True, text=True, timeout=120)
-                    if done.returncode == 0:
-                        break
-                if done.returncode != 0:
-                    last = (done.stderr.strip().splitlines() or ["no message"])[-1]
-                    return None, f"numpy ({cc} could not build {SOURCE.name}: {last})"
-                os.replace(built, target)
+            failure = _compile(cc, target)
+            if failure:
+                return None, f"numpy ({cc} could not build {SOURCE.name}: {failure})"
         library = ctypes.CDLL(str(target))
         kernel = library.isthmus_moments
     except (OSError, subprocess.SubprocessError, AttributeError, RuntimeError) as error:  # RuntimeError: no home
@@ -105,15 +110,10 @@ def how() -> str:
     return _kernel()[1]
 
 
-def moments(arrays: Sequence[np.ndarray]) -> np.ndarray | None:
-    """``(len(arrays), 4)`` float64 rows ``sum, sum of squares, min, max`` of non-empty, contiguous
-    float32 or float64 arrays, in one call; None when the kernel is unavailable."""
-    return moments_at([(a.ctypes.data, a.size, a.dtype.name) for a in arrays])
-
-
-def moments_at(records: Sequence[tuple[int, int, str]]) -> np.ndarray | None:
-    """The same rows for ``(address, elements, dtype name)`` of memory the caller keeps alive and
-    unchanged during the call (``elements > 0``; dtype ``float32`` or ``float64``)."""
+def moments(records: Sequence[tuple[int, int, str]]) -> np.ndarray | None:
+    """``(len(records), 4)`` float64 rows ``sum, sum of squares, min, max``, in one call, of
+    ``(address, elements, dtype name)``: memory the caller keeps alive and unchanged during the call
+    (``elements > 0``; a dtype of :data:`KINDS`); None when the kernel is unavailable."""
     kernel = _kernel()[0]
     if kernel is None:
         return None
@@ -121,7 +121,7 @@ def moments_at(records: Sequence[tuple[int, int, str]]) -> np.ndarray | None:
     out = np.empty((count, 4))
     data = np.fromiter((r[0] for r in records), dtype=np.uintp, count=count)
     sizes = np.fromiter((r[1] for r in records), dtype=np.int64, count=count)
-    kinds = np.fromiter((KIND_CODES[r[2]] for r in records), dtype=np.int32, count=count)
+    kinds = np.fromiter((KINDS[r[2]] for r in records), dtype=np.int32, count=count)
     kernel(count, data.ctypes.data, sizes.ctypes.data, kinds.ctypes.data, out.ctypes.data)
     return out
 
@@ -132,4 +132,4 @@ def reset() -> None:
         _state.clear()
 
 
-__all__ = ["KINDS", "KIND_CODES", "SOURCE", "cache_dir", "compiler", "how", "moments", "moments_at", "reset"]
+__all__ = ["KINDS", "SOURCE", "cache_dir", "compiler", "how", "moments", "reset"]

@@ -62,11 +62,6 @@ def stats(array: np.ndarray) -> np.ndarray:
     return stats_of([array])[0]
 
 
-def stats_many(arrays: Sequence[np.ndarray]) -> list[np.ndarray]:
-    """The :data:`STATS` rows of ``arrays``."""
-    return stats_of(arrays)
-
-
 def stats_of(items: Sequence[Any], memory: Callable[[Any], tuple[int, int, str] | None] | None = None,
              view: Callable[[Any], np.ndarray] = np.asarray) -> list[np.ndarray]:
     """The :data:`STATS` rows of ``items``: the float32 and float64 ones in one call of the one-pass
@@ -82,23 +77,17 @@ def stats_of(items: Sequence[Any], memory: Callable[[Any], tuple[int, int, str] 
         found = memory(item) if memory is not None else None
         if found is None:
             source = sources[i] = np.asarray(view(item)).ravel()
-            if source.size and source.dtype in native.KINDS:
+            if source.size and source.dtype.name in native.KINDS:
                 found = (source.ctypes.data, source.size, source.dtype.name)
         if found is not None and found[1] > 0:
             wanted.append((i, found))
-    table = native.moments_at([where for _, where in wanted]) if wanted else None
+    table = native.moments([where for _, where in wanted]) if wanted else None
     if table is not None:
-        total, squares, low, high = table.T
         count = np.array([where[1] for _, where in wanted], dtype=np.float64)
-        with np.errstate(invalid="ignore", over="ignore"):
-            mean = total / count
-            variance = squares / count - mean * mean
-            made = np.stack([count, low, high, mean, np.sqrt(np.maximum(variance, 0.0)), np.sqrt(squares),
-                             np.zeros_like(count), np.zeros_like(count)], axis=1)
+        made, final = _rows(count, *table.T)
         # A NaN or Inf (the sum is not finite) takes the numpy path, which counts them; so does a
-        # record whose variance cancelled (see _CENTRE_BELOW).
-        good = np.isfinite(total) & ~(variance < _CENTRE_BELOW * mean * mean)
-        for j in np.flatnonzero(good).tolist():
+        # record whose variance cancelled.
+        for j in np.flatnonzero(final & np.isfinite(table[:, 0])).tolist():
             rows[wanted[j][0]] = made[j]
     for i, row in enumerate(rows):
         if row is None:
@@ -107,17 +96,17 @@ def stats_of(items: Sequence[Any], memory: Callable[[Any], tuple[int, int, str] 
     return rows  # type: ignore[return-value]
 
 
-def _row(source: np.ndarray, total: float, squares: float, low: float, high: float,
-         values: np.ndarray | None = None) -> np.ndarray:
-    """The row of a record with no NaN or Inf, from its sums, min and max (``values``: the record in
-    float64, if made already)."""
-    count = source.size
-    mean = total / count
-    variance = squares / count - mean * mean
-    if variance < _CENTRE_BELOW * mean * mean:  # cancellation would eat the digits: centre first
-        centred = (source.astype(np.float64) if values is None else values) - mean
-        variance = dot(centred, centred) / count
-    return np.array([count, low, high, mean, math.sqrt(max(variance, 0.0)), math.sqrt(squares), 0.0, 0.0])
+def _rows(count: np.ndarray, total: np.ndarray, squares: np.ndarray, low: np.ndarray,
+          high: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The rows of records with no NaN or Inf, from their sums, min and max, and which of them are
+    final: False where ``E[x^2] - mean^2`` has cancelled most of its digits (``variance <
+    _CENTRE_BELOW * mean**2``) and the variance must be recomputed from the centred values."""
+    with np.errstate(invalid="ignore", over="ignore"):
+        mean = total / count
+        variance = squares / count - mean * mean
+        made = np.stack([count, low, high, mean, np.sqrt(np.maximum(variance, 0.0)), np.sqrt(squares),
+                         np.zeros_like(count), np.zeros_like(count)], axis=1)
+        return made, ~(variance < _CENTRE_BELOW * mean * mean)
 
 
 def _numpy_stats(source: np.ndarray) -> np.ndarray:
@@ -131,7 +120,13 @@ def _numpy_stats(source: np.ndarray) -> np.ndarray:
         squares = dot(values, values) if math.isfinite(total) else math.nan
     if count and math.isfinite(total):  # no NaN or Inf anywhere: the fast path
         # min and max are exact in the source dtype, and cheaper to read there.
-        return _row(source, total, squares, float(source.min()), float(source.max()), values)
+        made, final = _rows(np.array([float(count)]), np.array([total]), np.array([squares]),
+                            np.array([float(source.min())]), np.array([float(source.max())]))
+        row = made[0]
+        if not final[0]:  # cancellation would eat the digits: centre first
+            centred = (source.astype(np.float64) if values is None else values) - row[3]
+            row[4] = math.sqrt(max(dot(centred, centred) / count, 0.0))
+        return row
     if values is None:
         values = source.astype(np.float64)
     finite = np.isfinite(values)
@@ -144,4 +139,4 @@ def _numpy_stats(source: np.ndarray) -> np.ndarray:
                      math.sqrt(dot(good, good)), nan, inf])
 
 
-__all__ = ["CHUNK", "DOT_CHUNK", "STATS", "dot", "stats", "stats_many", "stats_of"]
+__all__ = ["CHUNK", "DOT_CHUNK", "STATS", "dot", "stats", "stats_of"]
