@@ -1,13 +1,18 @@
-/* One pass over a record for its statistics: sum and sum of squares in double, min and max.
+/* One pass over a record for its statistics row: count, min, max, mean, std and l2, from the sum
+ * and the sum of squares in double, min and max.
  *
  * Built by isthmus.verify.native on first use, with -fassociative-math and -ffinite-math-only so
  * that the compiler may vectorize the four reductions (the order of a double sum of float32 values
  * is free here: its rounding stays far below float32's). numpy needs five passes for the same
  * numbers (a float64 copy, sum, dot, min, max). The sums restart every BLOCK values and are added
- * into the totals. A NaN or an infinity shows in the sums, and the caller then takes its numpy path
- * for that record (min and max are undefined in that case).
+ * into the totals. A NaN or an infinity shows in the sums; such a record, and one whose variance
+ * E[x^2] - mean^2 cancelled most of its digits, is marked not final and the caller computes it
+ * with numpy (min and max are undefined in the first case). The finiteness test reads the bits, which
+ * -ffinite-math-only cannot fold away.
  */
+#include <math.h>
 #include <stdint.h>
+#include <string.h>
 
 #define BLOCK 4096
 
@@ -47,15 +52,43 @@
 DEFINE_MOMENTS(moments_float32, float)
 DEFINE_MOMENTS(moments_float64, double)
 
+static int bits_finite(double value) {
+    uint64_t bits;
+    memcpy(&bits, &value, sizeof bits);
+    return ((bits >> 52) & 0x7ff) != 0x7ff;
+}
+
+/* The row {count, min, max, mean, std, l2, nan = 0, inf = 0} from {sum, sum of squares, min, max} of n
+ * values; whether it is final (see the top of this file). The same formulas as the numpy path's. */
+static int finish(double *row, double n, double centre_below) {
+    double total = row[0], squares = row[1], low = row[2], high = row[3];
+    if (!bits_finite(total) || !bits_finite(squares) || fabs(total / n) > 1e150)
+        return 0;
+    double mean = total / n;
+    double variance = squares / n - mean * mean;
+    row[0] = n;
+    row[1] = low;
+    row[2] = high;
+    row[3] = mean;
+    row[4] = sqrt(variance > 0.0 ? variance : 0.0);
+    row[5] = sqrt(squares);
+    row[6] = 0.0;
+    row[7] = 0.0;
+    return !(variance < centre_below * mean * mean);
+}
+
 /* Records i < count: data[i] holds sizes[i] > 0 contiguous values of kind kinds[i] (0: float32,
- * 1: float64); out[4 * i ...] receives {sum, sum of squares, min, max}. Returns the version. */
-int isthmus_moments(int64_t count, const uintptr_t *data, const int64_t *sizes, const int32_t *kinds,
-                    double *out) {
+ * 1: float64); rows[8 * i ...] receives the record's row and final[i] whether it is final (a row
+ * that is not final holds nothing usable). Returns the version. */
+int isthmus_stats(int64_t count, const uintptr_t *data, const int64_t *sizes, const int32_t *kinds,
+                  double *rows, uint8_t *final, double centre_below) {
     for (int64_t i = 0; i < count; i++) {
+        double *row = rows + 8 * i;
         if (kinds[i] == 0)
-            moments_float32((const float *)data[i], sizes[i], out + 4 * i);
+            moments_float32((const float *)data[i], sizes[i], row);
         else
-            moments_float64((const double *)data[i], sizes[i], out + 4 * i);
+            moments_float64((const double *)data[i], sizes[i], row);
+        final[i] = (uint8_t)finish(row, (double)sizes[i], centre_below);
     }
-    return 1;
+    return 2;
 }

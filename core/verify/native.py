@@ -1,5 +1,5 @@
 """The one-pass statistics kernel (``moments.c``): compiled with the host's C compiler on first use,
-cached, and called through ctypes; where it cannot be built, :func:`moments` is None and the
+cached, and called through ctypes; where it cannot be built, :func:`rows` is None and the
 statistics are computed with numpy alone.
 
 The build goes to ``$ISTHMUS_CACHE_DIR`` (default ``$XDG_CACHE_HOME/isthmus``, else
@@ -29,9 +29,9 @@ import numpy as np
 SOURCE = Path(__file__).with_name("moments.c")
 KINDS = {"float32": 0, "float64": 1}
 """The dtypes the kernel reads, by name, with the kind code it takes for each."""
-VERSION = 1
-FLAGS = ("-O3", "-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math", "-ffinite-math-only", "-shared",
-         "-fPIC")
+VERSION = 2
+FLAGS = ("-O3", "-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math", "-ffinite-math-only",
+         "-fno-math-errno", "-shared", "-fPIC")
 """Free to reorder and vectorize the sums (``moments.c`` says why that is safe); no ``-march=native``."""
 
 _lock = threading.Lock()
@@ -58,8 +58,8 @@ def compiler() -> str | None:
 
 
 def _compile(cc: str, target: Path) -> str | None:
-    """Build the kernel into ``target`` (with the AVX2 clone, else without); the compiler's last
-    line of complaint when neither builds."""
+    """Build the kernel into ``target`` (with the AVX2 clone, else without); the compiler's first
+    error line (else its last line) when neither builds."""
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
         built = Path(scratch) / target.name
@@ -69,7 +69,8 @@ def _compile(cc: str, target: Path) -> str | None:
             if done.returncode == 0:
                 os.replace(built, target)
                 return None
-    return (done.stderr.strip().splitlines() or ["no message"])[-1]
+    complaints = done.stderr.strip().splitlines() or ["no message"]
+    return next((line.strip() for line in complaints if "error" in line.lower()), complaints[-1].strip())
 
 
 def _build() -> tuple[Callable[..., int] | None, str]:
@@ -88,12 +89,13 @@ def _build() -> tuple[Callable[..., int] | None, str]:
             if failure:
                 return None, f"numpy ({cc} could not build {SOURCE.name}: {failure})"
         library = ctypes.CDLL(str(target))
-        kernel = library.isthmus_moments
+        kernel = library.isthmus_stats
     except (OSError, subprocess.SubprocessError, AttributeError, RuntimeError) as error:  # RuntimeError: no home
         return None, f"numpy (the one-pass kernel is unavailable: {error})"
     kernel.restype = ctypes.c_int
-    kernel.argtypes = [ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
-    if kernel(0, None, None, None, None) != VERSION:
+    kernel.argtypes = [ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                       ctypes.c_void_p, ctypes.c_double]
+    if kernel(0, None, None, None, None, None, 0.0) != VERSION:
         return None, f"numpy ({target} is another version of the kernel)"
     return kernel, f"native one-pass kernel ({target.name}, built with {cc})"
 
@@ -110,20 +112,24 @@ def how() -> str:
     return _kernel()[1]
 
 
-def moments(records: Sequence[tuple[int, int, str]]) -> np.ndarray | None:
-    """``(len(records), 4)`` float64 rows ``sum, sum of squares, min, max``, in one call, of
-    ``(address, elements, dtype name)``: memory the caller keeps alive and unchanged during the call
-    (``elements > 0``; a dtype of :data:`KINDS`); None when the kernel is unavailable."""
+def rows(records: Sequence[tuple[int, int, str]], centre_below: float) -> tuple[np.ndarray, np.ndarray] | None:
+    """The :data:`~isthmus.verify.statistics.STATS` rows of ``(address, elements, dtype name)``
+    records, in one call: memory the caller keeps alive and unchanged during the call
+    (``elements > 0``; a dtype of :data:`KINDS`). Returns ``(rows, final)``: a record that is not
+    final holds a NaN or an Inf, or its variance fell below ``centre_below * mean**2``, and its row
+    must be computed otherwise. None when the kernel is unavailable."""
     kernel = _kernel()[0]
     if kernel is None:
         return None
     count = len(records)
-    out = np.empty((count, 4))
+    table = np.empty((count, 8))
+    final = np.empty(count, dtype=np.bool_)
     data = np.fromiter((r[0] for r in records), dtype=np.uintp, count=count)
     sizes = np.fromiter((r[1] for r in records), dtype=np.int64, count=count)
     kinds = np.fromiter((KINDS[r[2]] for r in records), dtype=np.int32, count=count)
-    kernel(count, data.ctypes.data, sizes.ctypes.data, kinds.ctypes.data, out.ctypes.data)
-    return out
+    kernel(count, data.ctypes.data, sizes.ctypes.data, kinds.ctypes.data, table.ctypes.data, final.ctypes.data,
+           centre_below)
+    return table, final
 
 
 def reset() -> None:
@@ -132,4 +138,4 @@ def reset() -> None:
         _state.clear()
 
 
-__all__ = ["KINDS", "SOURCE", "cache_dir", "compiler", "how", "moments", "reset"]
+__all__ = ["KINDS", "SOURCE", "cache_dir", "compiler", "how", "reset", "rows"]

@@ -81,14 +81,12 @@ def stats_of(items: Sequence[Any], memory: Callable[[Any], tuple[int, int, str] 
                 found = (source.ctypes.data, source.size, source.dtype.name)
         if found is not None and found[1] > 0:
             wanted.append((i, found))
-    table = native.moments([where for _, where in wanted]) if wanted else None
-    if table is not None:
-        count = np.array([where[1] for _, where in wanted], dtype=np.float64)
-        made, final = _rows(count, *table.T)
-        # A NaN or Inf (the sum is not finite) takes the numpy path, which counts them; so does a
-        # record whose variance cancelled.
-        for j in np.flatnonzero(final & np.isfinite(table[:, 0])).tolist():
-            rows[wanted[j][0]] = made[j]
+    computed = native.rows([where for _, where in wanted], _CENTRE_BELOW) if wanted else None
+    if computed is not None:
+        # A record holding a NaN or an Inf, or whose variance cancelled, takes the numpy path below.
+        table, final = computed
+        for j in np.flatnonzero(final).tolist():
+            rows[wanted[j][0]] = table[j]
     for i, row in enumerate(rows):
         if row is None:
             source = sources.get(i)
