@@ -57,7 +57,8 @@ class TorchEngine(Engine):
         except (RuntimeError, TypeError):
             self.generator = torch.Generator(device="cpu")
         self.generator.manual_seed(seed)
-        self._taps: list[tuple[torch.Tensor, Callable[[Any], None]]] | None = None
+        # While value_and_grad runs fn: the tensors tap() was asked about, and where each gradient goes.
+        self._taps: tuple[list[torch.Tensor], list[Callable[[Any], None]]] | None = None
 
     def seed(self, n: int) -> None:
         """Reset the dropout generator, and torch's own default generators (which a wrapped
@@ -90,14 +91,15 @@ class TorchEngine(Engine):
 
     def host_view(self, tensor: torch.Tensor) -> np.ndarray:
         """A host tensor's memory as numpy, uncopied (read it before the tensor changes)."""
-        tensor = tensor.detach()
-        if tensor.device.type == "cpu" and tensor.dtype != torch.bfloat16:
-            return tensor.numpy()
+        # is_cpu and requires_grad are plain flags; device.type builds a torch.device (a dump reads
+        # every gradient and every non-contiguous record through here).
+        if tensor.is_cpu and tensor.dtype != torch.bfloat16:
+            return (tensor.detach() if tensor.requires_grad else tensor).numpy()
         return self.to_numpy(tensor)
 
     def host_memory(self, tensor: torch.Tensor) -> tuple[int, int, str] | None:
         """A contiguous host float32 or float64 tensor's address, size and dtype (see the base class)."""
-        if tensor.dtype not in _HOST_READ or tensor.device.type != "cpu" or not tensor.is_contiguous():
+        if not tensor.is_cpu or tensor.dtype not in _HOST_READ or not tensor.is_contiguous():
             return None
         return tensor.data_ptr(), tensor.numel(), _HOST_READ[tensor.dtype]
 
@@ -117,16 +119,16 @@ class TorchEngine(Engine):
         also when it reaches none (a loss over an empty tensor is a constant with no graph).
         """
         leaves = list(params.values())
-        self._taps = []  # filled by tap() while fn runs
+        self._taps = ([], [])  # filled by tap() while fn runs
         try:
             loss, aux = fn(params)
         finally:
-            taps, self._taps = self._taps, None
+            (tapped, receivers), self._taps = self._taps, None
         if loss.requires_grad:
-            grads = torch.autograd.grad(loss, leaves + [t for t, _ in taps], allow_unused=True)
+            grads = torch.autograd.grad(loss, leaves + tapped, allow_unused=True)
         else:
-            grads = (None,) * (len(leaves) + len(taps))
-        for (_, receive), grad in zip(taps, grads[len(leaves):]):
+            grads = (None,) * (len(leaves) + len(tapped))
+        for receive, grad in zip(receivers, grads[len(leaves):]):
             if grad is not None:
                 receive(grad)
         grads = grads[:len(leaves)]
@@ -241,7 +243,8 @@ class TorchEngine(Engine):
         tensor joins the inputs ``torch.autograd.grad`` differentiates for, so no hook is needed."""
         if self._taps is None or not isinstance(tensor, torch.Tensor) or not tensor.requires_grad:
             return False
-        self._taps.append((tensor, receive))
+        self._taps[0].append(tensor)
+        self._taps[1].append(receive)
         return True
 
     def placement(self, tensor: Any) -> str:

@@ -56,6 +56,29 @@ def _flat(value: Any) -> list[Any]:
     return found
 
 
+_DATA = ("dtype", "shape", "row", "tensor", "md5")
+"""A record's fields that describe its tensor (the rest say where it was taken)."""
+
+
+class _Tap:
+    """Where the gradient of one recorded output goes: its backward record (one small object per
+    tap, where a closure made six)."""
+
+    __slots__ = ("capture", "call", "name", "shape")
+
+    def __init__(self, capture: "Capture", call: CallInfo, name: str, shape: list[int]) -> None:
+        self.capture, self.call, self.name, self.shape = capture, call, name, shape
+
+    def __call__(self, grad: Any) -> None:
+        if grad is None:  # an engine may report "no gradient" as None
+            return
+        call = self.call
+        record = {"name": self.name, "op": call.op, "layer": call.layer, "call": call.index}
+        # A gradient has its tensor's shape.
+        self.capture._keep("backward", self.name, grad, record, self.shape)
+        self.capture.backward.append(record)
+
+
 class Capture:
     """A :class:`~isthmus.verify.recording.Sink` that keeps one run's records.
 
@@ -82,10 +105,15 @@ class Capture:
         self.events: list[dict[str, Any]] = []
         self.calls = 0
         self.taps = 0
-        self._done: dict[tuple[int, int], dict[str, Any]] = {}
+        # The first record of each output already kept, by its call (and position, in a call
+        # returning several): a later record of the same output shares its data.
+        self._done: dict[int | tuple[int, int], dict[str, Any]] = {}
         self._tapped: set[int] = set()
         self.deferred = deferred and mode == "stats"
-        self._waiting: list[tuple[list[Any], int, Any]] = []
+        # Per direction, the rows waiting for their statistics and their tensors (two lists, not a
+        # list of pairs: a pass makes a few hundred records, and every container it keeps counts
+        # towards the next run of the garbage collector).
+        self._waiting: dict[str, tuple[list[int], list[Any]]] = {"forward": ([], []), "backward": ([], [])}
         self._waiting_elements = 0
         self._every_call = level == "op"
 
@@ -117,62 +145,67 @@ class Capture:
         where, layer = call.where, call.layer if layer is None else layer
         for i, tensor in enumerate(pieces):
             suffix = f".{i}" if several else ""
-            slot = (call.index, i)
-            data = self._done.get(slot)
-            if data is None:
+            slot = (call.index, i) if several else call.index
+            record = {"name": name + suffix, "kind": kind, "op": call.op, "layer": layer, "call": call.index,
+                      "where": where}
+            first = self._done.get(slot)
+            if first is None:
+                self._done[slot] = record
                 key = call.name + suffix
-                data = self._done[slot] = self._keep("forward", key, tensor)
-                dtype = data["dtype"]
+                self._keep("forward", key, tensor, record)
+                dtype = record["dtype"]
                 if self.level != "op":
                     self._layer_checks(call, tensor, dtype)
                 if self.backward_wanted and dtype in FLOATS:
-                    self._tap(call, key, tensor, data["shape"])
-            record = {"name": name + suffix, "kind": kind, "op": call.op, "layer": layer, "call": call.index,
-                      "where": where}
-            record.update(data)
+                    self._tap(call, key, tensor, record["shape"])
+            else:
+                for field in _DATA:
+                    if field in first:
+                        record[field] = first[field]
             self.forward.append(record)
 
-    def _keep(self, direction: str, name: str, tensor: Any, shape: list[int] | None = None) -> dict[str, Any]:
-        """The record's data (``shape``: the tensor's, where known already)."""
-        dtype = self.dtype_of(tensor)
+    def _keep(self, direction: str, name: str, tensor: Any, record: dict[str, Any],
+              shape: list[int] | None = None) -> None:
+        """The record's data (:data:`_DATA`) into ``record`` (``shape``: the tensor's, where known already)."""
+        record["dtype"] = self.dtype_of(tensor)
         rows = self.rows[direction]
         if self.deferred:
-            shape = list(self.shape_of(tensor) if shape is None else shape)
-            row = len(rows)
+            shape = list(self.shape_of(tensor)) if shape is None else shape
+            record["shape"], record["row"] = shape, len(rows)
+            rows_waiting, tensors_waiting = self._waiting[direction]
+            rows_waiting.append(len(rows))
+            tensors_waiting.append(tensor)
             rows.append(None)
-            self._waiting.append((rows, row, tensor))
             self._waiting_elements += math.prod(shape)
             if self._waiting_elements >= DEFER_ELEMENTS:
                 self._read_waiting()
-            return {"dtype": dtype, "shape": shape, "row": row}
+            return
         # Statistics and hashes are taken now: a view will do. Kept tensors need their own copy.
         host = self.engine.to_numpy(tensor) if self.mode == "tensors" else self.engine.host_view(tensor)
         rows.append(stats(host))
-        data: dict[str, Any] = {"dtype": dtype, "shape": list(host.shape), "row": len(rows) - 1}
+        record["shape"], record["row"] = list(host.shape), len(rows) - 1
         if self.mode == "tensors":
             key = f"{self.key}/{direction}/{name}"
             self.tensors[key] = host
-            data["tensor"] = key
+            record["tensor"] = key
         elif self.mode == "md5":
-            data["md5"] = hashlib.md5(np.ascontiguousarray(host).tobytes()).hexdigest()
-        return data
+            record["md5"] = hashlib.md5(np.ascontiguousarray(host).tobytes()).hexdigest()
 
     def _tap(self, call: CallInfo, name: str, tensor: Any, shape: list[int]) -> None:
-        def receive(grad: Any) -> None:
-            if grad is None:  # an engine may report "no gradient" as None
-                return
-            # A gradient has its tensor's shape.
-            self.backward.append({"name": name, "op": call.op, "layer": call.layer, "call": call.index,
-                                  **self._keep("backward", name, grad, shape)})
-
-        if self.engine.tap(tensor, receive):
+        if self.engine.tap(tensor, _Tap(self, call, name, shape)):
             self.taps += 1
 
     def _read_waiting(self) -> None:
-        found = stats_of([tensor for _, _, tensor in self._waiting], self.engine.host_memory, self.engine.host_view)
-        for (rows, row, _), values in zip(self._waiting, found):
-            rows[row] = values
-        self._waiting, self._waiting_elements = [], 0
+        for direction, (rows_waiting, tensors_waiting) in self._waiting.items():
+            if not rows_waiting:
+                continue
+            rows = self.rows[direction]
+            found = stats_of(tensors_waiting, self.engine.host_memory, self.engine.host_view)
+            for row, values in zip(rows_waiting, found):
+                rows[row] = values
+            rows_waiting.clear()
+            tensors_waiting.clear()
+        self._waiting_elements = 0
 
     def _notes(self, info: CallInfo) -> None:
         for kind, detail in self.kernel_events.drain():

@@ -161,7 +161,7 @@ def run_pass(backend: Any, model: Any, params: Mapping[str, np.ndarray], batch: 
         capture = Capture(engine, k, level, mode, key, events=listener, backward=autodiff, dtype=dtype,
                           deferred=True)  # kernels never write into a tensor they returned
         # At --level model nothing is recorded per call, so the model runs on the plain kernels.
-        recording = Recording(k, capture) if level != "model" else None
+        recording = Recording.for_kernels(k, capture) if level != "model" else None
         used: dict[str, Any] = {}
 
         def objective(p: dict[str, Any]) -> tuple[Any, Any]:
@@ -238,6 +238,8 @@ def overflow(run: Mapping[str, Any], tensors: Mapping[str, np.ndarray]) -> dict[
     nan_col, inf_col = STATS.index("nan"), STATS.index("inf")
     for direction in ("forward", "backward"):
         matrix = tensors[run["stats"][direction]]
+        if not matrix[:, [nan_col, inf_col]].any():  # the usual case, in one step
+            continue
         for record in run["records"][direction]:
             row = matrix[record["row"]]
             if row[nan_col] or row[inf_col]:
