@@ -279,6 +279,53 @@ def test_layer_names_come_from_the_scopes_on_the_stack():
     assert layers["features.conv"] == "features.conv/max:0" and layers["head.fc2"] == "head.fc2/linear:0"
 
 
+def test_a_recording_is_reused_once_its_run_ends_and_lets_its_kernel_set_go():
+    """The next run on the same kernel set takes the ended recording (its wrapped ops) and names
+    every call as a new one would; a recording still running is never handed out, and an ended one
+    does not keep its kernel set alive."""
+    import gc
+    import weakref
+
+    from isthmus.verify.conformance import reference_backend
+    from isthmus.verify.recording import Recording
+
+    model, params, batch = _relu_model()
+    kernels, engine = reference_backend()
+    params64, batch64 = engine.parameters(params), {n: engine.asarray(a) for n, a in batch.items()}
+
+    class Names:
+        def __init__(self) -> None:
+            self.calls: list[str] = []
+            self.layers: list[tuple[str, str]] = []
+
+        def call(self, info, args, kwargs, out) -> None:
+            self.calls.append(info.name)
+
+        def layer(self, info, out) -> None:
+            self.layers.append((info.name, info.last.name))
+
+    def run(recording: Recording) -> None:
+        recording.begin()
+        model.loss(recording.kernels, params64, batch64, training=False)
+        recording.end()
+
+    first_sink = Names()
+    first = Recording.for_kernels(kernels, first_sink)
+    running = Recording.for_kernels(kernels, Names())
+    assert running is not first  # the first has not ended
+    run(first)
+    again_sink = Names()
+    again = Recording.for_kernels(kernels, again_sink)
+    assert again is first and first.sink is again_sink
+    run(again)
+    assert again_sink.calls == first_sink.calls and again_sink.layers == first_sink.layers
+    assert first_sink.calls[0] == "features/cast:0" and len(first_sink.calls) == 10 and first_sink.layers
+    held = weakref.ref(kernels)
+    del kernels, first, again, running
+    gc.collect()
+    assert held() is None
+
+
 def test_gradient_check_steps_around_kinks_where_a_fixed_step_fails():
     from isthmus.verify.conformance import reference_backend
     from isthmus.verify.truth import gradient_check, trace
@@ -405,7 +452,8 @@ def test_statistics_of_many_records_at_once_equal_each_read_alone(statistics_ker
                np.array([1.0, np.nan, -np.inf, 4.0], np.float32),
                np.zeros(0, np.float32), np.arange(12, dtype=np.int64).reshape(3, 4),
                rng.standard_normal(1000).astype(np.float16), np.array(3.0, np.float32),
-               np.array([3e38, 3e38], np.float32)]  # finite, with a float32 sum that would overflow
+               np.array([3e38, 3e38], np.float32),  # finite, with a float32 sum that would overflow
+               np.array([1e200, -3e200, 2e200])]  # squares beyond float64: the numpy path
     together = stats_of(records)
     assert len(together) == len(records)
     for values, row in zip(records, together):
