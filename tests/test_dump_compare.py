@@ -527,6 +527,36 @@ def test_a_dump_pass_leaves_no_tensor_for_the_garbage_collector(registry, captio
     assert not stranded, f"{len(stranded)} tensors were left in reference cycles"
 
 
+def test_kernel_notes_land_on_the_call_that_made_them(registry, captioner, monkeypatch):
+    """A kernel that notes a fallback while a dump records it: the note is in the run's events
+    under that call's name and op, at layer and at op level, and no other call takes it."""
+    from isthmus.kernels import events
+    from isthmus.train.restore import restore
+    from isthmus.train.run import build_backend
+    from isthmus.verify.dump import batch_recipe, checkpoint_config, run_pass
+
+    restored = restore(registry, captioner)
+    _, backend = build_backend(checkpoint_config(registry, restored, ["backend=cpu"]), registry)
+    _, batch = batch_recipe(restored.data.eval, 4, 0)
+    plain_gelu = backend.kernels.gelu
+    made = []
+
+    def noting_gelu(x):
+        made.append(1)
+        events.note("fallback", f"gelu: generic kernel instead of the fused route (test {len(made)})")
+        return plain_gelu(x)
+
+    monkeypatch.setattr(backend.kernels, "gelu", noting_gelu)
+    for level in ("layer", "op"):
+        made.clear()
+        run, _ = run_pass(backend, restored.model, restored.params, batch, "float32", level, "stats", "r")
+        noted = [e for e in run["events"] if e["kind"] == "fallback"]
+        assert len(noted) == len(made) > 1, (level, noted)
+        assert all(e["op"] == "gelu" and e["name"].endswith(f"/gelu:{0}") for e in noted), noted
+        assert [e["detail"][-7:] for e in noted] == [f"test {i})" for i in range(1, len(made) + 1)]
+        assert len({e["call"] for e in noted}) == len(noted)
+
+
 def test_statistics_read_after_the_pass_equal_the_ones_read_at_once(registry, captioner, monkeypatch):
     """A stats-mode pass reads its statistics in batches, after later kernel calls have run; they
     equal, bit for bit, the ones a tensors-mode pass reads as each record is taken, also when the

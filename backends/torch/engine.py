@@ -77,8 +77,10 @@ class TorchEngine(Engine):
             else:
                 tensor = torch.from_numpy(np.array(array, copy=True))
         if dtype is not None:
-            tensor = tensor.to(torch_dtype(dtype))
-        return tensor.to(self.torch_device)
+            wanted = torch_dtype(dtype)
+            if tensor.dtype != wanted:
+                tensor = tensor.to(wanted)
+        return tensor if tensor.device == self.torch_device else tensor.to(self.torch_device)
 
     def to_numpy(self, tensor: torch.Tensor) -> np.ndarray:
         """Copy ``tensor`` to host memory; bfloat16 comes back as float32."""

@@ -27,7 +27,9 @@ class Listener:
 
     def drain(self) -> list[tuple[str, str]]:
         """The notes since the last drain, oldest first."""
-        items, self.items = self.items, []
+        # The same list object stays: a dump's capture asks its length after every kernel call.
+        items = self.items.copy()
+        self.items.clear()
         return items
 
     def __enter__(self) -> "Listener":

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -55,6 +55,8 @@ def _flat(value: Any) -> list[Any]:
             found.append(item)
     return found
 
+
+_NOTHING: tuple[()] = ()
 
 _DATA = ("dtype", "shape", "row", "tensor", "md5")
 """A record's fields that describe its tensor (the rest say where it was taken)."""
@@ -108,7 +110,6 @@ class Capture:
         # The first record of each output already kept, by its call (and position, in a call
         # returning several): a later record of the same output shares its data.
         self._done: dict[int | tuple[int, int], dict[str, Any]] = {}
-        self._tapped: set[int] = set()
         self.deferred = deferred and mode == "stats"
         # Per direction, the rows waiting for their statistics and their tensors (two lists, not a
         # list of pairs: a pass makes a few hundred records, and every container it keeps counts
@@ -116,12 +117,17 @@ class Capture:
         self._waiting: dict[str, tuple[list[int], list[Any]]] = {"forward": ([], []), "backward": ([], [])}
         self._waiting_elements = 0
         self._every_call = level == "op"
+        # Where _layer_checks could find something: checked before calling it, for every record.
+        self._check_layers = level != "op"
+        self._off_host = bool(self.device and self.device != "cpu")
+        # The recording asks this after each call (see Sink): whether the call needs :meth:`call`.
+        # At op level every call does (None); elsewhere only one that left kernel notes, which the
+        # notes list's own len answers without running Python code (the layer records come
+        # through :meth:`layer`).
+        self.wants_call: Callable[[], int] | None = (
+            None if self._every_call else events.items.__len__ if events is not None else _NOTHING.__len__)
 
     # ---------------------------------------------------------------------------- the sink
-    def wants_call(self) -> bool:
-        """Whether the call that just returned needs :meth:`call`: every one at op level; at layer
-        level only one that left kernel notes (the layer records come through :meth:`layer`)."""
-        return self._every_call or bool(self.kernel_events is not None and self.kernel_events.items)
 
     def call(self, info: CallInfo, args: tuple, kwargs: dict, out: Any) -> None:
         """A call: its kernels' notes; at op level, the boundary checks and its record (at layer
@@ -154,10 +160,11 @@ class Capture:
                 key = call.name + suffix
                 self._keep("forward", key, tensor, record)
                 dtype = record["dtype"]
-                if self.level != "op":
+                if self._check_layers and (self._off_host or dtype != self.dtype):
                     self._layer_checks(call, tensor, dtype)
-                if self.backward_wanted and dtype in FLOATS:
-                    self._tap(call, key, tensor, record["shape"])
+                if self.backward_wanted and dtype in FLOATS and self.engine.tap(
+                        tensor, _Tap(self, call, key, record["shape"])):
+                    self.taps += 1
             else:
                 for field in _DATA:
                     if field in first:
@@ -190,10 +197,6 @@ class Capture:
             record["tensor"] = key
         elif self.mode == "md5":
             record["md5"] = hashlib.md5(np.ascontiguousarray(host).tobytes()).hexdigest()
-
-    def _tap(self, call: CallInfo, name: str, tensor: Any, shape: list[int]) -> None:
-        if self.engine.tap(tensor, _Tap(self, call, name, shape)):
-            self.taps += 1
 
     def _read_waiting(self) -> None:
         for direction, (rows_waiting, tensors_waiting) in self._waiting.items():

@@ -88,9 +88,9 @@ class Sink(Protocol):
     def layer(self, info: LayerInfo, out: Any) -> None:
         """A layer's run has ended; ``out`` is the output of its last call."""
 
-    # Optional: ``wants_call() -> bool``, asked after each call. A sink that has it gets
-    # :meth:`call` only when it answers True, and the :class:`CallInfo` of the other calls is
-    # never built (a layer-level dump needs the last call of each layer only).
+    # Optional: ``wants_call`` (a method or attribute), asked after each call when not None. A
+    # sink that has it gets :meth:`call` only when it answers true, and the :class:`CallInfo` of
+    # the other calls is never built (a layer-level dump needs the last call of each layer only).
 
 
 def op_name(layer: str, op: str, n: int) -> str:
