@@ -101,9 +101,10 @@ class TorchEngine(Engine):
 
     def host_memory(self, tensor: torch.Tensor) -> tuple[int, int, str] | None:
         """A contiguous host float32 or float64 tensor's address, size and dtype (see the base class)."""
-        if not tensor.is_cpu or tensor.dtype not in _HOST_READ or not tensor.is_contiguous():
+        kind = _HOST_READ.get(tensor.dtype)
+        if kind is None or not tensor.is_cpu or not tensor.is_contiguous():
             return None
-        return tensor.data_ptr(), tensor.numel(), _HOST_READ[tensor.dtype]
+        return tensor.data_ptr(), tensor.numel(), kind
 
     # ------------------------------------------------------------------ training support
     def parameters(self, arrays: Mapping[str, np.ndarray], dtype: str = "float32") -> dict[str, torch.Tensor]:

@@ -31,6 +31,9 @@ runs, each in one process)."""
 
 _local = threading.local()
 
+_KERNEL_DTYPES = {np.dtype(name): name for name in native.KINDS}
+"""The kernel's dtypes by numpy dtype (``dtype.name`` is computed in Python each time it is read)."""
+
 _CENTRE_BELOW = 1e-6
 """When ``variance < _CENTRE_BELOW * mean**2``, ``E[x^2] - mean^2`` has cancelled most of its digits:
 the variance is recomputed from the centred values."""
@@ -77,8 +80,9 @@ def stats_of(items: Sequence[Any], memory: Callable[[Any], tuple[int, int, str] 
         found = memory(item) if memory is not None else None
         if found is None:
             source = sources[i] = np.asarray(view(item)).ravel()
-            if source.size and source.dtype.name in native.KINDS:
-                found = (source.ctypes.data, source.size, source.dtype.name)
+            kind = _KERNEL_DTYPES.get(source.dtype)
+            if kind is not None and source.size:
+                found = (source.ctypes.data, source.size, kind)
         if found is not None and found[1] > 0:
             wanted.append((i, found))
     computed = native.rows([where for _, where in wanted], _CENTRE_BELOW) if wanted else None
