@@ -263,6 +263,7 @@ def test_every_command_ends_cleanly_on_generated_arguments(places, monkeypatch):
 @pytest.mark.slow
 def test_every_command_ends_cleanly_on_many_generated_arguments(places):
     """The slow tier: more examples, with the heavier backends among the labels. Each CI run draws
-    new ones (not derandomized); 300 took 50 s and 340 s in two runs, by the commands drawn (600
-    once took 828 s and held up the whole slow tier), sized to its share of the CI budget."""
-    run_property(places, heavy=True, examples=300)
+    new ones (not derandomized); 300 took 50 s, 164 s and 340 s in three runs, by the commands drawn
+    (600 once took 828 s and held up the whole slow tier). 200 keeps its worst case inside its share
+    of the CI budget, which the whole run had come within 8 minutes of."""
+    run_property(places, heavy=True, examples=200)
