@@ -47,7 +47,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--checkpoint", type=Path, default=None, help="default: train the demo model briefly")
     p.add_argument("--train-steps", type=int, default=20, help="steps of the demo model when no --checkpoint")
-    p.add_argument("--rounds", type=int, default=30)
+    p.add_argument("--rounds", type=int, default=60, help="alternating rounds at each batch (the medians are of these)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--op-rounds", type=int, default=5, help="rounds of the op-level pass (reported only)")
     p.add_argument("--batch", type=int, default=4, help="the dump's default batch (the headline figure)")
