@@ -281,8 +281,8 @@ def test_layer_names_come_from_the_scopes_on_the_stack():
 
 def test_a_recording_is_reused_once_its_run_ends_and_lets_its_kernel_set_go():
     """The next run on the same kernel set takes the ended recording (its wrapped ops) and names
-    every call as a new one would; a recording still running is never handed out, and an ended one
-    does not keep its kernel set alive."""
+    every call as a new one would; a recording still running is never handed out, one ended runs
+    again for its own sink, and an ended one does not keep its kernel set alive."""
     import gc
     import weakref
 
@@ -319,6 +319,14 @@ def test_a_recording_is_reused_once_its_run_ends_and_lets_its_kernel_set_go():
     assert again is first and first.sink is again_sink
     run(again)
     assert again_sink.calls == first_sink.calls and again_sink.layers == first_sink.layers
+    # An engine may run the function it differentiates twice: begin() on the ended recording runs
+    # it again for the same sink, and it is not handed out meanwhile.
+    again_sink.calls.clear()
+    again.begin()
+    assert Recording.for_kernels(kernels, Names()) is not again
+    model.loss(again.kernels, params64, batch64, training=False)
+    again.end()
+    assert again_sink.calls == first_sink.calls
     assert first_sink.calls[0] == "features/cast:0" and len(first_sink.calls) == 10 and first_sink.layers
     held = weakref.ref(kernels)
     del kernels, first, again, running

@@ -174,9 +174,21 @@ class Recording:
     def _attach(self, sink: Sink) -> None:
         self.sink: Sink | None = sink
         self._wants: Callable[[], bool] | None = getattr(sink, "wants_call", None)
+        self._ended_sink: Callable[[], Sink | None] | None = None
 
     def begin(self) -> None:
-        """Start a run: counters reset; scopes are searched below the caller's frame."""
+        """Start a run: counters reset; scopes are searched below the caller's frame. After
+        :meth:`end`, the same recording runs again for the same sink while its caller keeps it
+        (an engine may call the function it differentiates more than once)."""
+        if self.sink is None:
+            sink = self._ended_sink() if self._ended_sink is not None else None
+            if sink is None:
+                raise RuntimeError("this recording's run ended and its sink is gone: take a new one "
+                                   "with Recording.for_kernels(kernels, sink)")
+            self._attach(sink)
+        kernels = self._kernel_set()
+        if kernels is not None and _IDLE.get(kernels) is self:  # running again: not to be handed out
+            del _IDLE[kernels]
         self._stop: FrameType | None = sys._getframe(1)
         self.index = 0
         for counts in self._counts:
@@ -196,7 +208,13 @@ class Recording:
         self._enter(())
         self._stop = None
         self._previous, self._previous_out, self._previous_info = None, None, None
-        # The sink (and all it kept) is the caller's now; the wrapped ops wait for the next run.
+        # The sink (and all it kept) is the caller's now, held here weakly for a begin() to come;
+        # the wrapped ops wait for the next run.
+        sink = self.sink
+        try:
+            self._ended_sink = weakref.ref(sink)  # type: ignore[arg-type]
+        except TypeError:  # a sink that takes no weak reference stays held
+            self._ended_sink = lambda: sink
         self.sink, self._wants = None, None
         kernels = self._kernel_set()
         if kernels is not None:
