@@ -327,6 +327,8 @@ def test_a_recording_is_reused_once_its_run_ends_and_lets_its_kernel_set_go():
     model.loss(again.kernels, params64, batch64, training=False)
     again.end()
     assert again_sink.calls == first_sink.calls
+    model.loss(again.kernels, params64, batch64, training=False)  # after the end: runs, unrecorded
+    assert again_sink.calls == first_sink.calls
     assert first_sink.calls[0] == "features/cast:0" and len(first_sink.calls) == 10 and first_sink.layers
     held = weakref.ref(kernels)
     del kernels, first, again, running

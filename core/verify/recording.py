@@ -147,8 +147,9 @@ class Recording:
     """A kernel set (:attr:`kernels`) that names every call and reports it to ``sink``.
 
     Call :meth:`begin` in the function that calls the model (frames above it are not searched for
-    scopes) and :meth:`end` when the model has returned, which closes the layers still open.
-    :attr:`index` counts the calls of the run.
+    scopes) and :meth:`end` when the model has returned, which closes the layers still open; calls
+    after that are not recorded. :attr:`index` counts the calls of the run. A dump that runs many
+    passes takes each one's recording from :meth:`for_kernels`.
     """
 
     def __init__(self, kernels: KernelSet, sink: Sink) -> None:
@@ -223,11 +224,14 @@ class Recording:
     # ------------------------------------------------------------------------------ internals
     def _wrap(self, op: str, fn: Callable[..., Any]) -> Callable[..., Any]:
         getframe = sys._getframe
-        # This op's call count in each layer (a layer's last chain entry): one dict per op, so no key is built per call.
+        # This op's calls in each layer (a chain's last entry), one dict per op: no key built per call.
         counts: dict[str, int] = {}
         self._counts.append(counts)
 
         def call(*args: Any, **kwargs: Any) -> Any:
+            sink = self.sink
+            if sink is None:  # the run has ended (a recomputing backward may still call): not recorded
+                return fn(*args, **kwargs)
             frame = getframe(1)
             layers = _scopes(frame, self._stop)
             out = fn(*args, **kwargs)
@@ -244,7 +248,7 @@ class Recording:
             wants = self._wants
             if wants is None or wants():
                 info = self._previous_info = self._info(self._previous)
-                self.sink.call(info, args, kwargs, out)  # type: ignore[union-attr]
+                sink.call(info, args, kwargs, out)
             return out
 
         call.__name__ = op
