@@ -102,7 +102,8 @@ def _rows(count: np.ndarray, total: np.ndarray, squares: np.ndarray, low: np.nda
           high: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The rows of records with no NaN or Inf, from their sums, min and max, and which of them are
     final: False where ``E[x^2] - mean^2`` has cancelled most of its digits (``variance <
-    _CENTRE_BELOW * mean**2``) and the variance must be recomputed from the centred values."""
+    _CENTRE_BELOW * mean**2``) and the variance must be recomputed from the centred values. The
+    kernel's ``finish`` in ``moments.c`` computes the same rows for the records it reads."""
     with np.errstate(invalid="ignore", over="ignore"):
         mean = total / count
         variance = squares / count - mean * mean
