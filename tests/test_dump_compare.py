@@ -508,6 +508,17 @@ def test_the_statistics_kernel_falls_back_to_numpy_with_the_reason(monkeypatch, 
     native.reset()
 
 
+def captioner_on_cpu(registry, captioner: Path):
+    """The tiny captioner's checkpoint restored, the cpu (torch) backend for it, and a batch of 4."""
+    from isthmus.train.restore import restore
+    from isthmus.train.run import build_backend
+    from isthmus.verify.dump import batch_recipe, checkpoint_config
+
+    restored = restore(registry, captioner)
+    _, backend = build_backend(checkpoint_config(registry, restored, ["backend=cpu"]), registry)
+    return restored, backend, batch_recipe(restored.data.eval, 4, 0)[1]
+
+
 def test_a_dump_pass_leaves_no_tensor_for_the_garbage_collector(registry, captioner):
     """After a recorded pass nothing it made sits in a reference cycle holding a tensor: a cycle
     through the caller's frame once kept every parameter, activation and gradient of a pass alive
@@ -516,13 +527,9 @@ def test_a_dump_pass_leaves_no_tensor_for_the_garbage_collector(registry, captio
 
     import torch
 
-    from isthmus.train.restore import restore
-    from isthmus.train.run import build_backend
-    from isthmus.verify.dump import batch_recipe, checkpoint_config, run_pass
+    from isthmus.verify.dump import run_pass
 
-    restored = restore(registry, captioner)
-    _, backend = build_backend(checkpoint_config(registry, restored, ["backend=cpu"]), registry)
-    _, batch = batch_recipe(restored.data.eval, 4, 0)
+    restored, backend, batch = captioner_on_cpu(registry, captioner)
     gc.collect()
     gc.set_debug(gc.DEBUG_SAVEALL)
     try:
@@ -541,13 +548,9 @@ def test_kernel_notes_land_on_the_call_that_made_them(registry, captioner, monke
     """A kernel that notes a fallback while a dump records it: the note is in the run's events
     under that call's name and op, at layer and at op level, and no other call takes it."""
     from isthmus.kernels import events
-    from isthmus.train.restore import restore
-    from isthmus.train.run import build_backend
-    from isthmus.verify.dump import batch_recipe, checkpoint_config, run_pass
+    from isthmus.verify.dump import run_pass
 
-    restored = restore(registry, captioner)
-    _, backend = build_backend(checkpoint_config(registry, restored, ["backend=cpu"]), registry)
-    _, batch = batch_recipe(restored.data.eval, 4, 0)
+    restored, backend, batch = captioner_on_cpu(registry, captioner)
     plain_gelu = backend.kernels.gelu
     made = []
 
@@ -572,13 +575,9 @@ def test_statistics_read_after_the_pass_equal_the_ones_read_at_once(registry, ca
     equal, bit for bit, the ones a tensors-mode pass reads as each record is taken, also when the
     batch fills mid-pass."""
     import isthmus.verify.capture as capture
-    from isthmus.train.restore import restore
-    from isthmus.train.run import build_backend
-    from isthmus.verify.dump import batch_recipe, checkpoint_config, run_pass
+    from isthmus.verify.dump import run_pass
 
-    restored = restore(registry, captioner)
-    _, backend = build_backend(checkpoint_config(registry, restored, ["backend=cpu"]), registry)
-    _, batch = batch_recipe(restored.data.eval, 4, 0)
+    restored, backend, batch = captioner_on_cpu(registry, captioner)
 
     def rows(mode: str) -> dict[str, np.ndarray]:
         _, tensors = run_pass(backend, restored.model, restored.params, batch, "float32", "layer", mode, "r")

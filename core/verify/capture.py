@@ -117,9 +117,7 @@ class Capture:
         self._waiting: dict[str, tuple[list[int], list[Any]]] = {"forward": ([], []), "backward": ([], [])}
         self._waiting_elements = 0
         self._every_call = level == "op"
-        # Where _layer_checks could find something: checked before calling it, for every record.
-        self._check_layers = level != "op"
-        self._off_host = bool(self.device and self.device != "cpu")
+        self._off_host = bool(self.device and self.device != "cpu")  # where _layer_checks looks for host outputs
         # The recording asks this after each call (see Sink): whether the call needs :meth:`call`.
         # At op level every call does (None); elsewhere only one that left kernel notes, which the
         # notes list's own len answers without running Python code (the layer records come
@@ -128,7 +126,6 @@ class Capture:
             None if self._every_call else events.items.__len__ if events is not None else _NOTHING.__len__)
 
     # ---------------------------------------------------------------------------- the sink
-
     def call(self, info: CallInfo, args: tuple, kwargs: dict, out: Any) -> None:
         """A call: its kernels' notes; at op level, the boundary checks and its record (at layer
         level the checks run on the recorded outputs only, which keeps the pass cheap)."""
@@ -160,7 +157,7 @@ class Capture:
                 key = call.name + suffix
                 self._keep("forward", key, tensor, record)
                 dtype = record["dtype"]
-                if self._check_layers and (self._off_host or dtype != self.dtype):
+                if not self._every_call and (self._off_host or dtype != self.dtype):  # else it finds nothing
                     self._layer_checks(call, tensor, dtype)
                 if self.backward_wanted and dtype in FLOATS and self.engine.tap(
                         tensor, _Tap(self, call, key, record["shape"])):

@@ -50,9 +50,7 @@ class CallInfo(NamedTuple):
         key = (self.code, self.line)
         found = _WHERE.get(key)
         if found is None:
-            if len(_WHERE) >= _CACHE_LIMIT:  # code made at run time (exec) must not grow it forever
-                _WHERE.clear()
-            found = _WHERE[key] = f"{self.code.co_name} ({os.path.basename(self.code.co_filename)}:{self.line})"
+            found = _remember(_WHERE, key, f"{self.code.co_name} ({os.path.basename(self.code.co_filename)}:{self.line})")
         return found
 
 
@@ -64,6 +62,15 @@ _WHERE: dict[tuple[Any, int], str] = {}
 """``where`` by (code, line): a dump asks it of every record, and model code has few call sites."""
 
 _CACHE_LIMIT = 1 << 16
+
+
+def _remember(cache: dict[Any, Any], key: Any, value: Any) -> Any:
+    """``cache[key] = value``, the cache emptied first at :data:`_CACHE_LIMIT` entries (code made at
+    run time, by exec, must not grow it forever)."""
+    if len(cache) >= _CACHE_LIMIT:
+        cache.clear()
+    cache[key] = value
+    return value
 
 _IDLE: "weakref.WeakKeyDictionary[KernelSet, Recording]" = weakref.WeakKeyDictionary()
 """A recording whose run has ended, by its kernel set (see :meth:`Recording.for_kernels`). It
@@ -100,7 +107,7 @@ def op_name(layer: str, op: str, n: int) -> str:
 
 class _Wrapped(KernelSet):
     """A copy of a kernel set whose ops (all but :data:`METADATA_OPS`) are wrapped on first use:
-    a model calls a few of the ops, and a dump builds one recording per pass."""
+    a model calls a few of the ops."""
 
     _wrap_op: Callable[[str, Callable[..., Any]], Callable[..., Any]]
 
@@ -134,10 +141,8 @@ def _scopes(frame: FrameType | None, stop: FrameType | None) -> tuple[str, ...]:
                 prefix = value.prefix
                 cached = _ANCESTORS.get(prefix)
                 if cached is None:
-                    if len(_ANCESTORS) >= _CACHE_LIMIT:
-                        _ANCESTORS.clear()
                     parts = prefix.split(".")
-                    cached = _ANCESTORS[prefix] = tuple(".".join(parts[:i]) for i in range(1, len(parts) + 1))
+                    cached = _remember(_ANCESTORS, prefix, tuple(".".join(parts[:i]) for i in range(1, len(parts) + 1)))
                 return cached
         frame = frame.f_back
     return ()

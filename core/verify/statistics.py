@@ -81,7 +81,7 @@ def stats_of(items: Sequence[Any], memory: Callable[[Any], tuple[int, int, str] 
         if found is None:
             source = sources[i] = np.asarray(view(item)).ravel()
             kind = _KERNEL_DTYPES.get(source.dtype)
-            if kind is not None and source.size:
+            if kind is not None:
                 found = (source.ctypes.data, source.size, kind)
         if found is not None and found[1] > 0:
             wanted.append((i, found))
@@ -98,18 +98,15 @@ def stats_of(items: Sequence[Any], memory: Callable[[Any], tuple[int, int, str] 
     return rows  # type: ignore[return-value]
 
 
-def _rows(count: np.ndarray, total: np.ndarray, squares: np.ndarray, low: np.ndarray,
-          high: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The rows of records with no NaN or Inf, from their sums, min and max, and which of them are
-    final: False where ``E[x^2] - mean^2`` has cancelled most of its digits (``variance <
-    _CENTRE_BELOW * mean**2``) and the variance must be recomputed from the centred values. The
-    kernel's ``finish`` in ``moments.c`` computes the same rows for the records it reads."""
-    with np.errstate(invalid="ignore", over="ignore"):
-        mean = total / count
-        variance = squares / count - mean * mean
-        made = np.stack([count, low, high, mean, np.sqrt(np.maximum(variance, 0.0)), np.sqrt(squares),
-                         np.zeros_like(count), np.zeros_like(count)], axis=1)
-        return made, ~(variance < _CENTRE_BELOW * mean * mean)
+def _row(count: int, total: float, squares: float, low: float, high: float) -> tuple[np.ndarray, bool]:
+    """The row of a record with no NaN or Inf, from its sums, min and max, and whether it is final:
+    False where ``E[x^2] - mean^2`` has cancelled most of its digits (``variance < _CENTRE_BELOW *
+    mean**2``) and the variance must be recomputed from the centred values. The kernel's ``finish``
+    in ``moments.c`` computes the same rows for the records it reads."""
+    mean = total / count
+    variance = squares / count - mean * mean
+    row = np.array([float(count), low, high, mean, math.sqrt(max(variance, 0.0)), math.sqrt(squares), 0.0, 0.0])
+    return row, not variance < _CENTRE_BELOW * mean * mean
 
 
 def _numpy_stats(source: np.ndarray) -> np.ndarray:
@@ -123,10 +120,8 @@ def _numpy_stats(source: np.ndarray) -> np.ndarray:
         squares = dot(values, values) if math.isfinite(total) else math.nan
     if count and math.isfinite(total):  # no NaN or Inf anywhere: the fast path
         # min and max are exact in the source dtype, and cheaper to read there.
-        made, final = _rows(np.array([float(count)]), np.array([total]), np.array([squares]),
-                            np.array([float(source.min())]), np.array([float(source.max())]))
-        row = made[0]
-        if not final[0]:  # cancellation would eat the digits: centre first
+        row, final = _row(count, total, squares, float(source.min()), float(source.max()))
+        if not final:  # cancellation would eat the digits: centre first
             centred = (source.astype(np.float64) if values is None else values) - row[3]
             row[4] = math.sqrt(max(dot(centred, centred) / count, 0.0))
         return row
