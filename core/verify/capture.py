@@ -102,7 +102,9 @@ class Capture:
         self.dtype = dtype
         self.forward: list[dict[str, Any]] = []
         self.backward: list[dict[str, Any]] = []
-        self.rows: dict[str, list[np.ndarray]] = {"forward": [], "backward": []}
+        # Per direction: the rows so far, and the statistics read, as (row numbers, their rows) blocks.
+        self.row_count = {"forward": 0, "backward": 0}
+        self._blocks: dict[str, list[tuple[Any, np.ndarray]]] = {"forward": [], "backward": []}
         self.tensors: dict[str, np.ndarray] = {}
         self.events: list[dict[str, Any]] = []
         self.calls = 0
@@ -143,51 +145,57 @@ class Capture:
 
     # -------------------------------------------------------------------------- internals
     def _record(self, call: CallInfo, name: str, kind: str, out: Any, layer: str | None = None) -> None:
-        pieces = _flat(out)
-        several = len(pieces) > 1
-        where, layer = call.where, call.layer if layer is None else layer
-        for i, tensor in enumerate(pieces):
-            suffix = f".{i}" if several else ""
-            slot = (call.index, i) if several else call.index
-            record = {"name": name + suffix, "kind": kind, "op": call.op, "layer": layer, "call": call.index,
-                      "where": where}
-            first = self._done.get(slot)
-            if first is None:
-                self._done[slot] = record
-                key = call.name + suffix
-                self._keep("forward", key, tensor, record)
-                dtype = record["dtype"]
-                if not self._every_call and (self._off_host or dtype != self.dtype):  # else it finds nothing
-                    self._layer_checks(call, tensor, dtype)
-                if self.backward_wanted and dtype in FLOATS and self.engine.tap(
-                        tensor, _Tap(self, call, key, record["shape"])):
-                    self.taps += 1
-            else:
-                for field in _DATA:
-                    if field in first:
-                        record[field] = first[field]
+        layer = call.layer if layer is None else layer
+        if isinstance(out, (list, tuple)):
+            pieces = _flat(out)
+            several = len(pieces) > 1
+            for i, tensor in enumerate(pieces):
+                suffix = f".{i}" if several else ""
+                self._record_one(call, name + suffix, kind, tensor, layer, (call.index, i) if several else call.index,
+                                 suffix)
+        elif not isinstance(out, _NOT_TENSORS):  # one tensor: most calls
+            self._record_one(call, name, kind, out, layer, call.index, "")
+
+    def _record_one(self, call: CallInfo, name: str, kind: str, tensor: Any, layer: str, slot: int | tuple[int, int],
+                    suffix: str) -> None:
+        record = {"name": name, "kind": kind, "op": call.op, "layer": layer, "call": call.index, "where": call.where}
+        first = self._done.get(slot)
+        if first is not None:  # this output is recorded already: share its data
+            for field in _DATA:
+                if field in first:
+                    record[field] = first[field]
             self.forward.append(record)
+            return
+        self._done[slot] = record
+        key = call.name + suffix
+        self._keep("forward", key, tensor, record)
+        self.forward.append(record)
+        dtype = record["dtype"]
+        if not self._every_call and (self._off_host or dtype != self.dtype):  # else it finds nothing
+            self._layer_checks(call, tensor, dtype)
+        if self.backward_wanted and dtype in FLOATS and self.engine.tap(tensor, _Tap(self, call, key, record["shape"])):
+            self.taps += 1
 
     def _keep(self, direction: str, name: str, tensor: Any, record: dict[str, Any],
               shape: list[int] | None = None) -> None:
         """The record's data (:data:`_DATA`) into ``record`` (``shape``: the tensor's, where known already)."""
         record["dtype"] = self.dtype_of(tensor)
-        rows = self.rows[direction]
+        row = self.row_count[direction]
+        self.row_count[direction] = row + 1
         if self.deferred:
             shape = list(self.shape_of(tensor)) if shape is None else shape
-            record["shape"], record["row"] = shape, len(rows)
+            record["shape"], record["row"] = shape, row
             rows_waiting, tensors_waiting = self._waiting[direction]
-            rows_waiting.append(len(rows))
+            rows_waiting.append(row)
             tensors_waiting.append(tensor)
-            rows.append(None)
             self._waiting_elements += math.prod(shape)
             if self._waiting_elements >= DEFER_ELEMENTS:
                 self._read_waiting()
             return
         # Statistics and hashes are taken now: a view will do. Kept tensors need their own copy.
         host = self.engine.to_numpy(tensor) if self.mode == "tensors" else self.engine.host_view(tensor)
-        rows.append(stats(host))
-        record["shape"], record["row"] = list(host.shape), len(rows) - 1
+        self._blocks[direction].append(([row], stats(host)[None]))
+        record["shape"], record["row"] = list(host.shape), row
         if self.mode == "tensors":
             key = f"{self.key}/{direction}/{name}"
             self.tensors[key] = host
@@ -196,15 +204,16 @@ class Capture:
             record["md5"] = hashlib.md5(np.ascontiguousarray(host).tobytes()).hexdigest()
 
     def _read_waiting(self) -> None:
-        for direction, (rows_waiting, tensors_waiting) in self._waiting.items():
-            if not rows_waiting:
-                continue
-            rows = self.rows[direction]
-            found = stats_of(tensors_waiting, self.engine.host_memory, self.engine.host_view)
-            for row, values in zip(rows_waiting, found):
-                rows[row] = values
-            rows_waiting.clear()
-            tensors_waiting.clear()
+        """The waiting records' statistics, both directions in one read."""
+        (forward_rows, forward), (backward_rows, backward) = self._waiting["forward"], self._waiting["backward"]
+        if forward_rows or backward_rows:
+            table = stats_of(forward + backward, self.engine.host_memory, self.engine.host_view)
+            if forward_rows:
+                self._blocks["forward"].append((forward_rows[:], table[:len(forward_rows)]))
+            if backward_rows:
+                self._blocks["backward"].append((backward_rows[:], table[len(forward_rows):]))
+            for waiting in (forward_rows, forward, backward_rows, backward):
+                waiting.clear()
         self._waiting_elements = 0
 
     def _notes(self, info: CallInfo) -> None:
@@ -253,7 +262,12 @@ class Capture:
     def matrices(self) -> dict[str, np.ndarray]:
         """The stats rows as ``{direction: (n, len(STATS)) float64}`` (the waiting ones read first)."""
         self._read_waiting()
-        return {d: np.array(rows, dtype=np.float64).reshape(len(rows), len(STATS)) for d, rows in self.rows.items()}
+        found = {}
+        for direction, blocks in self._blocks.items():
+            matrix = found[direction] = np.empty((self.row_count[direction], len(STATS)))
+            for rows, block in blocks:
+                matrix[rows] = block
+        return found
 
 
 __all__ = ["Capture", "LEVELS", "MODES", "widens"]

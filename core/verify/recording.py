@@ -270,23 +270,25 @@ class Recording:
         is the previous one, which was still inside them), innermost first, and open the new ones.
         Both are chains of one layer's ancestors, so they differ past their common start only."""
         old = self._layers
-        same = 0
-        for a, b in zip(old, layers):
-            if a != b:
-                break
-            same += 1
+        same = min(len(old), len(layers))
+        while same and old[same - 1] != layers[same - 1]:  # chains agree up to their deepest common layer
+            same -= 1
+        opened = self._open
         if len(old) > same:
-            if self._previous_info is None and self._previous is not None:
-                self._previous_info = self._info(self._previous)
-            last, out = self._previous_info, self._previous_out
+            last = self._previous_info
+            if last is None and self._previous is not None:
+                last = self._previous_info = self._info(self._previous)
+            out, report = self._previous_out, self.sink.layer
             for path in reversed(old[same:]):
-                name, start = self._open.pop(path)
+                name, start = opened.pop(path)
                 if last is not None:
-                    self.sink.layer(LayerInfo(name, path, start, last), out)
-        for path in layers[same:]:
-            runs = self._layer_runs.get(path, 0)
-            self._layer_runs[path] = runs + 1
-            self._open[path] = (path if not runs else f"{path}@{runs}", first)
+                    report(LayerInfo(name, path, start, last), out)
+        if len(layers) > same:
+            runs = self._layer_runs
+            for path in layers[same:]:
+                n = runs.get(path, 0)
+                runs[path] = n + 1
+                opened[path] = (f"{path}@{n}" if n else path, first)
         self._layers = layers
 
 

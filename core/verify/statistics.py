@@ -66,16 +66,17 @@ def stats(array: np.ndarray) -> np.ndarray:
 
 
 def stats_of(items: Sequence[Any], memory: Callable[[Any], tuple[int, int, str] | None] | None = None,
-             view: Callable[[Any], np.ndarray] = np.asarray) -> list[np.ndarray]:
-    """The :data:`STATS` rows of ``items``: the float32 and float64 ones in one call of the one-pass
-    kernel (:mod:`isthmus.verify.native`) where it is built, the rest with numpy.
+             view: Callable[[Any], np.ndarray] = np.asarray) -> np.ndarray:
+    """The :data:`STATS` rows of ``items``, as one ``(len(items), len(STATS))`` float64 matrix: the
+    float32 and float64 ones in one call of the one-pass kernel (:mod:`isthmus.verify.native`)
+    where it is built, the rest with numpy.
 
     ``memory(item)``: ``(address, elements, dtype)`` of an item's contiguous host memory, or None
     (an engine's :meth:`~isthmus.registry.backend.Engine.host_memory`); the others are read
     through ``view(item)`` (an engine's ``host_view``; default: the item is an array)."""
-    rows: list[np.ndarray | None] = [None] * len(items)
     sources: dict[int, np.ndarray] = {}  # arrays read here, alive until the kernel has run
-    wanted: list[tuple[int, tuple[int, int, str]]] = []
+    places: list[int] = []  # the kernel's records: where each item is, and where it lies
+    wanted: list[tuple[int, int, str]] = []
     for i, item in enumerate(items):
         found = memory(item) if memory is not None else None
         if found is None:
@@ -84,18 +85,23 @@ def stats_of(items: Sequence[Any], memory: Callable[[Any], tuple[int, int, str] 
             if kind is not None:
                 found = (source.ctypes.data, source.size, kind)
         if found is not None and found[1] > 0:
-            wanted.append((i, found))
-    computed = native.rows([where for _, where in wanted], _CENTRE_BELOW) if wanted else None
+            places.append(i)
+            wanted.append(found)
+    computed = native.rows(wanted, _CENTRE_BELOW) if wanted else None
+    if computed is not None and len(places) == len(items) and computed[1].all():
+        return computed[0]  # every item read by the kernel, in order: the kernel's own table
+    matrix = np.empty((len(items), len(STATS)))
+    done = np.zeros(len(items), dtype=np.bool_)
     if computed is not None:
         # A record holding a NaN or an Inf, or whose variance cancelled, takes the numpy path below.
         table, final = computed
-        for j in np.flatnonzero(final).tolist():
-            rows[wanted[j][0]] = table[j]
-    for i, row in enumerate(rows):
-        if row is None:
-            source = sources.get(i)
-            rows[i] = _numpy_stats(source if source is not None else np.asarray(view(items[i])).ravel())
-    return rows  # type: ignore[return-value]
+        at = np.asarray(places, dtype=np.intp)[final]
+        matrix[at] = table[final]
+        done[at] = True
+    for i in np.flatnonzero(~done).tolist():
+        source = sources.get(i)
+        matrix[i] = _numpy_stats(source if source is not None else np.asarray(view(items[i])).ravel())
+    return matrix
 
 
 def _row(count: int, total: float, squares: float, low: float, high: float) -> tuple[np.ndarray, bool]:
