@@ -47,10 +47,14 @@ class CallInfo(NamedTuple):
     @property
     def where(self) -> str:
         """``function (file.py:line)`` of the model code that made the call."""
-        key = (self.code, self.line)
-        found = _WHERE.get(key)
+        code = self.code
+        entry = _WHERE.get(id(code))
+        if entry is None or entry[0] is not code:
+            entry = _remember(_WHERE, id(code), (code, {}))
+        lines = entry[1]
+        found = lines.get(self.line)
         if found is None:
-            found = _remember(_WHERE, key, f"{self.code.co_name} ({os.path.basename(self.code.co_filename)}:{self.line})")
+            found = lines[self.line] = f"{code.co_name} ({os.path.basename(code.co_filename)}:{self.line})"
         return found
 
 
@@ -58,8 +62,10 @@ _ANCESTORS: dict[str, tuple[str, ...]] = {}
 """A scope prefix's chain of layers (``a``, ``a.b``, ``a.b.c``), built once per process: one tuple
 per layer path, so a call's layers equal the previous call's exactly when they are the same object."""
 
-_WHERE: dict[tuple[Any, int], str] = {}
-"""``where`` by (code, line): a dump asks it of every record, and model code has few call sites."""
+_WHERE: dict[int, tuple[Any, dict[int, str]]] = {}
+"""``where`` by code object and line: a dump asks it of every record, and model code has few call
+sites. Keyed by ``id(code)``, the entry holding the code (so the id stays its own): hashing a code
+object hashes its bytecode, constants and names every time (2 us a record here)."""
 
 _CACHE_LIMIT = 1 << 16
 
