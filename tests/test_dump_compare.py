@@ -279,6 +279,28 @@ def test_layer_names_come_from_the_scopes_on_the_stack():
     assert layers["features.conv"] == "features.conv/max:0" and layers["head.fc2"] == "head.fc2/linear:0"
 
 
+def test_where_names_the_calling_code_also_when_code_objects_come_and_go(monkeypatch):
+    """``CallInfo.where`` is cached by code object; code made at run time and dropped (whose id a
+    later code object may take once the cache has let it go) never lends its name to another."""
+    import gc
+
+    from isthmus.verify import recording
+    from isthmus.verify.recording import CallInfo
+
+    monkeypatch.setattr(recording, "_CACHE_LIMIT", 2)
+
+    seen = []
+    for i in range(200):
+        namespace: dict = {}
+        exec(compile(f"def made_{i}():\n    return {i}\n", f"made_{i}.py", "exec"), namespace)
+        code = namespace[f"made_{i}"].__code__
+        seen.append(id(code))
+        assert CallInfo(0, "add", "add:0", "", (), code, 2).where == f"made_{i} (made_{i}.py:2)"
+        del namespace, code
+        gc.collect()
+    assert len(set(seen)) < len(seen)  # ids were reused, so the check above had something to catch
+
+
 def test_a_recording_is_reused_once_its_run_ends_and_lets_its_kernel_set_go():
     """The next run on the same kernel set takes the ended recording (its wrapped ops) and names
     every call as a new one would; a recording still running is never handed out, one ended runs
