@@ -106,6 +106,9 @@ class Sink(Protocol):
     # the other calls is never built (a layer-level dump needs the last call of each layer only).
 
 
+_make = tuple.__new__
+
+
 def op_name(layer: str, op: str, n: int) -> str:
     """The canonical name of the ``n``-th call of ``op`` in ``layer``."""
     return f"{layer}/{op}:{n}" if layer else f"{op}:{n}"
@@ -269,7 +272,8 @@ class Recording:
     def _info(raw: tuple[int, str, int, tuple[str, ...], Any, int]) -> CallInfo:
         index, op, n, layers, code, line = raw
         layer = layers[-1] if layers else ""
-        return CallInfo(index, op, op_name(layer, op, n), layer, layers, code, line)
+        # tuple.__new__ runs no Python frame; CallInfo(...) runs the namedtuple's __new__.
+        return _make(CallInfo, (index, op, op_name(layer, op, n), layer, layers, code, line))
 
     def _enter(self, layers: tuple[str, ...], first: int = -1) -> None:
         """The calls now run in ``layers``: close the open layers not among them (their last call
@@ -288,7 +292,7 @@ class Recording:
             for path in reversed(old[same:]):
                 name, start = opened.pop(path)
                 if last is not None:
-                    report(LayerInfo(name, path, start, last), out)
+                    report(_make(LayerInfo, (name, path, start, last)), out)
         if len(layers) > same:
             runs = self._layer_runs
             for path in layers[same:]:
