@@ -14,9 +14,12 @@ process on ``backend=cpu`` (torch), alternating, after warm-up rounds:
   host. Writing the bundle is timed apart (``write_s``), as is ``--level op`` (for reference; the
   target is for the default level).
 
-Ratios are dump / plain of the median wall and CPU times over ``--rounds`` rounds, at the dump's
-default batch (``--batch``, 4: the headline) and at the demo's training batch (``--training-batch``,
-64). Then one real ``isthmus dump`` (stats mode, default level) of the checkpoint gives the bundle's
+Ratios are dump / plain of the median wall and CPU times over ``--rounds`` rounds (300) at the
+dump's default batch (``--batch``, 4: the headline), in each of ``--processes`` (5) fresh processes
+run one after another; the headline is the median of their ratios, all of which are kept (the same
+code's ratio moved by up to +-0.04 from one process to the next, more than the rounds within one
+move it). At the demo's training batch (``--training-batch``, 64), ``--training-rounds`` (40) in
+this process. Then one real ``isthmus dump`` (stats mode, default level) of the checkpoint gives the bundle's
 size. For scale, the same two ratios of the same architecture ``--wide`` times as wide
 (``model.d_model``, twice the heads; 4: d_model 256, 3.2M parameters, 2 training steps): the demo
 model is 64 wide, so its kernels do little work per element against the statistics' fixed
@@ -26,6 +29,7 @@ per-element cost. Writes ``bench/results/dump_cost.json``. Run: ``.venv/bin/pyth
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import subprocess
 import sys
@@ -47,9 +51,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--checkpoint", type=Path, default=None, help="default: train the demo model briefly")
     p.add_argument("--train-steps", type=int, default=20, help="steps of the demo model when no --checkpoint")
-    p.add_argument("--rounds", type=int, default=60, help="alternating rounds at each batch (the medians are of these)")
+    p.add_argument("--rounds", type=int, default=300,
+                   help="alternating rounds at the headline batch in each process (the medians are of these)")
+    p.add_argument("--processes", type=int, default=5,
+                   help="fresh processes measuring the headline batch one after another; the headline ratio is the "
+                        "median of theirs (the same code's ratio moved by up to +-0.04 from one process to the next)")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # one process's medians, as JSON
+    p.add_argument("--training-rounds", type=int, default=40, help="alternating rounds at the training batch")
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--op-rounds", type=int, default=5, help="rounds of the op-level pass (reported only)")
+    p.add_argument("--op-rounds", type=int, default=20, help="rounds of the op-level pass (reported only)")
     p.add_argument("--batch", type=int, default=4, help="the dump's default batch (the headline figure)")
     p.add_argument("--training-batch", type=int, default=64,
                    help="also measured: the batch the demo trains with (configs/train/default.yaml)")
@@ -78,6 +88,20 @@ def timed(fn) -> tuple[float, float]:
     wall, cpu = time.perf_counter(), time.process_time()
     fn()
     return time.perf_counter() - wall, time.process_time() - cpu
+
+
+def in_processes(args: argparse.Namespace, checkpoint: Path) -> list[dict[str, tuple[float, float]]]:
+    """Each of ``args.processes`` fresh processes' medians at the headline batch, measured one after another."""
+    found = []
+    for _ in range(args.processes):
+        command = [sys.executable, __file__, "--worker", "--checkpoint", str(checkpoint), "--batch", str(args.batch),
+                   "--rounds", str(args.rounds), "--op-rounds", str(args.op_rounds), "--warmup", str(args.warmup),
+                   "--threads", str(args.threads)]
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise SystemExit(f"a measuring process failed: {done.stderr[-2000:]}")
+        found.append({side: tuple(pair) for side, pair in json.loads(done.stdout.strip().splitlines()[-1]).items()})
+    return found
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -133,17 +157,26 @@ def main(argv: list[str] | None = None) -> int:
     def ratios(median: dict[str, tuple[float, float]]) -> dict[str, float]:
         return {"wall": median["layer"][0] / median["plain"][0], "cpu": median["layer"][1] / median["plain"][1]}
 
+    if args.worker:
+        print(json.dumps(passes(args.checkpoint, {})(args.batch, args.rounds, args.op_rounds)))
+        return 0
     with tempfile.TemporaryDirectory() as scratch_name:
         scratch = Path(scratch_name)
         checkpoint = args.checkpoint or demo_checkpoint(scratch, args.train_steps)
+        per_process = in_processes(args, checkpoint)
         kept: dict = {}
         measure = passes(checkpoint, kept)
-        training = measure(args.training_batch, args.rounds, 0) if args.training_batch != args.batch else None
-        median = measure(args.batch, args.rounds, args.op_rounds)
+        measure(args.batch, 0, 0)  # warm-up passes only: this process's records and tensors at the headline batch
         write_s = timed(lambda: write_bundle(scratch / "timing-bundle", {"identity": {}, "run": {}, "runs": []},
                                              kept["tensors"]))[0]
-        headline = ratios(median)
-        ratio, cpu_ratio = headline["wall"], headline["cpu"]
+        training = (measure(args.training_batch, args.training_rounds, 0) if args.training_batch != args.batch
+                    else None)
+        process_ratios = [ratios(m) for m in per_process]
+        ratio = statistics.median(r["wall"] for r in process_ratios)
+        cpu_ratio = statistics.median(r["cpu"] for r in process_ratios)
+        median = {side: (statistics.median(m[side][0] for m in per_process),
+                         statistics.median(m[side][1] for m in per_process)) for side in per_process[0]}
+        op_ratio = statistics.median(m["op"][0] / m["plain"][0] for m in per_process)
         sizes = {}
         for level in ("layer", "op"):
             path = dump(registry, checkpoint, ["backend=cpu"], scratch / f"bundle-{level}",
@@ -165,12 +198,15 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     result = {
-        "settings": {"rounds": args.rounds, "op_rounds": args.op_rounds, "batch": args.batch, "threads": args.threads,
+        "settings": {"rounds": args.rounds, "processes": args.processes, "training_rounds": args.training_rounds,
+                     "op_rounds": args.op_rounds, "batch": args.batch, "threads": args.threads,
                      "backend": "cpu/torch", "level": "layer", "mode": "stats", "model": model.name,
                      "parameters": params, "checkpoint": str(args.checkpoint or f"demo model, {args.train_steps} steps")},
         "median_s": {side: {"wall": w, "cpu": c} for side, (w, c) in median.items()},
         "ratio_wall": ratio, "ratio_cpu": cpu_ratio,
-        "ratio_op_level_wall": median["op"][0] / median["plain"][0],
+        "ratio_wall_by_process": [r["wall"] for r in process_ratios],
+        "ratio_cpu_by_process": [r["cpu"] for r in process_ratios],
+        "ratio_op_level_wall": op_ratio,
         "training_batch": None if training is None else {
             "batch": args.training_batch, "median_s": {side: {"wall": w, "cpu": c} for side, (w, c) in training.items()},
             **{f"ratio_{clock}": value for clock, value in ratios(training).items()}},
@@ -181,9 +217,11 @@ def main(argv: list[str] | None = None) -> int:
         "met": {"ratio": ratio <= COST_TARGET, "bundle_bytes": sizes["layer"] < SIZE_TARGET_BYTES},
         "machine": machine(loadavg(), torch=torch.__version__),
     }
+    by_process = ", ".join(f"{r['wall']:.3f}" for r in process_ratios)
     print(f"plain forward + backward {median['plain'][0] * 1e3:.2f} ms, stats-mode dump pass (layer level) "
-          f"{median['layer'][0] * 1e3:.2f} ms: ratio {ratio:.3f} (CPU time {cpu_ratio:.3f}); op level "
-          f"{result['ratio_op_level_wall']:.2f}x; writing the bundle {write_s * 1e3:.1f} ms")
+          f"{median['layer'][0] * 1e3:.2f} ms: ratio {ratio:.3f} (CPU time {cpu_ratio:.3f}; median of "
+          f"{args.processes} processes: {by_process}); "
+          f"op level {result['ratio_op_level_wall']:.2f}x; writing the bundle {write_s * 1e3:.1f} ms")
     if training is not None:
         print(f"at batch {args.training_batch}: ratio {result['training_batch']['ratio_wall']:.3f} "
               f"(CPU time {result['training_batch']['ratio_cpu']:.3f})")

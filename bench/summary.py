@@ -190,7 +190,11 @@ def describe_dump_cost(data: dict[str, Any]) -> tuple[str, str]:
     text = (f"stats-mode dump pass {median['layer']['wall'] * 1e3:.1f} ms vs plain forward + backward "
             f"{median['plain']['wall'] * 1e3:.1f} ms: ratio **{ratio_text(ratio)}** (CPU time "
             f"{ratio_text(data['ratio_cpu'])}; level {settings['level']}, batch {settings['batch']}, "
-            f"{settings['threads']} thread(s), median of {settings['rounds']}; op level {data['ratio_op_level_wall']:.2f}x")
+            f"{settings['threads']} thread(s), median of {settings['rounds']}"
+            + (f" in each of {len(data['ratio_wall_by_process'])} processes, whose ratios were "
+               f"{', '.join(ratio_text(r) for r in data['ratio_wall_by_process'])}"
+               if data.get("ratio_wall_by_process") else "")
+            + f"; op level {data['ratio_op_level_wall']:.2f}x")
     training = data.get("training_batch")
     if training:
         text += f"; at the training batch {training['batch']}: {ratio_text(training['ratio_wall'])}"

@@ -236,9 +236,12 @@ def test_dump_cost_row_shows_both_figures_and_each_miss(tmp_path):
     line = row(readme.read_text(), "dump_cost")
     assert "ratio **1.500**" in line and "**965,325 bytes**" in line and "| **no** (cost) |" in line
     assert "256 wide (3,223,808 parameters): 1.297 at batch 4, 1.214 at batch 64" in line
-    cheap = {**DUMP_COST, "ratio_wall": 1.2, "bundle_bytes": 1_200_000}
+    cheap = {**DUMP_COST, "ratio_wall": 1.2, "bundle_bytes": 1_200_000,
+             "ratio_wall_by_process": [1.21, 1.2, 1.19]}
     summary.main(["--results", str(write_results(tmp_path / "results", dump_cost=cheap)), "--readme", str(readme)])
-    assert "| **no** (size) |" in row(readme.read_text(), "dump_cost")
+    line = row(readme.read_text(), "dump_cost")
+    assert "| **no** (size) |" in line
+    assert "median of 30 in each of 3 processes, whose ratios were 1.210, 1.200, 1.190" in line
 
 
 def test_broken_markers_leave_the_file_alone(tmp_path):
