@@ -279,6 +279,34 @@ def test_layer_names_come_from_the_scopes_on_the_stack():
     assert layers["features.conv"] == "features.conv/max:0" and layers["head.fc2"] == "head.fc2/linear:0"
 
 
+def test_each_call_is_placed_at_the_line_that_made_it(registry, captioner):
+    """A call's ``line`` (worked out from its frame's instruction offset after the call) is the line
+    the model code was at when it made the call, for every call of a captioner pass."""
+    from isthmus.verify.recording import Recording
+
+    class Lines:
+        wants_call = None  # every call
+
+        def __init__(self) -> None:
+            self.checked = 0
+
+        def call(self, info, args, kwargs, out) -> None:
+            model_frame = sys._getframe(2)  # this method, the recording's wrapper, the model code
+            assert (info.code, info.line) == (model_frame.f_code, model_frame.f_lineno), info.name
+            self.checked += 1
+
+        def layer(self, info, out) -> None:
+            pass
+
+    restored, backend, batch = captioner_on_cpu(registry, captioner)
+    engine, sink = backend.engine, Lines()
+    recording = Recording(backend.kernels, sink)
+    restored.model.loss(recording.kernels, engine.parameters(restored.params),
+                        {n: engine.asarray(a) for n, a in batch.items()}, training=False)
+    recording.end()
+    assert sink.checked == recording.index > 50
+
+
 def test_where_names_the_calling_code_also_when_code_objects_come_and_go(monkeypatch):
     """``CallInfo.where`` is cached by code object; code made at run time and dropped (whose id a
     later code object may take once the cache has let it go) never lends its name to another."""

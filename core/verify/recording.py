@@ -48,13 +48,10 @@ class CallInfo(NamedTuple):
     def where(self) -> str:
         """``function (file.py:line)`` of the model code that made the call."""
         code = self.code
-        entry = _WHERE.get(id(code))
-        if entry is None or entry[0] is not code:
-            entry = _remember(_WHERE, id(code), (code, {}))
-        lines = entry[1]
-        found = lines.get(self.line)
+        places = _code_entry(code)[1]
+        found = places.get(self.line)
         if found is None:
-            found = lines[self.line] = f"{code.co_name} ({os.path.basename(code.co_filename)}:{self.line})"
+            found = places[self.line] = f"{code.co_name} ({os.path.basename(code.co_filename)}:{self.line})"
         return found
 
 
@@ -62,12 +59,31 @@ _ANCESTORS: dict[str, tuple[str, ...]] = {}
 """A scope prefix's chain of layers (``a``, ``a.b``, ``a.b.c``), built once per process: one tuple
 per layer path, so a call's layers equal the previous call's exactly when they are the same object."""
 
-_WHERE: dict[int, tuple[Any, dict[int, str]]] = {}
-"""``where`` by code object and line: a dump asks it of every record, and model code has few call
-sites. Keyed by ``id(code)``, the entry holding the code (so the id stays its own): hashing a code
-object hashes its bytecode, constants and names every time (2 us a record here)."""
+_CODES: dict[int, tuple[Any, dict[int, str], dict[int, int]]] = {}
+"""Per code object of model code: its ``where`` by line, and its line by instruction offset (a call
+keeps its frame's ``f_lasti``: ``f_lineno`` walks the line table from the start every time, 0.9 us a
+call here). Keyed by ``id(code)``, the entry holding the code (so the id stays its own): hashing a
+code object hashes its bytecode, constants and names every time (2 us a record here)."""
 
 _CACHE_LIMIT = 1 << 16
+
+
+def _code_entry(code: Any) -> tuple[Any, dict[int, str], dict[int, int]]:
+    entry = _CODES.get(id(code))
+    if entry is None or entry[0] is not code:
+        entry = _remember(_CODES, id(code), (code, {}, {}))
+    return entry
+
+
+def _line(code: Any, offset: int) -> int:
+    """The source line of the instruction at ``offset`` (a frame's ``f_lasti``) in ``code``."""
+    lines = _code_entry(code)[2]
+    line = lines.get(offset)
+    if line is None:
+        line = next((found for start, end, found in code.co_lines() if start <= offset < end and found is not None),
+                    code.co_firstlineno)
+        lines[offset] = line
+    return line
 
 
 def _remember(cache: dict[Any, Any], key: Any, value: Any) -> Any:
@@ -211,7 +227,7 @@ class Recording:
         self._layer_runs: dict[str, int] = {}
         self._open: dict[str, tuple[str, int]] = {}  # layer -> (record name, first call)
         self._layers: tuple[str, ...] = ()
-        # The previous call, as (index, op, n, layers, code, line), its output, and its CallInfo once built.
+        # The previous call, as (index, op, n, layers, code, offset), its output, and its CallInfo once built.
         self._previous: tuple[int, str, int, tuple[str, ...], Any, int] | None = None
         self._previous_out: Any = None
         self._previous_info: CallInfo | None = None
@@ -256,7 +272,7 @@ class Recording:
             counts[layer] = n + 1
             if layers is not self._layers:  # scopes' tuples are shared: identity is equality here
                 self._enter(layers, index)
-            self._previous = (index, op, n, layers, frame.f_code, frame.f_lineno)
+            self._previous = (index, op, n, layers, frame.f_code, frame.f_lasti)
             self._previous_out = out
             self._previous_info = None
             wants = self._wants
@@ -270,8 +286,9 @@ class Recording:
 
     @staticmethod
     def _info(raw: tuple[int, str, int, tuple[str, ...], Any, int]) -> CallInfo:
-        index, op, n, layers, code, line = raw
+        index, op, n, layers, code, offset = raw
         layer = layers[-1] if layers else ""
+        line = _line(code, offset)
         # tuple.__new__ runs no Python frame; CallInfo(...) runs the namedtuple's __new__.
         return _make(CallInfo, (index, op, op_name(layer, op, n), layer, layers, code, line))
 
