@@ -69,6 +69,7 @@ _CACHE_LIMIT = 1 << 16
 
 
 def _code_entry(code: Any) -> tuple[Any, dict[int, str], dict[int, int]]:
+    """``code``'s entry in :data:`_CODES`, made on first use."""
     entry = _CODES.get(id(code))
     if entry is None or entry[0] is not code:
         entry = _remember(_CODES, id(code), (code, {}, {}))
