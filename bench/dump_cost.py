@@ -19,8 +19,8 @@ dump's default batch (``--batch``, 4: the headline), in each of ``--processes`` 
 run one after another; the headline is the median of their ratios, all of which are kept (the same
 code's ratio moved by up to +-0.04 from one process to the next, more than the rounds within one
 move it). At the demo's training batch (``--training-batch``, 64), ``--training-rounds`` (40) in
-this process. Then one real ``isthmus dump`` (stats mode, default level) of the checkpoint gives the bundle's
-size. For scale, the same two ratios of the same architecture ``--wide`` times as wide
+this process. Then one real ``isthmus dump`` (stats mode, default level) of the checkpoint gives
+the bundle's size. For scale, the same two ratios of the same architecture ``--wide`` times as wide
 (``model.d_model``, twice the heads; 4: d_model 256, 3.2M parameters, 2 training steps): the demo
 model is 64 wide, so its kernels do little work per element against the statistics' fixed
 per-element cost. Writes ``bench/results/dump_cost.json``. Run: ``.venv/bin/python bench/dump_cost.py``.

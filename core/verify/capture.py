@@ -103,7 +103,7 @@ class Capture:
         self.forward: list[dict[str, Any]] = []
         self.backward: list[dict[str, Any]] = []
         # Per direction: the rows so far, and the statistics read, as (row numbers, their rows) blocks.
-        self.row_count = {"forward": 0, "backward": 0}
+        self._row_count = {"forward": 0, "backward": 0}
         self._blocks: dict[str, list[tuple[Any, np.ndarray]]] = {"forward": [], "backward": []}
         self.tensors: dict[str, np.ndarray] = {}
         self.events: list[dict[str, Any]] = []
@@ -180,8 +180,8 @@ class Capture:
               shape: list[int] | None = None) -> None:
         """The record's data (:data:`_DATA`) into ``record`` (``shape``: the tensor's, where known already)."""
         record["dtype"] = self.dtype_of(tensor)
-        row = self.row_count[direction]
-        self.row_count[direction] = row + 1
+        row = self._row_count[direction]
+        self._row_count[direction] = row + 1
         if self.deferred:
             shape = list(self.shape_of(tensor)) if shape is None else shape
             record["shape"], record["row"] = shape, row
@@ -264,7 +264,7 @@ class Capture:
         self._read_waiting()
         found = {}
         for direction, blocks in self._blocks.items():
-            matrix = found[direction] = np.empty((self.row_count[direction], len(STATS)))
+            matrix = found[direction] = np.empty((self._row_count[direction], len(STATS)))
             for rows, block in blocks:
                 matrix[rows] = block
         return found

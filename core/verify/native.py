@@ -58,7 +58,7 @@ def compiler() -> str | None:
 
 
 def _compile(cc: str, target: Path) -> str | None:
-    """Build the kernel into ``target`` (with the AVX2 clone, else without); the compiler's first
+    """Build the kernel into ``target`` (with its SIMD clones, else without); the compiler's first
     error line (else its last line) when neither builds."""
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as scratch:

@@ -95,6 +95,7 @@ def _remember(cache: dict[Any, Any], key: Any, value: Any) -> Any:
     cache[key] = value
     return value
 
+
 _IDLE: "weakref.WeakKeyDictionary[KernelSet, Recording]" = weakref.WeakKeyDictionary()
 """A recording whose run has ended, by its kernel set (see :meth:`Recording.for_kernels`). It
 holds no reference to the set, so the entry goes with the set."""

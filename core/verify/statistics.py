@@ -75,7 +75,7 @@ def stats_of(items: Sequence[Any], memory: Callable[[Any], tuple[int, int, str] 
     (an engine's :meth:`~isthmus.registry.backend.Engine.host_memory`); the others are read
     through ``view(item)`` (an engine's ``host_view``; default: the item is an array)."""
     sources: dict[int, np.ndarray] = {}  # arrays read here, alive until the kernel has run
-    places: list[int] = []  # the kernel's records: where each item is, and where it lies
+    places: list[int] = []  # the position in items of each record the kernel reads
     wanted: list[tuple[int, int, str]] = []
     for i, item in enumerate(items):
         found = memory(item) if memory is not None else None
